@@ -1,0 +1,86 @@
+// CUDA / HIP compatibility layer: the only place that spells the warp size, the shuffle intrinsics
+// and lane-mask widths. Kernels include this header and never use __shfl_*_sync or 32 directly, so
+// the HIP port is a build change (hipcc defines __HIP_PLATFORM_AMD__ and the wavefront is 64 lanes).
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define MOE_HOST_DEVICE __host__ __device__
+#define MOE_DEVICE __device__
+#define MOE_FORCEINLINE __forceinline__
+#else
+#define MOE_HOST_DEVICE
+#define MOE_DEVICE
+#define MOE_FORCEINLINE inline
+#endif
+
+#if defined(__HIP_PLATFORM_AMD__)
+#include <hip/hip_runtime.h>
+#define MOE_WARP_SIZE 64
+using moe_lane_mask_t = unsigned long long;
+#define MOE_FULL_LANE_MASK (~0ull)
+using moeStream_t = hipStream_t;
+using moeError_t = hipError_t;
+#define moeSuccess hipSuccess
+#define moeGetLastError hipGetLastError
+#define moeGetErrorString hipGetErrorString
+#else
+#define MOE_WARP_SIZE 32
+using moe_lane_mask_t = unsigned int;
+#define MOE_FULL_LANE_MASK 0xffffffffu
+#if defined(__CUDACC__)
+#include <cuda_runtime.h>
+#endif
+#endif
+
+namespace moe_ext {
+
+// Compile-time warp size; kernels size their loops and shared arrays from it.
+constexpr int kWarpSize = MOE_WARP_SIZE;
+
+// A lane mask with bit `lane` set, of the platform's mask width (64-bit on AMD).
+MOE_HOST_DEVICE MOE_FORCEINLINE moe_lane_mask_t lane_bit(int lane) {
+  return static_cast<moe_lane_mask_t>(1) << lane;
+}
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+template <typename T>
+MOE_DEVICE MOE_FORCEINLINE T shfl_xor(T v, int lane_mask, int width = kWarpSize) {
+#if defined(__HIP_PLATFORM_AMD__)
+  return __shfl_xor(v, lane_mask, width);
+#else
+  return __shfl_xor_sync(MOE_FULL_LANE_MASK, v, lane_mask, width);
+#endif
+}
+
+template <typename T>
+MOE_DEVICE MOE_FORCEINLINE T shfl(T v, int src_lane, int width = kWarpSize) {
+#if defined(__HIP_PLATFORM_AMD__)
+  return __shfl(v, src_lane, width);
+#else
+  return __shfl_sync(MOE_FULL_LANE_MASK, v, src_lane, width);
+#endif
+}
+
+template <typename T>
+MOE_DEVICE MOE_FORCEINLINE T shfl_up(T v, unsigned delta, int width = kWarpSize) {
+#if defined(__HIP_PLATFORM_AMD__)
+  return __shfl_up(v, delta, width);
+#else
+  return __shfl_up_sync(MOE_FULL_LANE_MASK, v, delta, width);
+#endif
+}
+
+MOE_DEVICE MOE_FORCEINLINE moe_lane_mask_t ballot(bool pred) {
+#if defined(__HIP_PLATFORM_AMD__)
+  return __ballot(pred);
+#else
+  return __ballot_sync(MOE_FULL_LANE_MASK, pred);
+#endif
+}
+
+MOE_DEVICE MOE_FORCEINLINE int lane_id() { return static_cast<int>(threadIdx.x) & (kWarpSize - 1); }
+#endif
+
+}  // namespace moe_ext

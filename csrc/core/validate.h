@@ -1,0 +1,114 @@
+// Argument checks shared by every backend's adapters. Each message names the op and the argument,
+// so a bad call from Python reads like "moe_ext.topk_gating: router_logits must be ...".
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <initializer_list>
+#include <optional>
+#include <string>
+
+#include "../kernels/routing_host.h"
+
+namespace moe_ext {
+
+inline std::string dtype_list(std::initializer_list<c10::ScalarType> dtypes) {
+  std::string s;
+  for (auto d : dtypes) s += (s.empty() ? "" : ", ") + std::string(c10::toString(d));
+  return s;
+}
+
+// Checks rank, dtype, device and (optionally) contiguity of one tensor argument.
+inline void check_arg(const char* op, const char* name, const at::Tensor& t, int64_t dim,
+                      std::initializer_list<c10::ScalarType> dtypes, const at::Device& device,
+                      bool contiguous = true) {
+  TORCH_CHECK_VALUE(dim < 0 || t.dim() == dim, "moe_ext.", op, ": ", name, " must be ", dim,
+                    "-D, got a ", t.dim(), "-D tensor of shape ", t.sizes());
+  bool dtype_ok = false;
+  for (auto d : dtypes) dtype_ok |= t.scalar_type() == d;
+  TORCH_CHECK_TYPE(dtype_ok, "moe_ext.", op, ": ", name, " must have dtype ", dtype_list(dtypes),
+                   ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == device, "moe_ext.", op, ": ", name, " is on ", t.device(),
+                    " but the op runs on ", device, " (all tensors must be on one device)");
+  TORCH_CHECK_VALUE(!contiguous || t.is_contiguous(), "moe_ext.", op, ": ", name,
+                    " must be contiguous, got strides ", t.strides(), " for shape ", t.sizes());
+}
+
+constexpr std::initializer_list<c10::ScalarType> kFloatTypes = {
+    c10::ScalarType::Float, c10::ScalarType::BFloat16, c10::ScalarType::Half};
+
+// router_logits [T, E] (last dim contiguous; rows may be strided), and the routing scalars.
+// Returns the gating parameters with bias left null (the adapter fills in its pointer).
+inline GatingParams check_gating_args(const char* op, const at::Tensor& logits, int64_t topk,
+                                      c10::string_view scoring_func, bool renormalize,
+                                      const std::optional<at::Tensor>& correction_bias,
+                                      int64_t num_expert_group, int64_t topk_group,
+                                      double routed_scaling_factor) {
+  check_arg(op, "router_logits", logits, 2, kFloatTypes, logits.device(), /*contiguous=*/false);
+  TORCH_CHECK_VALUE(logits.size(1) == 1 || logits.stride(1) == 1, "moe_ext.", op,
+                    ": router_logits must have a contiguous last dimension, got strides ",
+                    logits.strides());
+  const int64_t E = logits.size(1);
+  TORCH_CHECK_VALUE(E >= 1 && E <= kMaxExperts, "moe_ext.", op,
+                    ": router_logits.size(1) (num_experts) must be in [1, ", kMaxExperts, "], got ", E);
+  TORCH_CHECK_VALUE(topk >= 1 && topk <= std::min<int64_t>(E, kMaxTopK), "moe_ext.", op,
+                    ": topk must be in [1, min(num_experts, ", kMaxTopK, ")] = [1, ",
+                    std::min<int64_t>(E, kMaxTopK), "], got ", topk);
+  ScoringFunc scoring;
+  if (scoring_func == "softmax") {
+    scoring = ScoringFunc::kSoftmax;
+  } else if (scoring_func == "sigmoid") {
+    scoring = ScoringFunc::kSigmoid;
+  } else {
+    TORCH_CHECK_VALUE(false, "moe_ext.", op, ": scoring_func must be \"softmax\" or \"sigmoid\", got \"",
+                      std::string(scoring_func), "\"");
+  }
+  if (correction_bias.has_value()) {
+    check_arg(op, "correction_bias", *correction_bias, 1, {c10::ScalarType::Float}, logits.device());
+    TORCH_CHECK_VALUE(correction_bias->size(0) == E, "moe_ext.", op,
+                      ": correction_bias must have num_experts = ", E, " elements, got ",
+                      correction_bias->size(0));
+  }
+  TORCH_CHECK_VALUE(num_expert_group >= 1 && E % num_expert_group == 0, "moe_ext.", op,
+                    ": num_expert_group must be >= 1 and divide num_experts = ", E, ", got ",
+                    num_expert_group);
+  TORCH_CHECK_VALUE(topk_group >= 1 && topk_group <= num_expert_group, "moe_ext.", op,
+                    ": topk_group must be in [1, num_expert_group = ", num_expert_group, "], got ",
+                    topk_group);
+  TORCH_CHECK_VALUE(topk <= topk_group * (E / num_expert_group), "moe_ext.", op, ": topk = ", topk,
+                    " exceeds the ", topk_group * (E / num_expert_group),
+                    " experts in the topk_group best groups");
+  TORCH_CHECK_VALUE(std::isfinite(routed_scaling_factor), "moe_ext.", op,
+                    ": routed_scaling_factor must be finite, got ", routed_scaling_factor);
+  return GatingParams{static_cast<int>(E),
+                      static_cast<int>(topk),
+                      scoring,
+                      renormalize,
+                      nullptr,
+                      static_cast<int>(num_expert_group),
+                      static_cast<int>(topk_group),
+                      static_cast<float>(routed_scaling_factor)};
+}
+
+// Checks the scalars of alignment. `numel` is T * topk; `device` is where topk_ids lives.
+inline void check_align_args(const char* op, int64_t numel, int64_t num_experts,
+                             int64_t block_size, const std::optional<at::Tensor>& expert_map,
+                             const at::Device& device) {
+  TORCH_CHECK_VALUE(num_experts >= 1 && num_experts <= kMaxExperts, "moe_ext.", op,
+                    ": num_experts must be in [1, ", kMaxExperts, "], got ", num_experts);
+  TORCH_CHECK_VALUE(block_size >= 1 && block_size <= 4096, "moe_ext.", op,
+                    ": block_size must be in [1, 4096], got ", block_size);
+  TORCH_CHECK_VALUE(align_max_padded(numel, num_experts, block_size) < (int64_t{1} << 31), "moe_ext.",
+                    op, ": T * topk = ", numel, " with block_size ", block_size,
+                    " overflows int32 token indices");
+  if (expert_map.has_value()) {
+    check_arg(op, "expert_map", *expert_map, 1, {c10::ScalarType::Int}, device);
+    TORCH_CHECK_VALUE(expert_map->size(0) == num_experts, "moe_ext.", op,
+                      ": expert_map must have num_experts = ", num_experts, " entries, got ",
+                      expert_map->size(0));
+  }
+}
+
+}  // namespace moe_ext

@@ -1,0 +1,144 @@
+// CPU adapters and kernels for SiLU-and-mul, the top-k combine and the grouped expert GEMM.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "../core/validate.h"
+
+namespace moe_ext {
+
+at::Tensor silu_and_mul_cpu(const at::Tensor& x) {  // x: [..., 2 * I]
+  check_arg("silu_and_mul", "x", x, -1, kFloatTypes, x.device());
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) % 2 == 0, "moe_ext.silu_and_mul: x.size(-1) must be even (gate then up halves), got shape ",
+                    x.sizes());
+  const int64_t d = x.size(-1) / 2;
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = d;
+  auto out = at::empty(out_shape, x.options());  // [..., I]
+  const int64_t rows = d == 0 ? 0 : x.numel() / (2 * d);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "silu_and_mul_cpu", [&] {
+    const scalar_t* in = x.const_data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const scalar_t* gate = in + r * 2 * d;
+        const scalar_t* up = gate + d;
+        for (int64_t i = 0; i < d; ++i) {
+          const float g = static_cast<float>(gate[i]);
+          o[r * d + i] = static_cast<scalar_t>(g / (1.0f + std::exp(-g)) * static_cast<float>(up[i]));
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// x: [T, topk, H]; topk_weights: optional [T, topk] fp32. Returns [T, H] in x's dtype.
+at::Tensor moe_combine_cpu(const at::Tensor& x, const std::optional<at::Tensor>& topk_weights) {
+  check_arg("moe_combine", "x", x, 3, kFloatTypes, x.device());
+  const int64_t T = x.size(0), K = x.size(1), H = x.size(2);
+  const float* w = nullptr;
+  if (topk_weights.has_value()) {
+    check_arg("moe_combine", "topk_weights", *topk_weights, 2, {at::kFloat}, x.device());
+    TORCH_CHECK_VALUE(topk_weights->size(0) == T && topk_weights->size(1) == K,
+                      "moe_ext.moe_combine: topk_weights must have shape [", T, ", ", K, "], got ",
+                      topk_weights->sizes());
+    w = topk_weights->const_data_ptr<float>();
+  }
+  auto out = at::empty({T, H}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "moe_combine_cpu", [&] {
+    const scalar_t* in = x.const_data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, T, 1, [&](int64_t b, int64_t e) {
+      std::vector<float> acc(H);
+      for (int64_t t = b; t < e; ++t) {
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t j = 0; j < K; ++j) {
+          const scalar_t* row = in + (t * K + j) * H;
+          const float wj = w ? w[t * K + j] : 1.0f;
+          for (int64_t h = 0; h < H; ++h) acc[h] += wj * static_cast<float>(row[h]);
+        }
+        for (int64_t h = 0; h < H; ++h) o[t * H + h] = static_cast<scalar_t>(acc[h]);
+      }
+    });
+  });
+  return out;
+}
+
+// a: [M, K]; w: [E, N, K]; sorted_token_ids: [num_blocks * block_size] int32;
+// expert_ids: [num_blocks] int32; num_tokens_post_padded: [1] int32; topk_weights: optional fp32
+// with M * topk elements. Returns [M * topk, N] in a's dtype. Each run of blocks of one expert is
+// gathered and multiplied with one fp32 ATen matmul; rows no valid block names stay zero.
+at::Tensor moe_grouped_gemm_cpu(const at::Tensor& a, const at::Tensor& w,
+                                const at::Tensor& sorted_token_ids, const at::Tensor& expert_ids,
+                                const at::Tensor& num_tokens_post_padded, int64_t topk,
+                                const std::optional<at::Tensor>& topk_weights) {
+  constexpr const char* op = "moe_grouped_gemm";
+  const auto dev = a.device();
+  check_arg(op, "a", a, 2, kFloatTypes, dev);
+  check_arg(op, "w", w, 3, kFloatTypes, dev);
+  TORCH_CHECK_TYPE(w.scalar_type() == a.scalar_type(), "moe_ext.moe_grouped_gemm: w must have a's dtype ",
+                   a.scalar_type(), ", got ", w.scalar_type());
+  TORCH_CHECK_VALUE(w.size(2) == a.size(1), "moe_ext.moe_grouped_gemm: w must be [E, N, K] with K = a.size(1) = ",
+                    a.size(1), ", got shape ", w.sizes());
+  check_arg(op, "sorted_token_ids", sorted_token_ids, 1, {at::kInt}, dev);
+  check_arg(op, "expert_ids", expert_ids, 1, {at::kInt}, dev);
+  check_arg(op, "num_tokens_post_padded", num_tokens_post_padded, 1, {at::kInt}, dev);
+  TORCH_CHECK_VALUE(num_tokens_post_padded.numel() == 1,
+                    "moe_ext.moe_grouped_gemm: num_tokens_post_padded must have 1 element, got ",
+                    num_tokens_post_padded.numel());
+  const int64_t num_blocks = expert_ids.numel();
+  const int64_t P = sorted_token_ids.numel();
+  TORCH_CHECK_VALUE((num_blocks == 0 && P == 0) || (num_blocks > 0 && P % num_blocks == 0),
+                    "moe_ext.moe_grouped_gemm: sorted_token_ids (", P,
+                    " elements) must hold a whole block_size per entry of expert_ids (", num_blocks, ")");
+  TORCH_CHECK_VALUE(topk >= 1, "moe_ext.moe_grouped_gemm: topk must be >= 1, got ", topk);
+  const int64_t M = a.size(0), N = w.size(1), E = w.size(0);
+  const int64_t rows = M * topk;
+  if (topk_weights.has_value()) {
+    check_arg(op, "topk_weights", *topk_weights, -1, {at::kFloat}, dev);
+    TORCH_CHECK_VALUE(topk_weights->numel() == rows, "moe_ext.moe_grouped_gemm: topk_weights must have a.size(0) * topk = ",
+                      rows, " elements, got shape ", topk_weights->sizes());
+  }
+  auto out = at::zeros({rows, N}, a.options());
+  if (num_blocks == 0 || rows == 0) return out;
+  const int64_t block_size = P / num_blocks;
+  const int64_t valid = std::clamp<int64_t>(num_tokens_post_padded.const_data_ptr<int32_t>()[0], 0, P);
+  const int32_t* sorted = sorted_token_ids.const_data_ptr<int32_t>();
+  const int32_t* experts = expert_ids.const_data_ptr<int32_t>();
+  const int64_t used_blocks = (valid + block_size - 1) / block_size;
+  auto flat_weights = topk_weights.has_value() ? topk_weights->reshape({-1}) : at::Tensor();
+
+  std::vector<int64_t> ids;
+  for (int64_t b0 = 0; b0 < used_blocks;) {
+    const int32_t e = experts[b0];
+    int64_t b1 = b0 + 1;
+    while (b1 < used_blocks && experts[b1] == e) ++b1;
+    if (e >= 0 && e < E) {
+      ids.clear();
+      for (int64_t i = b0 * block_size; i < std::min(valid, b1 * block_size); ++i)
+        if (sorted[i] >= 0 && sorted[i] < rows) ids.push_back(sorted[i]);
+      if (!ids.empty()) {
+        auto idx = at::tensor(ids, at::TensorOptions().dtype(at::kLong));
+        auto y = at::matmul(a.index_select(0, at::floor_divide(idx, topk)).to(at::kFloat),
+                            w.select(0, e).to(at::kFloat).t());  // [n, N] fp32
+        if (topk_weights.has_value()) y.mul_(flat_weights.index_select(0, idx).unsqueeze(1));
+        out.index_copy_(0, idx, y.to(a.scalar_type()));
+      }
+    }
+    b0 = b1;
+  }
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(moe_ext, CPU, m) {
+  m.impl("silu_and_mul", &silu_and_mul_cpu);
+  m.impl("moe_combine", &moe_combine_cpu);
+  m.impl("moe_grouped_gemm", &moe_grouped_gemm_cpu);
+}
+
+}  // namespace moe_ext

@@ -1,0 +1,39 @@
+// The moe_ext operator library: every op's schema, in one place. Backends register their kernels
+// with TORCH_LIBRARY_IMPL in csrc/cpu/ and csrc/cuda/; fake (meta) kernels live in moe_ext/ops.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(moe_ext, m) {
+  // Router top-k gating: [T, E] logits -> (topk_weights [T, topk] fp32, topk_ids [T, topk] int32),
+  // descending score, ties to the lower expert; optional DeepSeek correction bias and grouped top-k.
+  m.def(
+      "topk_gating(Tensor router_logits, int topk, str scoring_func=\"softmax\", "
+      "bool renormalize=False, Tensor? correction_bias=None, int num_expert_group=1, "
+      "int topk_group=1, float routed_scaling_factor=1.0) -> (Tensor topk_weights, Tensor topk_ids)");
+
+  // Block alignment by expert in vLLM's layout: flat ids (t * topk + j) grouped by expert in
+  // ascending order, each expert padded to block_size with the sentinel T * topk.
+  m.def(
+      "moe_align_block_size(Tensor topk_ids, int num_experts, int block_size, "
+      "Tensor? expert_map=None) -> (Tensor sorted_token_ids, Tensor expert_ids, "
+      "Tensor num_tokens_post_padded)");
+
+  // topk_gating followed by moe_align_block_size, as one op (one kernel for decode on CUDA).
+  m.def(
+      "fused_topk_align(Tensor router_logits, int topk, int block_size, "
+      "str scoring_func=\"softmax\", bool renormalize=False, Tensor? correction_bias=None, "
+      "int num_expert_group=1, int topk_group=1, float routed_scaling_factor=1.0, "
+      "Tensor? expert_map=None) -> (Tensor topk_weights, Tensor topk_ids, "
+      "Tensor sorted_token_ids, Tensor expert_ids, Tensor num_tokens_post_padded)");
+
+  // silu(x[..., :I]) * x[..., I:] for x [..., 2I], fp32 math, output in x's dtype.
+  m.def("silu_and_mul(Tensor x) -> Tensor");
+
+  // Grouped expert GEMM with gather/scatter: out[id] = a[id // topk] @ w[e]^T (* topk_weights[id])
+  // for each id of a block of expert e; [M * topk, N] in a's dtype, zero where no block writes.
+  m.def(
+      "moe_grouped_gemm(Tensor a, Tensor w, Tensor sorted_token_ids, Tensor expert_ids, "
+      "Tensor num_tokens_post_padded, int topk, Tensor? topk_weights=None) -> Tensor");
+
+  // Top-k combine: [T, topk, H] -> [T, H], optionally weighted by topk_weights [T, topk], fp32 sum.
+  m.def("moe_combine(Tensor x, Tensor? topk_weights=None) -> Tensor");
+}

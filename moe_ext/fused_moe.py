@@ -1,0 +1,118 @@
+"""The policy layer: composes the ops into one MoE layer and makes every shape-based choice.
+
+Only this file holds heuristics (the routing path by token count, the block size); the ops below
+it do exactly what they are told.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import ops
+
+# Token counts up to this use the fused gating + alignment op (one CUDA kernel for decode); larger
+# counts use the separate router and alignment ops. Under torch.compile with a dynamic token count
+# this comparison is the one guard the choice adds.
+FUSED_ROUTING_MAX_TOKENS = 16
+
+
+def choose_block_size(num_tokens: int, topk: int, num_experts: int) -> int:
+    """Rows per grouped-GEMM block: the smallest of 16, 32, 64 that holds the expected rows of one
+    hit expert, T*k / min(E, T*k), so blocks are mostly full at decode and large at prefill.
+    Written as comparisons so a symbolic token count under torch.compile is guarded, not
+    specialized."""
+    rows = num_tokens * topk
+    if rows <= 16 * num_experts:
+        return 16
+    if rows <= 32 * num_experts:
+        return 32
+    return 64
+
+
+def route(
+    router_logits: torch.Tensor,
+    topk: int,
+    block_size: int,
+    *,
+    scoring_func: str = "softmax",
+    renormalize: bool = False,
+    correction_bias: torch.Tensor | None = None,
+    num_expert_group: int | None = None,
+    topk_group: int | None = None,
+    routed_scaling_factor: float = 1.0,
+    expert_map: torch.Tensor | None = None,
+):
+    """Gating + alignment: the fused op for T <= FUSED_ROUTING_MAX_TOKENS, else the separate ops.
+
+    Returns (topk_weights, topk_ids, sorted_token_ids, expert_ids, num_tokens_post_padded).
+    """
+    routing = dict(scoring_func=scoring_func, renormalize=renormalize, correction_bias=correction_bias,
+                   num_expert_group=num_expert_group, topk_group=topk_group,
+                   routed_scaling_factor=routed_scaling_factor)
+    if router_logits.shape[0] <= FUSED_ROUTING_MAX_TOKENS:
+        return ops.fused_topk_align(router_logits, topk, block_size, expert_map=expert_map, **routing)
+    weights, ids = ops.topk_gating(router_logits, topk, **routing)
+    aligned = ops.moe_align_block_size(ids, router_logits.shape[1], block_size, expert_map)
+    return (weights, ids, *aligned)
+
+
+def fused_moe(
+    hidden_states: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    router_logits: torch.Tensor,
+    topk: int,
+    *,
+    scoring_func: str = "softmax",
+    renormalize: bool = False,
+    correction_bias: torch.Tensor | None = None,
+    num_expert_group: int | None = None,
+    topk_group: int | None = None,
+    routed_scaling_factor: float = 1.0,
+    expert_map: torch.Tensor | None = None,
+    block_size: int | None = None,
+) -> torch.Tensor:
+    """One MoE layer: route, then for each chosen expert silu(x W_gate^T) * (x W_up^T) W_down^T,
+    weighted and summed over the k experts.
+
+    Args:
+        hidden_states: [T, H] (bf16, fp16 or fp32).
+        w13: [E_local, 2I, H], gate rows first then up rows, hidden_states' dtype.
+        w2: [E_local, H, I], hidden_states' dtype.
+        router_logits: [T, E] (E = E_local unless expert_map is given).
+        topk: experts per token.
+        scoring_func, renormalize, correction_bias, num_expert_group, topk_group,
+            routed_scaling_factor: routing, as in moe_ext.topk_gating.
+        expert_map: optional [E] int32, global -> local expert or -1 (expert parallelism: tokens
+            routed to experts off this rank contribute nothing here).
+        block_size: grouped-GEMM block rows; default from choose_block_size.
+
+    Returns:
+        [T, H] in hidden_states' dtype.
+    """
+    if hidden_states.dim() != 2:
+        raise ValueError(f"fused_moe: hidden_states must be [T, H], got shape {tuple(hidden_states.shape)}")
+    if router_logits.dim() != 2 or router_logits.shape[0] != hidden_states.shape[0]:
+        raise ValueError(f"fused_moe: router_logits must be [T, E] with T = {hidden_states.shape[0]}, "
+                         f"got shape {tuple(router_logits.shape)}")
+    if w13.dim() != 3 or w2.dim() != 3 or w13.shape[0] != w2.shape[0]:
+        raise ValueError(f"fused_moe: w13 [E, 2I, H] and w2 [E, H, I] must share E, got "
+                         f"{tuple(w13.shape)} and {tuple(w2.shape)}")
+    T, H = hidden_states.shape
+    E = router_logits.shape[1]
+    if expert_map is None and w13.shape[0] != E:
+        raise ValueError(f"fused_moe: w13 has {w13.shape[0]} experts but router_logits has {E} "
+                         "(pass expert_map for expert parallelism)")
+    if w13.shape[2] != H or w2.shape[1] != H or w13.shape[1] != 2 * w2.shape[2]:
+        raise ValueError(f"fused_moe: shapes disagree: hidden_states [T, {H}], w13 {tuple(w13.shape)} "
+                         f"(expected [E, 2I, {H}]), w2 {tuple(w2.shape)} (expected [E, {H}, I])")
+    if block_size is None:
+        block_size = choose_block_size(T, topk, E)
+    weights, _, sorted_ids, expert_ids, num_post_padded = route(
+        router_logits, topk, block_size, scoring_func=scoring_func, renormalize=renormalize,
+        correction_bias=correction_bias, num_expert_group=num_expert_group, topk_group=topk_group,
+        routed_scaling_factor=routed_scaling_factor, expert_map=expert_map)
+    h = ops.moe_grouped_gemm(hidden_states, w13, sorted_ids, expert_ids, num_post_padded, topk)  # [T*k, 2I]
+    h = ops.silu_and_mul(h)                                                                       # [T*k, I]
+    h = ops.moe_grouped_gemm(h, w2, sorted_ids, expert_ids, num_post_padded, 1, weights)         # [T*k, H]
+    return ops.moe_combine(h.view(T, topk, H))                                                    # [T, H]

@@ -1,0 +1,211 @@
+"""Typed wrappers over torch.ops.moe_ext, one per op, with each op's fake (meta) kernel beside it.
+
+Shapes use T = tokens, E = experts, k = topk, H = hidden size, I = intermediate size.
+All ops size their outputs from input shapes only, so they trace under torch.compile and capture
+in CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .reference import align_max_padded as _align_max_padded_int
+
+__all__ = [
+    "topk_gating",
+    "moe_align_block_size",
+    "fused_topk_align",
+    "silu_and_mul",
+    "moe_grouped_gemm",
+    "moe_combine",
+    "align_max_padded",
+]
+
+
+def _groups(num_expert_group: int | None, topk_group: int | None) -> tuple[int, int]:
+    g = 1 if num_expert_group is None else num_expert_group
+    return g, (g if topk_group is None else topk_group)
+
+
+def align_max_padded(numel, num_experts: int, block_size: int):
+    """Length of sorted_token_ids for numel = T * k ids (works on SymInts under torch.compile)."""
+    if isinstance(numel, int):
+        return _align_max_padded_int(numel, num_experts, block_size)
+    raw = numel + torch.sym_min(num_experts, numel) * (block_size - 1)
+    return (raw + block_size - 1) // block_size * block_size
+
+
+def topk_gating(
+    router_logits: torch.Tensor,
+    topk: int,
+    scoring_func: str = "softmax",
+    renormalize: bool = False,
+    correction_bias: torch.Tensor | None = None,
+    num_expert_group: int | None = None,
+    topk_group: int | None = None,
+    routed_scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router top-k gating.
+
+    Args:
+        router_logits: [T, E] fp32, bf16 or fp16, last dim contiguous; 1 <= E <= 1024.
+        topk: experts per token, 1 <= topk <= min(E, 32).
+        scoring_func: "softmax" (over all E) or "sigmoid" (per expert).
+        renormalize: divide the k selected scores by their sum. softmax + renormalize equals
+            GPT-OSS/Mixtral's top-k-then-softmax over the selected logits.
+        correction_bias: [E] fp32, added to the scores for *selection only* (DeepSeek-V3).
+        num_expert_group, topk_group: group-limited routing: E splits into num_expert_group equal
+            groups, a group scores the sum of its two best (biased) scores, and only the best
+            topk_group groups compete. None means no grouping (topk_group defaults to all groups).
+        routed_scaling_factor: multiplied into the final weights.
+
+    Returns:
+        topk_weights: [T, topk] fp32, the unbiased scores of the chosen experts (renormalized and
+            scaled as asked), in descending selection-key order.
+        topk_ids: [T, topk] int32 in [0, E), distinct per token; ties go to the lower index.
+
+    NaN logits count as -inf and +inf as the largest float, so ids stay valid and distinct and
+    weights stay finite whatever the logits hold.
+    """
+    g, tg = _groups(num_expert_group, topk_group)
+    return torch.ops.moe_ext.topk_gating.default(
+        router_logits, topk, scoring_func, renormalize, correction_bias, g, tg, float(routed_scaling_factor)
+    )
+
+
+@torch.library.register_fake("moe_ext::topk_gating")
+def _topk_gating_fake(router_logits, topk, scoring_func, renormalize, correction_bias, num_expert_group,
+                      topk_group, routed_scaling_factor):
+    T = router_logits.shape[0]
+    return (router_logits.new_empty((T, topk), dtype=torch.float32),
+            router_logits.new_empty((T, topk), dtype=torch.int32))
+
+
+def moe_align_block_size(
+    topk_ids: torch.Tensor, num_experts: int, block_size: int, expert_map: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group the flat ids f = t * k + j by expert, padded to blocks (vLLM's layout).
+
+    Args:
+        topk_ids: [T, k] int32. Ids outside [0, num_experts) (e.g. -1 padding rows) are skipped.
+        num_experts: E, 1 <= E <= 1024.
+        block_size: rows per block of the grouped GEMM, >= 1.
+        expert_map: optional [E] int32, global expert -> local expert, or -1 for experts that are
+            not on this rank (skipped).
+
+    Returns:
+        sorted_token_ids: [max_padded] int32, max_padded = T*k + min(E, T*k)*(block_size-1)
+            rounded up to a multiple of block_size. Each expert with ids gets a run (in ascending
+            global expert order) of its flat indices in ascending order, padded to a multiple of
+            block_size with the sentinel T*k; the tail past the runs also holds the sentinel.
+        expert_ids: [max_padded // block_size] int32, each block's (local) expert; -1 for unused
+            tail blocks. Experts with no ids get no block.
+        num_tokens_post_padded: [1] int32, total length of the runs (stays on the device).
+    """
+    return torch.ops.moe_ext.moe_align_block_size.default(topk_ids, num_experts, block_size, expert_map)
+
+
+def _align_fake_outputs(ref: torch.Tensor, numel, num_experts: int, block_size: int):
+    max_padded = align_max_padded(numel, num_experts, block_size)
+    return (ref.new_empty((max_padded,), dtype=torch.int32),
+            ref.new_empty((max_padded // block_size,), dtype=torch.int32),
+            ref.new_empty((1,), dtype=torch.int32))
+
+
+@torch.library.register_fake("moe_ext::moe_align_block_size")
+def _moe_align_block_size_fake(topk_ids, num_experts, block_size, expert_map):
+    return _align_fake_outputs(topk_ids, topk_ids.numel(), num_experts, block_size)
+
+
+def fused_topk_align(
+    router_logits: torch.Tensor,
+    topk: int,
+    block_size: int,
+    scoring_func: str = "softmax",
+    renormalize: bool = False,
+    correction_bias: torch.Tensor | None = None,
+    num_expert_group: int | None = None,
+    topk_group: int | None = None,
+    routed_scaling_factor: float = 1.0,
+    expert_map: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """topk_gating followed by moe_align_block_size (num_experts = E of router_logits), as one op.
+
+    Returns (topk_weights [T, k] fp32, topk_ids [T, k] int32, sorted_token_ids, expert_ids,
+    num_tokens_post_padded), identical to calling the two ops. On CUDA this is a single kernel
+    for decode-sized T.
+    """
+    g, tg = _groups(num_expert_group, topk_group)
+    return torch.ops.moe_ext.fused_topk_align.default(
+        router_logits, topk, block_size, scoring_func, renormalize, correction_bias, g, tg,
+        float(routed_scaling_factor), expert_map)
+
+
+@torch.library.register_fake("moe_ext::fused_topk_align")
+def _fused_topk_align_fake(router_logits, topk, block_size, scoring_func, renormalize, correction_bias,
+                           num_expert_group, topk_group, routed_scaling_factor, expert_map):
+    T, E = router_logits.shape
+    weights, ids = _topk_gating_fake(router_logits, topk, scoring_func, renormalize, correction_bias,
+                                     num_expert_group, topk_group, routed_scaling_factor)
+    return (weights, ids, *_align_fake_outputs(router_logits, T * topk, E, block_size))
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(x[..., :I]) * x[..., I:] for x [..., 2I] (fp32, bf16, fp16; contiguous).
+
+    Math in fp32; returns [..., I] in x's dtype.
+    """
+    return torch.ops.moe_ext.silu_and_mul.default(x)
+
+
+@torch.library.register_fake("moe_ext::silu_and_mul")
+def _silu_and_mul_fake(x):
+    return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+
+def moe_grouped_gemm(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    sorted_token_ids: torch.Tensor,
+    expert_ids: torch.Tensor,
+    num_tokens_post_padded: torch.Tensor,
+    topk: int,
+    topk_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Grouped expert GEMM with gather and scatter.
+
+    Args:
+        a: [M, K] activations (fp32, bf16 or fp16).
+        w: [E_local, N, K] expert weights, a's dtype (w13 [E, 2I, H] or w2 [E, H, I]).
+        sorted_token_ids, expert_ids, num_tokens_post_padded: from moe_align_block_size; the
+            block size is sorted_token_ids.numel() // expert_ids.numel().
+        topk: rows of the output per row of a. The first GEMM passes hidden states [T, H] with
+            topk = k; the second passes activations [T*k, I] with topk = 1.
+        topk_weights: optional fp32 with M*topk elements (e.g. [T, k]), multiplied into row id.
+
+    Returns:
+        [M * topk, N] in a's dtype: row id = a[id // topk] @ w[e]^T (* topk_weights.flatten()[id])
+        for each id < M*topk in the first num_tokens_post_padded slots, e its block's expert.
+        Rows that no block of a valid expert (0 <= e < E_local) names are zero.
+    """
+    return torch.ops.moe_ext.moe_grouped_gemm.default(
+        a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, topk, topk_weights)
+
+
+@torch.library.register_fake("moe_ext::moe_grouped_gemm")
+def _moe_grouped_gemm_fake(a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, topk, topk_weights):
+    return a.new_empty((a.shape[0] * topk, w.shape[1]))
+
+
+def moe_combine(x: torch.Tensor, topk_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Top-k combine: x [T, k, H] -> [T, H], sum over k in fp32, in x's dtype.
+
+    topk_weights: optional [T, k] fp32, multiplied in (leave None when the second grouped GEMM
+    already applied them).
+    """
+    return torch.ops.moe_ext.moe_combine.default(x, topk_weights)
+
+
+@torch.library.register_fake("moe_ext::moe_combine")
+def _moe_combine_fake(x, topk_weights):
+    return x.new_empty((x.shape[0], x.shape[2]))
