@@ -111,4 +111,59 @@ inline void check_align_args(const char* op, int64_t numel, int64_t num_experts,
   }
 }
 
+// x: [..., 2I], floating, contiguous.
+inline void check_silu_and_mul_args(const at::Tensor& x) {
+  check_arg("silu_and_mul", "x", x, -1, kFloatTypes, x.device());
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) % 2 == 0,
+                    "moe_ext.silu_and_mul: x.size(-1) must be even (gate half, then up half), got shape ",
+                    x.sizes());
+}
+
+// x: [T, topk, H] floating; topk_weights: optional [T, topk] fp32.
+inline void check_combine_args(const at::Tensor& x, const std::optional<at::Tensor>& topk_weights) {
+  check_arg("moe_combine", "x", x, 3, kFloatTypes, x.device());
+  if (topk_weights.has_value()) {
+    check_arg("moe_combine", "topk_weights", *topk_weights, 2, {c10::ScalarType::Float}, x.device());
+    TORCH_CHECK_VALUE(topk_weights->size(0) == x.size(0) && topk_weights->size(1) == x.size(1),
+                      "moe_ext.moe_combine: topk_weights must have shape [", x.size(0), ", ", x.size(1),
+                      "], got ", topk_weights->sizes());
+  }
+}
+
+// a: [M, K]; w: [E, N, K] of a's dtype; the alignment triple; topk >= 1; optional fp32 weights
+// with M * topk elements.
+inline void check_grouped_gemm_args(const at::Tensor& a, const at::Tensor& w,
+                                    const at::Tensor& sorted_token_ids, const at::Tensor& expert_ids,
+                                    const at::Tensor& num_tokens_post_padded, int64_t topk,
+                                    const std::optional<at::Tensor>& topk_weights) {
+  constexpr const char* op = "moe_grouped_gemm";
+  const auto dev = a.device();
+  check_arg(op, "a", a, 2, kFloatTypes, dev);
+  check_arg(op, "w", w, 3, kFloatTypes, dev);
+  TORCH_CHECK_TYPE(w.scalar_type() == a.scalar_type(), "moe_ext.moe_grouped_gemm: w must have a's dtype ",
+                   a.scalar_type(), ", got ", w.scalar_type());
+  TORCH_CHECK_VALUE(w.size(2) == a.size(1), "moe_ext.moe_grouped_gemm: w must be [E, N, K] with K = a.size(1) = ",
+                    a.size(1), ", got shape ", w.sizes());
+  check_arg(op, "sorted_token_ids", sorted_token_ids, 1, {c10::ScalarType::Int}, dev);
+  check_arg(op, "expert_ids", expert_ids, 1, {c10::ScalarType::Int}, dev);
+  check_arg(op, "num_tokens_post_padded", num_tokens_post_padded, 1, {c10::ScalarType::Int}, dev);
+  TORCH_CHECK_VALUE(num_tokens_post_padded.numel() == 1,
+                    "moe_ext.moe_grouped_gemm: num_tokens_post_padded must have 1 element, got ",
+                    num_tokens_post_padded.numel());
+  const int64_t num_blocks = expert_ids.numel();
+  const int64_t P = sorted_token_ids.numel();
+  TORCH_CHECK_VALUE((num_blocks == 0 && P == 0) || (num_blocks > 0 && P % num_blocks == 0),
+                    "moe_ext.moe_grouped_gemm: sorted_token_ids (", P,
+                    " elements) must hold a whole block_size per entry of expert_ids (", num_blocks, ")");
+  TORCH_CHECK_VALUE(topk >= 1, "moe_ext.moe_grouped_gemm: topk must be >= 1, got ", topk);
+  TORCH_CHECK_VALUE(a.size(0) * topk < (int64_t{1} << 31),
+                    "moe_ext.moe_grouped_gemm: a.size(0) * topk overflows int32 token indices");
+  if (topk_weights.has_value()) {
+    check_arg(op, "topk_weights", *topk_weights, -1, {c10::ScalarType::Float}, dev);
+    TORCH_CHECK_VALUE(topk_weights->numel() == a.size(0) * topk,
+                      "moe_ext.moe_grouped_gemm: topk_weights must have a.size(0) * topk = ", a.size(0) * topk,
+                      " elements, got shape ", topk_weights->sizes());
+  }
+}
+
 }  // namespace moe_ext

@@ -12,9 +12,7 @@
 namespace moe_ext {
 
 at::Tensor silu_and_mul_cpu(const at::Tensor& x) {  // x: [..., 2 * I]
-  check_arg("silu_and_mul", "x", x, -1, kFloatTypes, x.device());
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) % 2 == 0, "moe_ext.silu_and_mul: x.size(-1) must be even (gate then up halves), got shape ",
-                    x.sizes());
+  check_silu_and_mul_args(x);
   const int64_t d = x.size(-1) / 2;
   auto out_shape = x.sizes().vec();
   out_shape.back() = d;
@@ -39,16 +37,9 @@ at::Tensor silu_and_mul_cpu(const at::Tensor& x) {  // x: [..., 2 * I]
 
 // x: [T, topk, H]; topk_weights: optional [T, topk] fp32. Returns [T, H] in x's dtype.
 at::Tensor moe_combine_cpu(const at::Tensor& x, const std::optional<at::Tensor>& topk_weights) {
-  check_arg("moe_combine", "x", x, 3, kFloatTypes, x.device());
+  check_combine_args(x, topk_weights);
   const int64_t T = x.size(0), K = x.size(1), H = x.size(2);
-  const float* w = nullptr;
-  if (topk_weights.has_value()) {
-    check_arg("moe_combine", "topk_weights", *topk_weights, 2, {at::kFloat}, x.device());
-    TORCH_CHECK_VALUE(topk_weights->size(0) == T && topk_weights->size(1) == K,
-                      "moe_ext.moe_combine: topk_weights must have shape [", T, ", ", K, "], got ",
-                      topk_weights->sizes());
-    w = topk_weights->const_data_ptr<float>();
-  }
+  const float* w = topk_weights.has_value() ? topk_weights->const_data_ptr<float>() : nullptr;
   auto out = at::empty({T, H}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "moe_combine_cpu", [&] {
     const scalar_t* in = x.const_data_ptr<scalar_t>();
@@ -77,33 +68,12 @@ at::Tensor moe_grouped_gemm_cpu(const at::Tensor& a, const at::Tensor& w,
                                 const at::Tensor& sorted_token_ids, const at::Tensor& expert_ids,
                                 const at::Tensor& num_tokens_post_padded, int64_t topk,
                                 const std::optional<at::Tensor>& topk_weights) {
-  constexpr const char* op = "moe_grouped_gemm";
-  const auto dev = a.device();
-  check_arg(op, "a", a, 2, kFloatTypes, dev);
-  check_arg(op, "w", w, 3, kFloatTypes, dev);
-  TORCH_CHECK_TYPE(w.scalar_type() == a.scalar_type(), "moe_ext.moe_grouped_gemm: w must have a's dtype ",
-                   a.scalar_type(), ", got ", w.scalar_type());
-  TORCH_CHECK_VALUE(w.size(2) == a.size(1), "moe_ext.moe_grouped_gemm: w must be [E, N, K] with K = a.size(1) = ",
-                    a.size(1), ", got shape ", w.sizes());
-  check_arg(op, "sorted_token_ids", sorted_token_ids, 1, {at::kInt}, dev);
-  check_arg(op, "expert_ids", expert_ids, 1, {at::kInt}, dev);
-  check_arg(op, "num_tokens_post_padded", num_tokens_post_padded, 1, {at::kInt}, dev);
-  TORCH_CHECK_VALUE(num_tokens_post_padded.numel() == 1,
-                    "moe_ext.moe_grouped_gemm: num_tokens_post_padded must have 1 element, got ",
-                    num_tokens_post_padded.numel());
-  const int64_t num_blocks = expert_ids.numel();
-  const int64_t P = sorted_token_ids.numel();
-  TORCH_CHECK_VALUE((num_blocks == 0 && P == 0) || (num_blocks > 0 && P % num_blocks == 0),
-                    "moe_ext.moe_grouped_gemm: sorted_token_ids (", P,
-                    " elements) must hold a whole block_size per entry of expert_ids (", num_blocks, ")");
-  TORCH_CHECK_VALUE(topk >= 1, "moe_ext.moe_grouped_gemm: topk must be >= 1, got ", topk);
+  check_grouped_gemm_args(a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, topk,
+                          topk_weights);
   const int64_t M = a.size(0), N = w.size(1), E = w.size(0);
   const int64_t rows = M * topk;
-  if (topk_weights.has_value()) {
-    check_arg(op, "topk_weights", *topk_weights, -1, {at::kFloat}, dev);
-    TORCH_CHECK_VALUE(topk_weights->numel() == rows, "moe_ext.moe_grouped_gemm: topk_weights must have a.size(0) * topk = ",
-                      rows, " elements, got shape ", topk_weights->sizes());
-  }
+  const int64_t num_blocks = expert_ids.numel();
+  const int64_t P = sorted_token_ids.numel();
   auto out = at::zeros({rows, N}, a.options());
   if (num_blocks == 0 || rows == 0) return out;
   const int64_t block_size = P / num_blocks;

@@ -1,0 +1,63 @@
+// Launchers for SiLU-and-mul and the top-k combine (kernels in csrc/kernels/activation.cuh).
+#include <algorithm>
+
+#include "../core/static_switch.h"
+#include "../kernels/activation.cuh"
+#include "launchers.h"
+
+namespace moe_ext::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+// Enough blocks to cover the work, at most 8 per multiprocessor (the grid-stride loop does the rest).
+int grid_size(int64_t work, int num_sms) {
+  const int64_t blocks = (work + kThreads - 1) / kThreads;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t(num_sms) * 8)));
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % kVecBytes == 0; }
+
+template <typename F>
+cudaError_t dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: return f(float{});
+    case DType::kFloat16: return f(__half{});
+    case DType::kBFloat16: return f(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+cudaError_t silu_and_mul(DType dtype, const void* x, void* out, int64_t rows, int64_t d, int num_sms,
+                         cudaStream_t stream) {
+  if (rows == 0 || d == 0) return cudaSuccess;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const bool vec = d % Vec<T>::kSize == 0 && aligned16(x) && aligned16(out);
+    return BOOL_SWITCH(vec, kVec, [&] {
+      const int64_t work = rows * (d / (kVec ? Vec<T>::kSize : 1));
+      silu_and_mul_kernel<T, kVec><<<grid_size(work, num_sms), kThreads, 0, stream>>>(
+          static_cast<const T*>(x), static_cast<T*>(out), rows, d);
+      return cudaGetLastError();
+    });
+  });
+}
+
+cudaError_t moe_combine(DType dtype, const void* x, const float* weights, void* out, int64_t num_tokens,
+                        int topk, int64_t h, int num_sms, cudaStream_t stream) {
+  if (num_tokens == 0 || h == 0) return cudaSuccess;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const bool vec = h % Vec<T>::kSize == 0 && aligned16(x) && aligned16(out);
+    return BOOL_SWITCH(vec, kVec, [&] {
+      const int64_t work = num_tokens * (h / (kVec ? Vec<T>::kSize : 1));
+      moe_combine_kernel<T, kVec><<<grid_size(work, num_sms), kThreads, 0, stream>>>(
+          static_cast<const T*>(x), weights, static_cast<T*>(out), num_tokens, topk, h);
+      return cudaGetLastError();
+    });
+  });
+}
+
+}  // namespace moe_ext::cuda

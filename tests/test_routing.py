@@ -1,0 +1,278 @@
+"""Router top-k gating, block alignment and the fused pair, against the fp32 references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import moe_ext
+from moe_ext import reference as ref
+
+from conftest import (DEVICES, assert_align_matches, assert_gating_matches, assert_valid_ids, nbytes,
+                      poison_allocator, random_logits, require_kernel)
+
+TOKENS = [0, 1, 3, 16, 17, 1000]
+EXPERTS = [1, 3, 8, 64, 128, 257, 512, 1024]
+TOPKS = [1, 2, 8, 32]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def topks_for(E):
+    return [k for k in TOPKS if k <= E]
+
+
+def gating_call(logits, topk, **routing):
+    poison_allocator(logits.device.type, [nbytes((logits.shape[0], topk), torch.float32)] * 2)
+    return moe_ext.topk_gating(logits, topk, **routing)
+
+
+# ------------------------------------------------------------------------------------------------
+# topk_gating
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("E", EXPERTS)
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("scoring_func", ["softmax", "sigmoid"])
+def test_topk_gating_shapes(device, dtype, E, T, scoring_func):
+    require_kernel("topk_gating", device)
+    g = torch.Generator().manual_seed(1000 * E + T)
+    logits = random_logits(T, E, dtype, device, g)
+    for topk in topks_for(E):
+        for renormalize in (False, True):
+            routing = dict(scoring_func=scoring_func, renormalize=renormalize)
+            w, ids = gating_call(logits, topk, **routing)
+            assert w.device == logits.device and ids.device == logits.device
+            assert_gating_matches(w, ids, logits, topk, **routing)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_topk_gating_every_e_and_topk(device):
+    """Every E from 1 to 1024 (each with a random topk) and every topk from 1 to 32 at E = 257."""
+    require_kernel("topk_gating", device)
+    g = torch.Generator().manual_seed(7)
+    for E in range(1, 1025):
+        topk = int(torch.randint(1, min(E, 32) + 1, (1,), generator=g))
+        scoring = "softmax" if E % 2 else "sigmoid"
+        logits = random_logits(3, E, torch.float32, device, g)
+        w, ids = gating_call(logits, topk, scoring_func=scoring, renormalize=bool(E % 3))
+        assert_gating_matches(w, ids, logits, topk, scoring_func=scoring, renormalize=bool(E % 3))
+    for E in (32, 257):
+        logits = random_logits(17, E, torch.bfloat16, device, g)
+        for topk in range(1, 33):
+            w, ids = gating_call(logits, topk, renormalize=True)
+            assert_gating_matches(w, ids, logits, topk, renormalize=True)
+
+
+DEEPSEEK = dict(scoring_func="sigmoid", renormalize=True, num_expert_group=8, topk_group=4,
+                routed_scaling_factor=2.5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize(
+    "E,topk,G,TG,scoring",
+    [(256, 8, 8, 4, "sigmoid"), (256, 8, 8, 4, "softmax"), (64, 6, 4, 2, "sigmoid"), (96, 8, 3, 2, "softmax"),
+     (257, 4, 257, 5, "sigmoid"), (8, 2, 8, 8, "softmax"), (1024, 32, 16, 3, "sigmoid"), (30, 5, 5, 5, "sigmoid")],
+)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_topk_gating_grouped_and_bias(device, T, E, topk, G, TG, scoring, with_bias):
+    require_kernel("topk_gating", device)
+    g = torch.Generator().manual_seed(E * 31 + T)
+    logits = random_logits(T, E, torch.bfloat16, device, g)
+    bias = (torch.randn(E, generator=g) * 0.5).to(device) if with_bias else None
+    routing = dict(scoring_func=scoring, renormalize=True, correction_bias=bias, num_expert_group=G,
+                   topk_group=TG, routed_scaling_factor=2.5)
+    w, ids = gating_call(logits, topk, **routing)
+    assert_gating_matches(w, ids, logits, topk, **routing)
+    # The chosen experts come from at most topk_group groups.
+    if T:
+        groups = (ids.cpu().long() // (E // G)).sort(dim=1).values
+        distinct = 1 + (groups[:, 1:] != groups[:, :-1]).sum(dim=1)
+        assert (distinct <= TG).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_topk_gating_bias_changes_choice_not_weights(device):
+    require_kernel("topk_gating", device)
+    E, topk = 64, 4
+    logits = random_logits(5, E, torch.float32, device, torch.Generator().manual_seed(3))
+    bias = torch.zeros(E, device=device)
+    bias[E - 4:] = 10.0  # forces the last four experts
+    w, ids = moe_ext.topk_gating(logits, topk, scoring_func="sigmoid", correction_bias=bias)
+    ids = ids.cpu().long()
+    assert (ids.sort(dim=1).values == torch.arange(E - 4, E)).all()
+    torch.testing.assert_close(w.cpu(), torch.sigmoid(logits.cpu()).gather(1, ids), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_softmax_renormalize_equals_topk_then_softmax(device):
+    """GPT-OSS/Mixtral route with softmax over the top-k logits: the same as softmax + renormalize."""
+    require_kernel("topk_gating", device)
+    logits = random_logits(64, 128, torch.float32, device, torch.Generator().manual_seed(5))
+    w, ids = moe_ext.topk_gating(logits, 4, renormalize=True)
+    top_vals, top_ids = logits.cpu().topk(4, dim=-1)
+    assert torch.equal(ids.cpu().long(), top_ids)
+    torch.testing.assert_close(w.cpu(), torch.softmax(top_vals, dim=-1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scoring_func", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_topk_gating_nan_inf(device, dtype, scoring_func, renormalize):
+    """NaN counts as -inf, +inf as the largest float; ties go to the lower index; outputs stay valid."""
+    require_kernel("topk_gating", device)
+    E, topk = 16, 4
+    nan, inf = float("nan"), float("inf")
+    rows = torch.randn(8, E)
+    rows[0] = nan                                   # all NaN
+    rows[1] = -inf                                  # all -inf
+    rows[2, 5] = inf                                # one +inf
+    rows[3, [2, 9]] = inf                           # two +inf share the mass
+    rows[4, ::2] = nan                              # NaNs never beat finite logits
+    rows[5] = 0.0                                   # all tied
+    rows[6, :] = -inf
+    rows[6, 11] = nan
+    rows[6, 13] = 1.0                               # one finite among -inf/NaN
+    rows[7, ::3] = inf
+    rows[7, 1::3] = nan
+    logits = rows.to(device=device, dtype=dtype)
+    routing = dict(scoring_func=scoring_func, renormalize=renormalize)
+    w, ids = moe_ext.topk_gating(logits, topk, **routing)
+    assert_gating_matches(w, ids, logits, topk, **routing)
+    ids = ids.cpu()
+    assert ids[0].tolist() == [0, 1, 2, 3] and ids[1].tolist() == [0, 1, 2, 3] and ids[5].tolist() == [0, 1, 2, 3]
+    assert ids[2, 0] == 5 and ids[3, :2].tolist() == [2, 9] and ids[6, 0] == 13
+    assert set(ids[4].tolist()) <= set(range(1, E, 2))
+    if scoring_func == "softmax":
+        w = w.cpu()
+        assert w[2, 0] == 1.0 and (w[2, 1:] == 0).all()
+        assert torch.allclose(w[1], torch.full((topk,), 1.0 / topk if renormalize else 1.0 / E))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_topk_gating_strided_rows(device):
+    """Rows may be strided (e.g. a slice of a wider projection); the last dim must be contiguous."""
+    require_kernel("topk_gating", device)
+    wide = random_logits(9, 200, torch.float32, device, torch.Generator().manual_seed(9))
+    logits = wide[:, 10:138]
+    w, ids = moe_ext.topk_gating(logits, 8, renormalize=True)
+    assert_gating_matches(w, ids, logits.contiguous(), 8, renormalize=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_topk_gating_deterministic(device):
+    require_kernel("topk_gating", device)
+    logits = random_logits(1000, 256, torch.bfloat16, device, torch.Generator().manual_seed(11))
+    a = moe_ext.topk_gating(logits, 8, **DEEPSEEK)
+    b = moe_ext.topk_gating(logits, 8, **DEEPSEEK)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# moe_align_block_size
+
+
+def random_ids(T, topk, E, g, invalid_frac=0.0):
+    ids = torch.stack([torch.randperm(E, generator=g)[:topk] for _ in range(T)]) if T else torch.empty(0, topk)
+    ids = ids.to(torch.int32).reshape(T, topk)
+    if invalid_frac and T:
+        bad = torch.rand(T, topk, generator=g) < invalid_frac
+        junk = torch.tensor([-1, E, E + 7, -5, 2**31 - 1], dtype=torch.int32)
+        ids[bad] = junk[torch.randint(0, len(junk), (int(bad.sum()),), generator=g)]
+    return ids
+
+
+ALIGN_CASES = [(T, E, k) for T in TOKENS for E in (1, 3, 8, 64, 257, 1024) for k in (1, 2, 8) if k <= E]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("T,E,topk", ALIGN_CASES)
+@pytest.mark.parametrize("block_size", [1, 7, 16, 64])
+def test_align(device, T, E, topk, block_size):
+    require_kernel("moe_align_block_size", device)
+    g = torch.Generator().manual_seed(T * 7 + E)
+    ids = random_ids(T, topk, E, g).to(device)
+    max_padded = ref.align_max_padded(T * topk, E, block_size)
+    poison_allocator(device, [max_padded * 4, max_padded // block_size * 4, 4])
+    out = moe_ext.moe_align_block_size(ids, E, block_size)
+    assert_align_matches(out, ids, E, block_size)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("T", [1, 16, 1000, 9000])
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_align_invalid_ids_and_expert_map(device, T, block_size):
+    require_kernel("moe_align_block_size", device)
+    E, topk = 64, 8
+    g = torch.Generator().manual_seed(T)
+    ids = random_ids(T, topk, E, g, invalid_frac=0.1).to(device)
+    out = moe_ext.moe_align_block_size(ids, E, block_size)
+    assert_align_matches(out, ids, E, block_size)
+    # Expert parallelism: this rank holds every third expert, local ids 0, 1, 2, ...
+    expert_map = torch.full((E,), -1, dtype=torch.int32)
+    expert_map[::3] = torch.arange(len(range(0, E, 3)), dtype=torch.int32)
+    expert_map = expert_map.to(device)
+    out = moe_ext.moe_align_block_size(ids, E, block_size, expert_map)
+    assert_align_matches(out, ids, E, block_size, expert_map)
+    local_blocks = out[1].cpu()
+    assert ((local_blocks == -1) | ((local_blocks >= 0) & (local_blocks < 22))).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_align_skewed(device):
+    """All tokens on one expert, and every id invalid."""
+    require_kernel("moe_align_block_size", device)
+    E = 32
+    ids = torch.full((300, 2), 5, dtype=torch.int32, device=device)
+    ids[:, 1] = 17
+    assert_align_matches(moe_ext.moe_align_block_size(ids, E, 16), ids, E, 16)
+    ids = torch.full((40, 4), -1, dtype=torch.int32, device=device)
+    out = moe_ext.moe_align_block_size(ids, E, 16)
+    assert_align_matches(out, ids, E, 16)
+    assert out[2].item() == 0 and (out[1] == -1).all()
+
+
+def test_align_max_padded_formula():
+    assert ref.align_max_padded(0, 8, 16) == 0
+    assert ref.align_max_padded(1 * 8, 256, 16) == 8 + 8 * 15 == 128
+    assert ref.align_max_padded(1000 * 8, 256, 16) == math.ceil((8000 + 256 * 15) / 16) * 16
+    assert ref.align_max_padded(3, 2, 5) == 15  # 3 + 2 * 4 = 11, rounded up to blocks
+
+
+# ------------------------------------------------------------------------------------------------
+# fused_topk_align
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("T", [0, 1, 3, 16, 17, 64])
+@pytest.mark.parametrize(
+    "E,topk,routing",
+    [(256, 8, DEEPSEEK), (128, 4, dict(renormalize=True)), (8, 2, dict(renormalize=True)),
+     (257, 8, dict(scoring_func="sigmoid")), (1024, 32, dict()), (3, 3, dict(renormalize=True))],
+    ids=["deepseek", "gpt-oss", "mixtral", "e257", "e1024", "e3"],
+)
+@pytest.mark.parametrize("use_map", [False, True])
+def test_fused_topk_align_equals_separate_ops(device, T, E, topk, routing, use_map):
+    require_kernel("fused_topk_align", device)
+    g = torch.Generator().manual_seed(T * 13 + E)
+    logits = random_logits(T, E, torch.bfloat16, device, g)
+    routing = dict(routing)
+    if routing.get("scoring_func") == "sigmoid" and "num_expert_group" in routing:
+        routing["correction_bias"] = torch.randn(E, generator=g).to(device)
+    expert_map = None
+    if use_map:
+        expert_map = torch.where(torch.rand(E, generator=g) < 0.5, -1, torch.arange(E)).to(torch.int32).to(device)
+    block_size = 16
+    fused = moe_ext.fused_topk_align(logits, topk, block_size, expert_map=expert_map, **routing)
+    w, ids = moe_ext.topk_gating(logits, topk, **routing)
+    aligned = moe_ext.moe_align_block_size(ids, E, block_size, expert_map)
+    for got, want in zip(fused, (w, ids, *aligned)):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert torch.equal(got, want)
+    assert_gating_matches(fused[0], fused[1], logits, topk, **routing)
+    assert_align_matches(fused[2:], fused[1], E, block_size, expert_map)
