@@ -74,8 +74,8 @@ def topk_gating(
 
 
 @torch.library.register_fake("moe_ext::topk_gating")
-def _topk_gating_fake(router_logits, topk, scoring_func, renormalize, correction_bias, num_expert_group,
-                      topk_group, routed_scaling_factor):
+def _topk_gating_fake(router_logits, topk, scoring_func="softmax", renormalize=False, correction_bias=None,
+                      num_expert_group=1, topk_group=1, routed_scaling_factor=1.0):
     T = router_logits.shape[0]
     return (router_logits.new_empty((T, topk), dtype=torch.float32),
             router_logits.new_empty((T, topk), dtype=torch.int32))
@@ -113,7 +113,7 @@ def _align_fake_outputs(ref: torch.Tensor, numel, num_experts: int, block_size: 
 
 
 @torch.library.register_fake("moe_ext::moe_align_block_size")
-def _moe_align_block_size_fake(topk_ids, num_experts, block_size, expert_map):
+def _moe_align_block_size_fake(topk_ids, num_experts, block_size, expert_map=None):
     return _align_fake_outputs(topk_ids, topk_ids.numel(), num_experts, block_size)
 
 
@@ -142,8 +142,9 @@ def fused_topk_align(
 
 
 @torch.library.register_fake("moe_ext::fused_topk_align")
-def _fused_topk_align_fake(router_logits, topk, block_size, scoring_func, renormalize, correction_bias,
-                           num_expert_group, topk_group, routed_scaling_factor, expert_map):
+def _fused_topk_align_fake(router_logits, topk, block_size, scoring_func="softmax", renormalize=False,
+                           correction_bias=None, num_expert_group=1, topk_group=1, routed_scaling_factor=1.0,
+                           expert_map=None):
     T, E = router_logits.shape
     weights, ids = _topk_gating_fake(router_logits, topk, scoring_func, renormalize, correction_bias,
                                      num_expert_group, topk_group, routed_scaling_factor)
@@ -193,7 +194,7 @@ def moe_grouped_gemm(
 
 
 @torch.library.register_fake("moe_ext::moe_grouped_gemm")
-def _moe_grouped_gemm_fake(a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, topk, topk_weights):
+def _moe_grouped_gemm_fake(a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, topk, topk_weights=None):
     return a.new_empty((a.shape[0] * topk, w.shape[1]))
 
 
@@ -207,5 +208,5 @@ def moe_combine(x: torch.Tensor, topk_weights: torch.Tensor | None = None) -> to
 
 
 @torch.library.register_fake("moe_ext::moe_combine")
-def _moe_combine_fake(x, topk_weights):
+def _moe_combine_fake(x, topk_weights=None):
     return x.new_empty((x.shape[0], x.shape[2]))

@@ -1,0 +1,164 @@
+"""Bad input raises an error naming the argument; torch.library.opcheck passes on every op."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moe_ext
+from moe_ext import reference as ref
+
+from conftest import DEVICES, HAS_CUDA, require_kernel
+
+ERRORS = (RuntimeError, ValueError, TypeError)
+
+
+def logits(T=4, E=16, dtype=torch.float32, device="cpu"):
+    return torch.randn(T, E, dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda d: moe_ext.topk_gating(logits(device=d).to(torch.int32), 2), "router_logits must have dtype"),
+        (lambda d: moe_ext.topk_gating(logits(device=d).to(torch.float64), 2), "router_logits must have dtype"),
+        (lambda d: moe_ext.topk_gating(torch.randn(16, device=d), 2), "router_logits must be 2-D"),
+        (lambda d: moe_ext.topk_gating(logits(device=d).t(), 2), "router_logits must have a contiguous last"),
+        (lambda d: moe_ext.topk_gating(logits(E=8, device=d), 9), "topk must be in"),
+        (lambda d: moe_ext.topk_gating(logits(E=64, device=d), 33), "topk must be in"),
+        (lambda d: moe_ext.topk_gating(logits(E=8, device=d), 0), "topk must be in"),
+        (lambda d: moe_ext.topk_gating(logits(E=1025, device=d), 2), "num_experts"),
+        (lambda d: moe_ext.topk_gating(logits(device=d), 2, scoring_func="relu"), "scoring_func"),
+        (lambda d: moe_ext.topk_gating(logits(device=d), 2, correction_bias=torch.zeros(15, device=d)),
+         "correction_bias must have num_experts"),
+        (lambda d: moe_ext.topk_gating(logits(device=d), 2, correction_bias=torch.zeros(16, device=d,
+                                                                                       dtype=torch.bfloat16)),
+         "correction_bias must have dtype"),
+        (lambda d: moe_ext.topk_gating(logits(device=d), 2, num_expert_group=3), "num_expert_group"),
+        (lambda d: moe_ext.topk_gating(logits(device=d), 2, num_expert_group=4, topk_group=5), "topk_group"),
+        (lambda d: moe_ext.topk_gating(logits(device=d), 9, num_expert_group=4, topk_group=2), "topk = 9 exceeds"),
+        (lambda d: moe_ext.topk_gating(logits(device=d), 2, routed_scaling_factor=float("inf")),
+         "routed_scaling_factor"),
+        (lambda d: moe_ext.moe_align_block_size(torch.zeros(4, 2, dtype=torch.int64, device=d), 8, 16),
+         "topk_ids must have dtype"),
+        (lambda d: moe_ext.moe_align_block_size(torch.zeros(8, dtype=torch.int32, device=d), 8, 16),
+         "topk_ids must be 2-D"),
+        (lambda d: moe_ext.moe_align_block_size(torch.zeros(2, 4, dtype=torch.int32, device=d).t(), 8, 16),
+         "topk_ids must be contiguous"),
+        (lambda d: moe_ext.moe_align_block_size(torch.zeros(4, 2, dtype=torch.int32, device=d), 8, 0),
+         "block_size must be in"),
+        (lambda d: moe_ext.moe_align_block_size(torch.zeros(4, 2, dtype=torch.int32, device=d), 8, -16),
+         "block_size must be in"),
+        (lambda d: moe_ext.moe_align_block_size(torch.zeros(4, 2, dtype=torch.int32, device=d), 0, 16),
+         "num_experts must be in"),
+        (lambda d: moe_ext.moe_align_block_size(torch.zeros(4, 2, dtype=torch.int32, device=d), 8, 16,
+                                                torch.zeros(7, dtype=torch.int32, device=d)),
+         "expert_map must have num_experts"),
+        (lambda d: moe_ext.moe_align_block_size(torch.zeros(4, 2, dtype=torch.int32, device=d), 8, 16,
+                                                torch.zeros(8, dtype=torch.int64, device=d)),
+         "expert_map must have dtype"),
+        (lambda d: moe_ext.fused_topk_align(logits(device=d), 2, 0), "block_size must be in"),
+        (lambda d: moe_ext.fused_topk_align(logits(device=d), 17, 16), "topk must be in"),
+        (lambda d: moe_ext.silu_and_mul(torch.randn(4, 7, device=d)), "must be even"),
+        (lambda d: moe_ext.silu_and_mul(torch.randn(8, 4, device=d).t()), "x must be contiguous"),
+        (lambda d: moe_ext.silu_and_mul(torch.ones(4, 8, dtype=torch.int32, device=d)), "x must have dtype"),
+        (lambda d: moe_ext.moe_combine(torch.randn(4, 8, device=d)), "x must be 3-D"),
+        (lambda d: moe_ext.moe_combine(torch.randn(4, 2, 8, device=d), torch.rand(4, 3, device=d)),
+         "topk_weights must have shape"),
+    ],
+)
+def test_bad_input_names_argument(device, call, match):
+    with pytest.raises(ERRORS, match=match):
+        call(device)
+
+
+def gemm_args(device="cpu", T=4, topk=2, E=4, N=8, K=16, dtype=torch.float32):
+    ids = torch.randint(0, E, (T, topk), dtype=torch.int32)
+    sorted_ids, expert_ids, ntpp = ref.moe_align_block_size_ref(ids, E, 4)
+    a, w = torch.randn(T, K, dtype=dtype), torch.randn(E, N, K, dtype=dtype)
+    return [t.to(device) for t in (a, w, sorted_ids, expert_ids, ntpp)] + [topk]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda a: a.__setitem__(1, a[1].to(torch.bfloat16)), "w must have a's dtype"),
+        (lambda a: a.__setitem__(1, a[1][:, :, :8].contiguous()), r"w must be \[E, N, K\]"),
+        (lambda a: a.__setitem__(0, a[0].t()), "a must be 2-D|a must be contiguous"),
+        (lambda a: a.__setitem__(0, a[0][:, ::2]), "a must be contiguous"),
+        (lambda a: a.__setitem__(2, a[2].long()), "sorted_token_ids must have dtype"),
+        (lambda a: a.__setitem__(2, torch.cat([a[2], a[2][:1]])), "whole block_size"),
+        (lambda a: a.__setitem__(4, a[4].repeat(2)), "num_tokens_post_padded must have 1 element"),
+        (lambda a: a.__setitem__(5, 0), "topk must be >= 1"),
+        (lambda a: a.append(torch.rand(3, 2, device=a[0].device)), "topk_weights must have"),
+    ],
+)
+def test_grouped_gemm_bad_input(device, mutate, match):
+    args = gemm_args(device)
+    mutate(args)
+    with pytest.raises(ERRORS, match=match):
+        moe_ext.moe_grouped_gemm(*args)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
+def test_mixed_devices():
+    for op in ("topk_gating", "moe_align_block_size", "moe_grouped_gemm"):
+        require_kernel(op, "cuda")
+    with pytest.raises(ERRORS, match="correction_bias is on cpu"):
+        moe_ext.topk_gating(logits(device="cuda"), 2, correction_bias=torch.zeros(16))
+    with pytest.raises(ERRORS, match="expert_map is on cpu"):
+        moe_ext.moe_align_block_size(torch.zeros(4, 2, dtype=torch.int32, device="cuda"), 8, 16,
+                                     torch.zeros(8, dtype=torch.int32))
+    args = gemm_args("cuda")
+    args[1] = args[1].cpu()
+    with pytest.raises(ERRORS, match="w is on cpu"):
+        moe_ext.moe_grouped_gemm(*args)
+
+
+def test_fused_moe_bad_input():
+    x, w13, w2, lg = torch.randn(4, 16), torch.randn(8, 32, 16), torch.randn(8, 16, 16), torch.randn(4, 8)
+    with pytest.raises(ValueError, match="hidden_states must be"):
+        moe_ext.fused_moe(x[0], w13, w2, lg, 2)
+    with pytest.raises(ValueError, match="router_logits must be"):
+        moe_ext.fused_moe(x, w13, w2, lg[:3], 2)
+    with pytest.raises(ValueError, match="w13 has 8 experts but router_logits has 6"):
+        moe_ext.fused_moe(x, w13, w2, torch.randn(4, 6), 2)
+    with pytest.raises(ValueError, match="shapes disagree"):
+        moe_ext.fused_moe(x, w13, torch.randn(8, 16, 8), lg, 2)
+    with pytest.raises(ERRORS, match="topk must be in"):
+        moe_ext.fused_moe(x, w13, w2, lg, 9)
+
+
+# ------------------------------------------------------------------------------------------------
+# opcheck: schema, fake kernel, dynamic shapes under AOT dispatch
+
+
+def opcheck_cases(device):
+    g = torch.Generator().manual_seed(0)
+    lg = torch.randn(5, 64, generator=g).to(device)
+    bias = torch.randn(64, generator=g).to(device)
+    emap = torch.where(torch.arange(64) % 2 == 0, torch.arange(64) // 2, -1).to(torch.int32).to(device)
+    ids = torch.randint(0, 64, (5, 4), generator=g, dtype=torch.int32).to(device)
+    a, w, sorted_ids, expert_ids, ntpp, topk = gemm_args(device)
+    return [
+        ("topk_gating", (lg, 4, "softmax", True, None, 1, 1, 1.0)),
+        ("topk_gating", (lg.bfloat16(), 4, "sigmoid", True, bias, 8, 2, 2.5)),
+        ("moe_align_block_size", (ids, 64, 16, None)),
+        ("moe_align_block_size", (ids, 64, 8, emap)),
+        ("fused_topk_align", (lg, 4, 16, "sigmoid", True, bias, 8, 2, 2.5, emap)),
+        ("silu_and_mul", (torch.randn(3, 2, 64, generator=g).to(device),)),
+        ("moe_grouped_gemm", (a, w, sorted_ids, expert_ids, ntpp, topk, None)),
+        ("moe_grouped_gemm", (a, w, sorted_ids, expert_ids, ntpp, topk, torch.rand(4, 2, device=device))),
+        ("moe_combine", (torch.randn(4, 2, 24, generator=g).to(device), None)),
+        ("moe_combine", (torch.randn(4, 2, 24, generator=g).to(device), torch.rand(4, 2, generator=g).to(device))),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", range(10))
+def test_opcheck(device, case):
+    name, args = opcheck_cases(device)[case]
+    require_kernel(name, device)
+    torch.library.opcheck(getattr(torch.ops.moe_ext, name).default, args)

@@ -1,0 +1,151 @@
+"""fused_moe and the MoE module against the eager fp32 reference; torch.compile; CUDA graphs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moe_ext
+from moe_ext import reference as ref
+
+from conftest import DEVICES, HAS_CUDA, rel_l2, require_kernel
+
+ALL_OPS = ["topk_gating", "moe_align_block_size", "fused_topk_align", "silu_and_mul", "moe_grouped_gemm",
+           "moe_combine"]
+
+# Small layers in each model's routing style (real shapes run in the demo and the benchmark).
+STYLES = {
+    "deepseek": dict(E=32, topk=4, H=96, I=48, routing=dict(scoring_func="sigmoid", renormalize=True,
+                                                           num_expert_group=4, topk_group=2,
+                                                           routed_scaling_factor=2.5), bias=True),
+    "gpt-oss": dict(E=16, topk=4, H=111, I=64, routing=dict(renormalize=True), bias=False),
+    "mixtral": dict(E=8, topk=2, H=128, I=224, routing=dict(renormalize=True), bias=False),
+    "qwen3": dict(E=64, topk=8, H=64, I=40, routing=dict(renormalize=True), bias=False),
+    "plain-softmax": dict(E=3, topk=1, H=72, I=16, routing=dict(), bias=False),
+}
+
+
+def require_all(device):
+    for op in ALL_OPS:
+        require_kernel(op, device)
+
+
+def make_layer(style, T, dtype, device, seed=0, expert_map=None):
+    s = STYLES[style]
+    g = torch.Generator().manual_seed(seed)
+    E, H, I = s["E"], s["H"], s["I"]
+    E_local = E if expert_map is None else int(expert_map.max()) + 1
+    x = torch.randn(T, H, generator=g).to(device=device, dtype=dtype)
+    w13 = (torch.randn(E_local, 2 * I, H, generator=g) / H**0.5).to(device=device, dtype=dtype)
+    w2 = (torch.randn(E_local, H, I, generator=g) / I**0.5).to(device=device, dtype=dtype)
+    logits = torch.randn(T, E, generator=g).to(device)
+    routing = dict(s["routing"])
+    if s["bias"]:
+        routing["correction_bias"] = (torch.randn(E, generator=g) * 0.1).to(device)
+    return x, w13, w2, logits, s["topk"], routing
+
+
+def check_against_reference(out, x, w13, w2, logits, topk, routing, expert_map=None):
+    kw = dict(routing, expert_map=expert_map)
+    want = ref.fused_moe_ref(x.cpu(), w13.cpu(), w2.cpu(), logits.cpu(), topk, **kw)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    if x.shape[0] == 0:
+        return
+    err = rel_l2(out.cpu(), want)
+    if x.dtype == torch.float32:
+        assert err < 1e-5, err
+    else:
+        lowp = ref.fused_moe_ref(x.cpu(), w13.cpu(), w2.cpu(), logits.cpu(), topk, compute_dtype=x.dtype, **kw)
+        err_lowp = rel_l2(lowp, want)
+        assert err <= 1e-2 and err <= 2 * err_lowp + 1e-3, (err, err_lowp)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("style", list(STYLES))
+@pytest.mark.parametrize("T", [0, 1, 3, 16, 17, 100])
+def test_fused_moe(device, dtype, style, T):
+    require_all(device)
+    x, w13, w2, logits, topk, routing = make_layer(style, T, dtype, device, seed=T)
+    out = moe_ext.fused_moe(x, w13, w2, logits, topk, **routing)
+    check_against_reference(out, x, w13, w2, logits, topk, routing)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("T", [1, 16, 17, 64])
+def test_fused_moe_expert_map(device, T):
+    """Expert parallelism: this rank holds experts 8..15 of 32; the rest contribute nothing."""
+    require_all(device)
+    E = STYLES["deepseek"]["E"]
+    expert_map = torch.full((E,), -1, dtype=torch.int32)
+    expert_map[8:16] = torch.arange(8, dtype=torch.int32)
+    x, w13, w2, logits, topk, routing = make_layer("deepseek", T, torch.bfloat16, device, 1, expert_map)
+    out = moe_ext.fused_moe(x, w13, w2, logits, topk, expert_map=expert_map.to(device), **routing)
+    check_against_reference(out, x, w13, w2, logits, topk, routing, expert_map)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_moe_paths_agree(device):
+    """The fused routing path (T <= threshold) and the separate ops give the same layer output."""
+    require_all(device)
+    x, w13, w2, logits, topk, routing = make_layer("qwen3", moe_ext.FUSED_ROUTING_MAX_TOKENS, torch.bfloat16, device)
+    out_fused = moe_ext.fused_moe(x, w13, w2, logits, topk, **routing)
+    two = lambda t: torch.cat([t, t])  # noqa: E731  (2T rows: over the threshold, separate ops)
+    out_sep = moe_ext.fused_moe(two(x), w13, w2, two(logits), topk, block_size=16, **routing)
+    assert torch.equal(out_fused, out_sep[: x.shape[0]])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("style", ["deepseek", "mixtral"])
+def test_module(device, style):
+    require_all(device)
+    s = STYLES[style]
+    torch.manual_seed(0)
+    layer = moe_ext.MoE(s["H"], s["I"], s["E"], s["topk"], use_correction_bias=s["bias"], dtype=torch.bfloat16,
+                        device=device, **s["routing"])
+    x = torch.randn(2, 5, s["H"], device=device, dtype=torch.bfloat16)
+    out = layer(x)
+    assert out.shape == x.shape
+    flat = x.reshape(-1, s["H"])
+    routing = dict(s["routing"], correction_bias=layer.correction_bias)
+    with torch.no_grad():
+        check_against_reference(out.reshape(-1, s["H"]).detach(), flat, layer.w13.detach(), layer.w2.detach(),
+                                layer.router_logits(flat).detach(), s["topk"], routing)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph(device):
+    """torch.compile(fullgraph=True) of fused_moe with a dynamic token count: no graph break, the
+    compiled graph matches eager on both sides of the routing threshold."""
+    require_all(device)
+    torch._dynamo.reset()
+    compiled = torch.compile(moe_ext.fused_moe, fullgraph=True, dynamic=True)
+    for T in (3, 40, 5, 64):
+        x, w13, w2, logits, topk, routing = make_layer("deepseek", T, torch.bfloat16, device, seed=T)
+        with torch.no_grad():
+            got = compiled(x, w13, w2, logits, topk, **routing)
+        want = moe_ext.fused_moe(x, w13, w2, logits, topk, **routing)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
+def test_cuda_graph_capture():
+    """The whole layer captured in a CUDA graph, replayed on new inputs, equals eager."""
+    require_all("cuda")
+    x, w13, w2, logits, topk, routing = make_layer("deepseek", 8, torch.bfloat16, "cuda")
+    static_x, static_logits = x.clone(), logits.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            moe_ext.fused_moe(static_x, w13, w2, static_logits, topk, **routing)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = moe_ext.fused_moe(static_x, w13, w2, static_logits, topk, **routing)
+    for seed in range(3):
+        x2, _, _, logits2, _, _ = make_layer("deepseek", 8, torch.bfloat16, "cuda", seed=100 + seed)
+        static_x.copy_(x2)
+        static_logits.copy_(logits2)
+        graph.replay()
+        torch.testing.assert_close(static_out, moe_ext.fused_moe(x2, w13, w2, logits2, topk, **routing), rtol=0, atol=0)

@@ -1,0 +1,148 @@
+"""SiLU-and-mul, combine and the grouped expert GEMM against the fp32 references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moe_ext
+from moe_ext import reference as ref
+
+from conftest import DEVICES, nbytes, poison_allocator, rel_l2, require_kernel
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Output rounding of one fp32 result into the dtype, plus fp32 accumulation-order slack.
+RTOL = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+
+
+def assert_close_lowp(out: torch.Tensor, ref_fp32: torch.Tensor, dtype: torch.dtype) -> None:
+    """|out - ref| <= rtol(dtype) * |ref| + atol, atol a small fraction of the output's scale."""
+    out, ref_fp32 = out.float().cpu(), ref_fp32.float().cpu()
+    scale = ref_fp32.abs().max().item() if ref_fp32.numel() else 0.0
+    torch.testing.assert_close(out, ref_fp32, rtol=RTOL[dtype], atol=1e-5 + 1e-3 * scale)
+
+
+# ------------------------------------------------------------------------------------------------
+# silu_and_mul
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(0, 64), (1, 2), (3, 222), (16, 1536), (17, 4096), (1000, 768), (2, 3, 130)])
+def test_silu_and_mul(device, dtype, shape):
+    require_kernel("silu_and_mul", device)
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape))) * 3).to(device=device, dtype=dtype)
+    poison_allocator(device, [nbytes((*shape[:-1], shape[-1] // 2), dtype)])
+    out = moe_ext.silu_and_mul(x)
+    assert out.shape == (*shape[:-1], shape[-1] // 2) and out.dtype == dtype
+    gate, up = x.float().chunk(2, dim=-1)
+    assert_close_lowp(out, torch.nn.functional.silu(gate) * up, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_silu_and_mul_unaligned_view(device):
+    """A contiguous tensor at an odd storage offset takes the scalar path and stays correct."""
+    require_kernel("silu_and_mul", device)
+    buf = torch.randn(1 + 5 * 64, device=device, dtype=torch.bfloat16)
+    x = buf[1:].view(5, 64)
+    torch.testing.assert_close(moe_ext.silu_and_mul(x).float(), ref.silu_and_mul_ref(x).float(), rtol=1.6e-2, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# moe_combine
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,topk,H", [(0, 8, 64), (1, 1, 8), (3, 2, 111), (16, 8, 7168), (17, 4, 2880), (1000, 8, 256)])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_moe_combine(device, dtype, T, topk, H, weighted):
+    require_kernel("moe_combine", device)
+    g = torch.Generator().manual_seed(T + topk + H)
+    x = torch.randn(T, topk, H, generator=g).to(device=device, dtype=dtype)
+    w = torch.rand(T, topk, generator=g).to(device) if weighted else None
+    poison_allocator(device, [nbytes((T, H), dtype)])
+    out = moe_ext.moe_combine(x, w)
+    assert out.shape == (T, H) and out.dtype == dtype
+    want = (x.float() * (w.unsqueeze(-1) if weighted else 1.0)).sum(dim=1)
+    assert_close_lowp(out, want, dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# moe_grouped_gemm
+
+
+def make_routing(T, topk, E, block_size, g, mode="random"):
+    if mode == "random":
+        ids = torch.stack([torch.randperm(E, generator=g)[:topk] for _ in range(T)]) if T else torch.empty(0, topk)
+    elif mode == "one_expert":
+        ids = torch.full((T, topk), E - 1)
+        ids[:, 1:] = -1  # the other slots are padding rows
+    elif mode == "few_experts":  # most experts empty
+        ids = torch.randint(0, min(E, 2), (T, topk), generator=g)
+    ids = ids.to(torch.int32).reshape(T, topk)
+    return ids, ref.moe_align_block_size_ref(ids, E, block_size)
+
+
+GEMM_CASES = [
+    # T, topk, E, N, K
+    (0, 2, 4, 32, 64),
+    (1, 1, 1, 16, 16),
+    (3, 2, 8, 77, 111),
+    (16, 8, 64, 96, 128),
+    (17, 4, 8, 130, 200),
+    (200, 2, 8, 64, 48),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,topk,E,N,K", GEMM_CASES)
+@pytest.mark.parametrize("mode", ["random", "one_expert", "few_experts"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_grouped_gemm(device, dtype, T, topk, E, N, K, mode, weighted):
+    require_kernel("moe_grouped_gemm", device)
+    if mode == "random" and topk > E:
+        pytest.skip("topk > E")
+    g = torch.Generator().manual_seed(T * 3 + N + K)
+    ids, (sorted_ids, expert_ids, ntpp) = make_routing(T, topk, E, 16, g, mode)
+    a = torch.randn(T, K, generator=g).to(dtype)
+    w = (torch.randn(E, N, K, generator=g) / K**0.5).to(dtype)
+    tw = torch.rand(T, topk, generator=g) if weighted else None
+    want = ref.moe_grouped_gemm_ref(a, w, sorted_ids, expert_ids, ntpp, topk, tw)
+    args = [t.to(device) if t is not None else None for t in (a, w, sorted_ids, expert_ids, ntpp)]
+    poison_allocator(device, [nbytes((T * topk, N), dtype)])
+    out = moe_ext.moe_grouped_gemm(*args[:5], topk, None if tw is None else tw.to(device))
+    assert out.shape == (T * topk, N) and out.dtype == dtype
+    assert_close_lowp(out, want, dtype)
+    if mode == "one_expert" and T:
+        assert (out.view(T, topk, N)[:, 1:] == 0).all(), "padding rows must be zero"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grouped_gemm_second_layer_and_expert_map(device):
+    """The second GEMM's form (topk = 1 over [T*k, I] rows, weights [T, k]) with expert_map: rows of
+    experts off this rank, and blocks whose expert is -1, are zero."""
+    require_kernel("moe_grouped_gemm", device)
+    g = torch.Generator().manual_seed(0)
+    T, k, E, H, I = 33, 4, 16, 72, 40
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(torch.int32)
+    expert_map = torch.full((E,), -1, dtype=torch.int32)
+    expert_map[E // 2:] = torch.arange(E // 2, dtype=torch.int32)
+    sorted_ids, expert_ids, ntpp = ref.moe_align_block_size_ref(ids, E, 16, expert_map)
+    act = torch.randn(T * k, I, generator=g).to(torch.bfloat16)
+    w2 = (torch.randn(E // 2, H, I, generator=g) / I**0.5).to(torch.bfloat16)
+    tw = torch.rand(T, k, generator=g)
+    want = ref.moe_grouped_gemm_ref(act, w2, sorted_ids, expert_ids, ntpp, 1, tw)
+    out = moe_ext.moe_grouped_gemm(*(t.to(device) for t in (act, w2, sorted_ids, expert_ids, ntpp)), 1, tw.to(device))
+    assert_close_lowp(out, want, torch.bfloat16)
+    off_rank = (expert_map.long()[ids.long()] < 0).flatten()
+    assert off_rank.any() and (out.cpu()[off_rank] == 0).all()
+    # A block marked -1 and ids past num_tokens_post_padded are ignored.
+    expert_ids2 = expert_ids.clone()
+    expert_ids2[0] = -1
+    out2 = moe_ext.moe_grouped_gemm(*(t.to(device) for t in (act, w2, sorted_ids, expert_ids2, ntpp)), 1, tw.to(device))
+    dropped = torch.zeros(T * k, dtype=torch.bool)
+    dropped[sorted_ids[:16][sorted_ids[:16] < T * k].long()] = True
+    assert dropped.any() and (out2.cpu()[dropped] == 0).all()
+    assert torch.equal(out2.cpu()[~dropped], out.cpu()[~dropped])
