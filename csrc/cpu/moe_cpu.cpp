@@ -63,7 +63,7 @@ at::Tensor moe_combine_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
 // a: [M, K]; w: [E, N, K]; sorted_token_ids: [num_blocks * block_size] int32;
 // expert_ids: [num_blocks] int32; num_tokens_post_padded: [1] int32; topk_weights: optional fp32
 // with M * topk elements. Returns [M * topk, N] in a's dtype. Each run of blocks of one expert is
-// gathered and multiplied with one fp32 ATen matmul; rows no valid block names stay zero.
+// gathered and multiplied with one ATen matmul; rows no valid block names stay zero.
 at::Tensor moe_grouped_gemm_cpu(const at::Tensor& a, const at::Tensor& w,
                                 const at::Tensor& sorted_token_ids, const at::Tensor& expert_ids,
                                 const at::Tensor& num_tokens_post_padded, int64_t topk,
@@ -94,10 +94,12 @@ at::Tensor moe_grouped_gemm_cpu(const at::Tensor& a, const at::Tensor& w,
         if (sorted[i] >= 0 && sorted[i] < rows) ids.push_back(sorted[i]);
       if (!ids.empty()) {
         auto idx = at::tensor(ids, at::TensorOptions().dtype(at::kLong));
-        auto y = at::matmul(a.index_select(0, at::floor_divide(idx, topk)).to(at::kFloat),
-                            w.select(0, e).to(at::kFloat).t());  // [n, N] fp32
-        if (topk_weights.has_value()) y.mul_(flat_weights.index_select(0, idx).unsqueeze(1));
-        out.index_copy_(0, idx, y.to(a.scalar_type()));
+        // ATen's CPU GEMM accumulates bf16/fp16 products in fp32; converting the expert's whole
+        // weight matrix to fp32 first would cost more than the product at decode sizes.
+        auto y = at::matmul(a.index_select(0, at::floor_divide(idx, topk)), w.select(0, e).t());  // [n, N]
+        if (topk_weights.has_value())
+          y = y.to(at::kFloat).mul_(flat_weights.index_select(0, idx).unsqueeze(1)).to(a.scalar_type());
+        out.index_copy_(0, idx, y);
       }
     }
     b0 = b1;
