@@ -1,0 +1,68 @@
+"""SiLU-and-mul and the top-k combine against the measured HBM copy bandwidth.
+
+Floor: (bytes read + bytes written) / copy bandwidth. silu_and_mul reads [T*k, 2I] and writes
+[T*k, I]; combine reads [T, k, H] and writes [T, H]. Inputs rotate over more than L2 holds, so the
+cache does not flatter small sizes.
+
+    python bench/bench_elementwise.py [--tokens 1 16 1024 4096 16384]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import moe_ext
+from common import copy_bandwidth, markdown_table, time_events, time_graph, write_results
+from moe_ext.models import MODELS
+
+
+def rotating(make, nbytes_each: int, min_total: int = 256 << 20):
+    n = max(1, min(64, -(-min_total // max(nbytes_each, 1))))
+    bufs = [make() for _ in range(n)]
+    state = {"i": 0}
+
+    def next_buf():
+        state["i"] = (state["i"] + 1) % n
+        return bufs[state["i"]]
+    return next_buf
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 1024, 4096, 16384])
+    p.add_argument("--dtype", default="bfloat16")
+    args = p.parse_args()
+    dtype = getattr(torch, args.dtype)
+    bw = copy_bandwidth()
+    print(f"copy bandwidth (read + write): {bw:.0f} GB/s on {torch.cuda.get_device_name()}")
+    rows = []
+    for cfg in MODELS.values():
+        k, H, I = cfg.topk, cfg.hidden_size, cfg.intermediate_size
+        for T in args.tokens:
+            cases = {
+                "silu_and_mul": ((T * k, 2 * I), lambda x: moe_ext.silu_and_mul(x), 3 * T * k * I),
+                "moe_combine": ((T, k, H), lambda x: moe_ext.moe_combine(x), (T * k * H + T * H)),
+            }
+            for op, (shape, fn, elems) in cases.items():
+                nbytes = elems * torch.empty((), dtype=dtype).element_size()
+                get = rotating(lambda: torch.randn(shape, device="cuda", dtype=dtype), nbytes)
+                eager = time_events(lambda: fn(get()), iters=200)
+                graph = time_graph(lambda: fn(get()), calls_per_graph=20) if T <= 16 else float("nan")
+                floor = nbytes / (bw * 1e9) * 1e6
+                rows.append(dict(op=op, model=cfg.name, T=T, shape=str(list(shape)), bytes=nbytes, eager_us=eager,
+                                 graph_us=graph, floor_us=floor, gbps=nbytes / (eager * 1e-6) / 1e9,
+                                 pct_of_copy=100 * floor / eager))
+                r = rows[-1]
+                print(f"{op:13s} {cfg.name:14s} T={T:6d} {eager:9.2f} us (graph {graph:7.2f}) "
+                      f"{r['gbps']:7.0f} GB/s  {r['pct_of_copy']:5.1f}% of copy")
+    table = markdown_table(rows, [("op", "op", ""), ("model", "model", ""), ("T", "T", "d"), ("shape", "input", ""),
+                                  ("eager_us", "event µs", ".2f"), ("graph_us", "graph µs/call", ".2f"),
+                                  ("gbps", "GB/s", ".0f"), ("pct_of_copy", "% of copy BW", ".1f")])
+    path = write_results("elementwise", {"copy_bandwidth_gbps": round(bw, 1), "dtype": args.dtype}, rows, table)
+    print(f"\nwrote {path}.json/.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Timing helpers shared by the benchmarks: ceilings measured in the same run, event timing after
+warm-up (median of many runs), CUDA-graph replay time per call, and result files."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_tag() -> str:
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    return name.replace("NVIDIA ", "").replace(" ", "-").lower()
+
+
+def time_events(fn, iters: int = 100, warmup: int = 10) -> float:
+    """Median µs of fn() over iters calls, each bracketed by CUDA events, after warm-up."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for s, e in zip(starts, ends):
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) * 1e3
+
+
+def time_graph(fn, calls_per_graph: int = 20, replays: int = 50) -> float:
+    """Median µs per call of fn captured calls_per_graph times in one CUDA graph and replayed."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls_per_graph):
+            fn()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        graph.replay()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) * 1e3 / calls_per_graph)
+    return statistics.median(times)
+
+
+def copy_bandwidth(nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy rate in GB/s, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_(0, 255)
+    dst = torch.empty_like(src)
+    us = time_events(lambda: dst.copy_(src), iters=20, warmup=3)
+    return 2 * nbytes / (us * 1e-6) / 1e9
+
+
+def write_results(stem: str, meta: dict, rows: list[dict], table: str) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    meta = dict(meta, device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                torch=torch.__version__, cuda=torch.version.cuda, command=" ".join(["python"] + sys.argv))
+    path = RESULTS / f"{device_tag()}-{stem}"
+    path.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    header = "\n".join(f"- {k}: {v}" for k, v in meta.items())
+    path.with_suffix(".md").write_text(f"# {stem}\n\n{header}\n\n{table}\n")
+    return path
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """columns: (key, header, format spec)."""
+    out = ["| " + " | ".join(h for _, h, _ in columns) + " |",
+           "|" + "|".join("---:" if f else "---" for _, _, f in columns) + "|"]
+    for r in rows:
+        out.append("| " + " | ".join(format(r[k], f) if f else str(r[k]) for k, _, f in columns) + " |")
+    return "\n".join(out)

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One device session: build for sm_90a, run the GPU tests, the demo and the benchmarks; logs and
+# result files go to $OUT (the device tool brings them back).  Usage: bash bench/gpu_run.sh [bench...]
+set -uo pipefail
+OUT=${OUT:-/tmp/moe_ext_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16}
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+start=$SECONDS
+pip install --no-build-isolation -e . > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+echo "build: $((SECONDS - start)) s"
+python3 -c "import moe_ext; print('import ok:', moe_ext.LIBRARY_PATH); print({op: moe_ext.has_kernel(op, 'cuda') for op in ['topk_gating','moe_align_block_size','fused_topk_align','silu_and_mul','moe_grouped_gemm','moe_combine']})" 2>&1 | tee "$OUT/import.txt"
+python3 -m pytest -q -x tests -k "cuda" -p no:cacheprovider 2>&1 | tee "$OUT/tests_cuda.log" | tail -5
+python3 -m pytest -q tests -p no:cacheprovider 2>&1 | tail -2 | tee "$OUT/tests_all.log"
+python3 -m moe_ext 2>&1 | tee "$OUT/demo.log" | tail -8
+for b in "$@"; do
+  (cd bench && python3 "$b" 2>&1 | tee "$OUT/$(basename "$b" .py).log")
+done
+cp bench/results/* "$OUT"/ 2>/dev/null || true
