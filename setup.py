@@ -61,7 +61,9 @@ if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
 
 debug = os.environ.get("MOE_EXT_DEBUG", "0") == "1"
 opt = ["-O0", "-g"] if debug else ["-O3"]
-cxx_flags = opt  # the C++ standard comes from cpp_extension (C++17 or C++20 by torch version)
+# The C++ standard comes from cpp_extension (C++17 or C++20 by torch version). No FMA contraction:
+# the gating math must round exactly as written, identically on every backend.
+cxx_flags = opt + ["-ffp-contract=off"]
 nvcc_flags = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
 
 sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))

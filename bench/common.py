@@ -86,3 +86,22 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str
     for r in rows:
         out.append("| " + " | ".join(format(r[k], f) if f else str(r[k]) for k, _, f in columns) + " |")
     return "\n".join(out)
+
+
+def time_kernels(fn, calls: int = 20) -> float:
+    """Mean µs of GPU kernel time per call of fn (sum of its kernels' durations, from the profiler),
+    i.e. the time with launch gaps and host overhead removed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    total = 0.0
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            total += evt.time_range.elapsed_us()
+    return total / calls

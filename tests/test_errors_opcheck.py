@@ -19,56 +19,57 @@ def logits(T=4, E=16, dtype=torch.float32, device="cpu"):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
-    "call,match",
+    "op,call,match",
     [
-        (lambda d: moe_ext.topk_gating(logits(device=d).to(torch.int32), 2), "router_logits must have dtype"),
-        (lambda d: moe_ext.topk_gating(logits(device=d).to(torch.float64), 2), "router_logits must have dtype"),
-        (lambda d: moe_ext.topk_gating(torch.randn(16, device=d), 2), "router_logits must be 2-D"),
-        (lambda d: moe_ext.topk_gating(logits(device=d).t(), 2), "router_logits must have a contiguous last"),
-        (lambda d: moe_ext.topk_gating(logits(E=8, device=d), 9), "topk must be in"),
-        (lambda d: moe_ext.topk_gating(logits(E=64, device=d), 33), "topk must be in"),
-        (lambda d: moe_ext.topk_gating(logits(E=8, device=d), 0), "topk must be in"),
-        (lambda d: moe_ext.topk_gating(logits(E=1025, device=d), 2), "num_experts"),
-        (lambda d: moe_ext.topk_gating(logits(device=d), 2, scoring_func="relu"), "scoring_func"),
-        (lambda d: moe_ext.topk_gating(logits(device=d), 2, correction_bias=torch.zeros(15, device=d)),
+        ("topk_gating", lambda d: moe_ext.topk_gating(logits(device=d).to(torch.int32), 2), "router_logits must have dtype"),
+        ("topk_gating", lambda d: moe_ext.topk_gating(logits(device=d).to(torch.float64), 2), "router_logits must have dtype"),
+        ("topk_gating", lambda d: moe_ext.topk_gating(torch.randn(16, device=d), 2), "router_logits must be 2-D"),
+        ("topk_gating", lambda d: moe_ext.topk_gating(logits(device=d).t(), 2), "router_logits must have a contiguous last"),
+        ("topk_gating", lambda d: moe_ext.topk_gating(logits(E=8, device=d), 9), "topk must be in"),
+        ("topk_gating", lambda d: moe_ext.topk_gating(logits(E=64, device=d), 33), "topk must be in"),
+        ("topk_gating", lambda d: moe_ext.topk_gating(logits(E=8, device=d), 0), "topk must be in"),
+        ("topk_gating", lambda d: moe_ext.topk_gating(logits(E=1025, device=d), 2), "num_experts"),
+        ("topk_gating", lambda d: moe_ext.topk_gating(logits(device=d), 2, scoring_func="relu"), "scoring_func"),
+        ("topk_gating", lambda d: moe_ext.topk_gating(logits(device=d), 2, correction_bias=torch.zeros(15, device=d)),
          "correction_bias must have num_experts"),
-        (lambda d: moe_ext.topk_gating(logits(device=d), 2, correction_bias=torch.zeros(16, device=d,
+        ("topk_gating", lambda d: moe_ext.topk_gating(logits(device=d), 2, correction_bias=torch.zeros(16, device=d,
                                                                                        dtype=torch.bfloat16)),
          "correction_bias must have dtype"),
-        (lambda d: moe_ext.topk_gating(logits(device=d), 2, num_expert_group=3), "num_expert_group"),
-        (lambda d: moe_ext.topk_gating(logits(device=d), 2, num_expert_group=4, topk_group=5), "topk_group"),
-        (lambda d: moe_ext.topk_gating(logits(device=d), 9, num_expert_group=4, topk_group=2), "topk = 9 exceeds"),
-        (lambda d: moe_ext.topk_gating(logits(device=d), 2, routed_scaling_factor=float("inf")),
+        ("topk_gating", lambda d: moe_ext.topk_gating(logits(device=d), 2, num_expert_group=3), "num_expert_group"),
+        ("topk_gating", lambda d: moe_ext.topk_gating(logits(device=d), 2, num_expert_group=4, topk_group=5), "topk_group"),
+        ("topk_gating", lambda d: moe_ext.topk_gating(logits(device=d), 9, num_expert_group=4, topk_group=2), "topk = 9 exceeds"),
+        ("topk_gating", lambda d: moe_ext.topk_gating(logits(device=d), 2, routed_scaling_factor=float("inf")),
          "routed_scaling_factor"),
-        (lambda d: moe_ext.moe_align_block_size(torch.zeros(4, 2, dtype=torch.int64, device=d), 8, 16),
+        ("moe_align_block_size", lambda d: moe_ext.moe_align_block_size(torch.zeros(4, 2, dtype=torch.int64, device=d), 8, 16),
          "topk_ids must have dtype"),
-        (lambda d: moe_ext.moe_align_block_size(torch.zeros(8, dtype=torch.int32, device=d), 8, 16),
+        ("moe_align_block_size", lambda d: moe_ext.moe_align_block_size(torch.zeros(8, dtype=torch.int32, device=d), 8, 16),
          "topk_ids must be 2-D"),
-        (lambda d: moe_ext.moe_align_block_size(torch.zeros(2, 4, dtype=torch.int32, device=d).t(), 8, 16),
+        ("moe_align_block_size", lambda d: moe_ext.moe_align_block_size(torch.zeros(2, 4, dtype=torch.int32, device=d).t(), 8, 16),
          "topk_ids must be contiguous"),
-        (lambda d: moe_ext.moe_align_block_size(torch.zeros(4, 2, dtype=torch.int32, device=d), 8, 0),
+        ("moe_align_block_size", lambda d: moe_ext.moe_align_block_size(torch.zeros(4, 2, dtype=torch.int32, device=d), 8, 0),
          "block_size must be in"),
-        (lambda d: moe_ext.moe_align_block_size(torch.zeros(4, 2, dtype=torch.int32, device=d), 8, -16),
+        ("moe_align_block_size", lambda d: moe_ext.moe_align_block_size(torch.zeros(4, 2, dtype=torch.int32, device=d), 8, -16),
          "block_size must be in"),
-        (lambda d: moe_ext.moe_align_block_size(torch.zeros(4, 2, dtype=torch.int32, device=d), 0, 16),
+        ("moe_align_block_size", lambda d: moe_ext.moe_align_block_size(torch.zeros(4, 2, dtype=torch.int32, device=d), 0, 16),
          "num_experts must be in"),
-        (lambda d: moe_ext.moe_align_block_size(torch.zeros(4, 2, dtype=torch.int32, device=d), 8, 16,
+        ("moe_align_block_size", lambda d: moe_ext.moe_align_block_size(torch.zeros(4, 2, dtype=torch.int32, device=d), 8, 16,
                                                 torch.zeros(7, dtype=torch.int32, device=d)),
          "expert_map must have num_experts"),
-        (lambda d: moe_ext.moe_align_block_size(torch.zeros(4, 2, dtype=torch.int32, device=d), 8, 16,
+        ("moe_align_block_size", lambda d: moe_ext.moe_align_block_size(torch.zeros(4, 2, dtype=torch.int32, device=d), 8, 16,
                                                 torch.zeros(8, dtype=torch.int64, device=d)),
          "expert_map must have dtype"),
-        (lambda d: moe_ext.fused_topk_align(logits(device=d), 2, 0), "block_size must be in"),
-        (lambda d: moe_ext.fused_topk_align(logits(device=d), 17, 16), "topk must be in"),
-        (lambda d: moe_ext.silu_and_mul(torch.randn(4, 7, device=d)), "must be even"),
-        (lambda d: moe_ext.silu_and_mul(torch.randn(8, 4, device=d).t()), "x must be contiguous"),
-        (lambda d: moe_ext.silu_and_mul(torch.ones(4, 8, dtype=torch.int32, device=d)), "x must have dtype"),
-        (lambda d: moe_ext.moe_combine(torch.randn(4, 8, device=d)), "x must be 3-D"),
-        (lambda d: moe_ext.moe_combine(torch.randn(4, 2, 8, device=d), torch.rand(4, 3, device=d)),
+        ("fused_topk_align", lambda d: moe_ext.fused_topk_align(logits(device=d), 2, 0), "block_size must be in"),
+        ("fused_topk_align", lambda d: moe_ext.fused_topk_align(logits(device=d), 17, 16), "topk must be in"),
+        ("silu_and_mul", lambda d: moe_ext.silu_and_mul(torch.randn(4, 7, device=d)), "must be even"),
+        ("silu_and_mul", lambda d: moe_ext.silu_and_mul(torch.randn(8, 4, device=d).t()), "x must be contiguous"),
+        ("silu_and_mul", lambda d: moe_ext.silu_and_mul(torch.ones(4, 8, dtype=torch.int32, device=d)), "x must have dtype"),
+        ("moe_combine", lambda d: moe_ext.moe_combine(torch.randn(4, 8, device=d)), "x must be 3-D"),
+        ("moe_combine", lambda d: moe_ext.moe_combine(torch.randn(4, 2, 8, device=d), torch.rand(4, 3, device=d)),
          "topk_weights must have shape"),
     ],
 )
-def test_bad_input_names_argument(device, call, match):
+def test_bad_input_names_argument(device, op, call, match):
+    require_kernel(op, device)
     with pytest.raises(ERRORS, match=match):
         call(device)
 
@@ -96,6 +97,7 @@ def gemm_args(device="cpu", T=4, topk=2, E=4, N=8, K=16, dtype=torch.float32):
     ],
 )
 def test_grouped_gemm_bad_input(device, mutate, match):
+    require_kernel("moe_grouped_gemm", device)
     args = gemm_args(device)
     mutate(args)
     with pytest.raises(ERRORS, match=match):

@@ -276,3 +276,98 @@ def test_fused_topk_align_equals_separate_ops(device, T, E, topk, routing, use_m
         assert torch.equal(got, want)
     assert_gating_matches(fused[0], fused[1], logits, topk, **routing)
     assert_align_matches(fused[2:], fused[1], E, block_size, expert_map)
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA against the CPU kernel (bit-identical), large T, graph capture, determinism
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+
+
+@cuda_only
+@pytest.mark.parametrize("E", EXPERTS + [2, 31, 33, 100, 255, 300, 777])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", ["softmax", "softmax-renorm", "sigmoid-bias", "grouped", "scaled"])
+def test_topk_gating_cuda_bit_identical_to_cpu(E, dtype, variant):
+    require_kernel("topk_gating", "cuda")
+    g = torch.Generator().manual_seed(E * 7 + len(variant))
+    T = 257
+    logits = random_logits(T, E, dtype, "cpu", g)
+    logits[::17, ::3] = float("nan")
+    logits[5::23, 1] = float("inf")
+    logits[7::29] = float("-inf")
+    routing = {
+        "softmax": dict(),
+        "softmax-renorm": dict(renormalize=True),
+        "sigmoid-bias": dict(scoring_func="sigmoid", renormalize=True, correction_bias=torch.randn(E, generator=g)),
+        "grouped": dict(scoring_func="sigmoid", renormalize=True, correction_bias=torch.randn(E, generator=g),
+                        num_expert_group=next(d for d in (8, 4, 3, 2, 1) if E % d == 0 and E // d >= 1),
+                        routed_scaling_factor=2.5),
+        "scaled": dict(renormalize=True, routed_scaling_factor=0.37),
+    }[variant]
+    G = routing.get("num_expert_group", 1)
+    if G > 1:
+        routing["topk_group"] = max(1, G // 2)
+    max_k = min(E, 32, routing.get("topk_group", 1) * (E // G)) if G > 1 else min(E, 32)
+    for topk in sorted({1, 2, max(1, max_k // 2), max_k}):
+        cpu = moe_ext.topk_gating(logits, topk, **routing)
+        cuda_routing = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in routing.items()}
+        gpu = moe_ext.topk_gating(logits.cuda(), topk, **cuda_routing)
+        assert torch.equal(gpu[1].cpu(), cpu[1]), f"ids differ (E={E}, topk={topk})"
+        assert torch.equal(gpu[0].cpu(), cpu[0]), f"weights differ (E={E}, topk={topk})"
+
+
+@cuda_only
+@pytest.mark.parametrize("T", [1, 16, 1000, 2048, 16384, 65536])
+@pytest.mark.parametrize("E,topk", [(8, 2), (256, 8), (1024, 8), (257, 4)])
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_align_cuda_large_and_identical_to_cpu(T, E, topk, block_size):
+    require_kernel("moe_align_block_size", "cuda")
+    g = torch.Generator().manual_seed(T + E)
+    # Skewed routing: a few hot experts, like real traffic, plus some invalid ids.
+    hot = torch.randint(0, E, (T, topk), generator=g) % max(1, E // 8)
+    ids = torch.where(torch.rand(T, topk, generator=g) < 0.5, hot, torch.randint(0, E, (T, topk), generator=g))
+    ids[torch.rand(T, topk, generator=g) < 0.01] = -1
+    ids = ids.to(torch.int32)
+    emap = torch.where(torch.arange(E) % 4 == 1, -1, torch.arange(E)).to(torch.int32)
+    for expert_map in (None, emap):
+        cpu = moe_ext.moe_align_block_size(ids, E, block_size, expert_map)
+        max_padded = ref.align_max_padded(T * topk, E, block_size)
+        poison_allocator("cuda", [max_padded * 4, max_padded // block_size * 4, 4])
+        gpu = moe_ext.moe_align_block_size(ids.cuda(), E, block_size, None if expert_map is None else expert_map.cuda())
+        for a, b in zip(gpu, cpu):
+            assert torch.equal(a.cpu(), b)
+        again = moe_ext.moe_align_block_size(ids.cuda(), E, block_size, None if expert_map is None else expert_map.cuda())
+        assert all(torch.equal(a, b) for a, b in zip(gpu, again)), "not deterministic"
+    if T <= 2048:
+        assert_align_matches(cpu, ids, E, block_size)
+
+
+@cuda_only
+@pytest.mark.parametrize("T", [1, 16, 1024, 20000])
+def test_routing_cuda_graph_capture(T):
+    """Gating + alignment captured in a CUDA graph and replayed on new logits equals eager."""
+    for op in ("topk_gating", "moe_align_block_size", "fused_topk_align"):
+        require_kernel(op, "cuda")
+    E, topk = 256, 8
+    bias = torch.randn(E, device="cuda")
+    routing = dict(DEEPSEEK, correction_bias=bias)
+    static = torch.randn(T, E, device="cuda", dtype=torch.bfloat16)
+
+    def run():
+        w, ids = moe_ext.topk_gating(static, topk, **routing)
+        return (w, ids, *moe_ext.moe_align_block_size(ids, E, 16), *moe_ext.fused_topk_align(static, topk, 16, **routing))
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        run()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = run()
+    for seed in range(3):
+        static.copy_(torch.randn(T, E, generator=torch.Generator().manual_seed(seed)).to("cuda", torch.bfloat16))
+        graph.replay()
+        for got, want in zip(outs, run()):
+            assert torch.equal(got, want)

@@ -81,6 +81,41 @@ MOE_DEVICE MOE_FORCEINLINE moe_lane_mask_t ballot(bool pred) {
 }
 
 MOE_DEVICE MOE_FORCEINLINE int lane_id() { return static_cast<int>(threadIdx.x) & (kWarpSize - 1); }
+
+MOE_DEVICE MOE_FORCEINLINE int popcount(moe_lane_mask_t m) {
+#if defined(__HIP_PLATFORM_AMD__)
+  return __popcll(m);
+#else
+  return __popc(m);
+#endif
+}
+
+// Lanes below this one.
+MOE_DEVICE MOE_FORCEINLINE moe_lane_mask_t lanemask_lt() { return lane_bit(lane_id()) - 1; }
+
+// Lanes of the warp holding the same value as this lane (every lane must call). `kBits` bounds the
+// value's width for the portable ballot-per-bit form; -1 is allowed (all bits set).
+template <int kBits>
+MOE_DEVICE MOE_FORCEINLINE moe_lane_mask_t match_any(int v) {
+#if defined(__HIP_PLATFORM_AMD__)
+  moe_lane_mask_t peers = MOE_FULL_LANE_MASK;
+#pragma unroll
+  for (int b = 0; b < kBits; ++b) {
+    const bool bit = (v >> b) & 1;
+    const moe_lane_mask_t set = ballot(bit);
+    peers &= bit ? set : ~set;
+  }
+  return peers;
+#else
+  return __match_any_sync(MOE_FULL_LANE_MASK, v);
+#endif
+}
+
+MOE_DEVICE MOE_FORCEINLINE void sync_warp() {
+#if !defined(__HIP_PLATFORM_AMD__)
+  __syncwarp();
+#endif
+}
 #endif
 
 }  // namespace moe_ext

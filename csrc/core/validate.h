@@ -14,6 +14,14 @@
 
 namespace moe_ext {
 
+// "[4, 16]". Shapes are formatted here rather than by streaming c10::ArrayRef, whose operator<<
+// crashed inside TORCH_CHECK with torch 2.11 headers built by GCC 13.
+inline std::string dims(c10::IntArrayRef d) {
+  std::string s = "[";
+  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
+  return s + "]";
+}
+
 inline std::string dtype_list(std::initializer_list<c10::ScalarType> dtypes) {
   std::string s;
   for (auto d : dtypes) s += (s.empty() ? "" : ", ") + std::string(c10::toString(d));
@@ -25,7 +33,7 @@ inline void check_arg(const char* op, const char* name, const at::Tensor& t, int
                       std::initializer_list<c10::ScalarType> dtypes, const at::Device& device,
                       bool contiguous = true) {
   TORCH_CHECK_VALUE(dim < 0 || t.dim() == dim, "moe_ext.", op, ": ", name, " must be ", dim,
-                    "-D, got a ", t.dim(), "-D tensor of shape ", t.sizes());
+                    "-D, got a ", t.dim(), "-D tensor of shape ", dims(t.sizes()));
   bool dtype_ok = false;
   for (auto d : dtypes) dtype_ok |= t.scalar_type() == d;
   TORCH_CHECK_TYPE(dtype_ok, "moe_ext.", op, ": ", name, " must have dtype ", dtype_list(dtypes),
@@ -33,7 +41,7 @@ inline void check_arg(const char* op, const char* name, const at::Tensor& t, int
   TORCH_CHECK_VALUE(t.device() == device, "moe_ext.", op, ": ", name, " is on ", t.device(),
                     " but the op runs on ", device, " (all tensors must be on one device)");
   TORCH_CHECK_VALUE(!contiguous || t.is_contiguous(), "moe_ext.", op, ": ", name,
-                    " must be contiguous, got strides ", t.strides(), " for shape ", t.sizes());
+                    " must be contiguous, got strides ", dims(t.strides()), " for shape ", dims(t.sizes()));
 }
 
 constexpr std::initializer_list<c10::ScalarType> kFloatTypes = {
@@ -49,7 +57,7 @@ inline GatingParams check_gating_args(const char* op, const at::Tensor& logits, 
   check_arg(op, "router_logits", logits, 2, kFloatTypes, logits.device(), /*contiguous=*/false);
   TORCH_CHECK_VALUE(logits.size(1) == 1 || logits.stride(1) == 1, "moe_ext.", op,
                     ": router_logits must have a contiguous last dimension, got strides ",
-                    logits.strides());
+                    dims(logits.strides()));
   const int64_t E = logits.size(1);
   TORCH_CHECK_VALUE(E >= 1 && E <= kMaxExperts, "moe_ext.", op,
                     ": router_logits.size(1) (num_experts) must be in [1, ", kMaxExperts, "], got ", E);
@@ -116,7 +124,7 @@ inline void check_silu_and_mul_args(const at::Tensor& x) {
   check_arg("silu_and_mul", "x", x, -1, kFloatTypes, x.device());
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) % 2 == 0,
                     "moe_ext.silu_and_mul: x.size(-1) must be even (gate half, then up half), got shape ",
-                    x.sizes());
+                    dims(x.sizes()));
 }
 
 // x: [T, topk, H] floating; topk_weights: optional [T, topk] fp32.
@@ -126,7 +134,7 @@ inline void check_combine_args(const at::Tensor& x, const std::optional<at::Tens
     check_arg("moe_combine", "topk_weights", *topk_weights, 2, {c10::ScalarType::Float}, x.device());
     TORCH_CHECK_VALUE(topk_weights->size(0) == x.size(0) && topk_weights->size(1) == x.size(1),
                       "moe_ext.moe_combine: topk_weights must have shape [", x.size(0), ", ", x.size(1),
-                      "], got ", topk_weights->sizes());
+                      "], got ", dims(topk_weights->sizes()));
   }
 }
 
@@ -143,7 +151,7 @@ inline void check_grouped_gemm_args(const at::Tensor& a, const at::Tensor& w,
   TORCH_CHECK_TYPE(w.scalar_type() == a.scalar_type(), "moe_ext.moe_grouped_gemm: w must have a's dtype ",
                    a.scalar_type(), ", got ", w.scalar_type());
   TORCH_CHECK_VALUE(w.size(2) == a.size(1), "moe_ext.moe_grouped_gemm: w must be [E, N, K] with K = a.size(1) = ",
-                    a.size(1), ", got shape ", w.sizes());
+                    a.size(1), ", got shape ", dims(w.sizes()));
   check_arg(op, "sorted_token_ids", sorted_token_ids, 1, {c10::ScalarType::Int}, dev);
   check_arg(op, "expert_ids", expert_ids, 1, {c10::ScalarType::Int}, dev);
   check_arg(op, "num_tokens_post_padded", num_tokens_post_padded, 1, {c10::ScalarType::Int}, dev);
@@ -162,7 +170,7 @@ inline void check_grouped_gemm_args(const at::Tensor& a, const at::Tensor& w,
     check_arg(op, "topk_weights", *topk_weights, -1, {c10::ScalarType::Float}, dev);
     TORCH_CHECK_VALUE(topk_weights->numel() == a.size(0) * topk,
                       "moe_ext.moe_grouped_gemm: topk_weights must have a.size(0) * topk = ", a.size(0) * topk,
-                      " elements, got shape ", topk_weights->sizes());
+                      " elements, got shape ", dims(topk_weights->sizes()));
   }
 }
 

@@ -3,33 +3,15 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "../core/validate.h"
+#include "adapter_utils.h"
 #include "launchers.h"
 
 namespace moe_ext {
-namespace {
-
-DType to_dtype(c10::ScalarType t) {
-  switch (t) {
-    case c10::ScalarType::Float: return DType::kFloat32;
-    case c10::ScalarType::Half: return DType::kFloat16;
-    case c10::ScalarType::BFloat16: return DType::kBFloat16;
-    default: TORCH_CHECK_TYPE(false, "moe_ext: unsupported dtype ", t);
-  }
-}
-
-int num_sms(c10::DeviceIndex device) {
-  int n = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-  return n;
-}
-
-}  // namespace
 
 at::Tensor silu_and_mul_cuda(const at::Tensor& x) {  // x: [..., 2 * I]
   check_silu_and_mul_args(x);

@@ -19,3 +19,23 @@ cudaError_t moe_combine(DType dtype, const void* x, const float* weights, void* 
                         int topk, int64_t h, int num_sms, cudaStream_t stream);
 
 }  // namespace moe_ext::cuda
+
+#include "../kernels/routing_host.h"
+
+namespace moe_ext::cuda {
+
+// logits: [num_tokens, E] rows `row_stride` elements apart; weights/ids: [num_tokens, topk].
+// p.bias, if set, is a device pointer [E] fp32.
+cudaError_t topk_gating(DType dtype, const void* logits, int64_t row_stride, int num_tokens, const GatingParams& p,
+                        float* weights, int32_t* ids, cudaStream_t stream);
+
+// Int32 workspace elements moe_align needs for numel ids (0 on the single-launch path).
+int64_t moe_align_workspace(int64_t numel, int num_experts);
+
+// ids: [numel] int32; expert_map: [E] int32 or null; sorted: [max_padded]; expert_ids:
+// [max_padded / block_size]; num_post_padded: [1]; workspace: moe_align_workspace(...) ints.
+cudaError_t moe_align(const int32_t* ids, int64_t numel, int num_experts, int block_size, const int32_t* expert_map,
+                      int64_t max_padded, int32_t* sorted, int32_t* expert_ids, int32_t* num_post_padded,
+                      int32_t* workspace, cudaStream_t stream);
+
+}  // namespace moe_ext::cuda

@@ -1,0 +1,82 @@
+// Launchers for router top-k gating and block alignment (kernels in csrc/kernels/gating.cuh and
+// csrc/kernels/align.cuh).
+#include <type_traits>
+
+#include "../kernels/align.cuh"
+#include "../kernels/gating.cuh"
+#include "launchers.h"
+
+namespace moe_ext::cuda {
+namespace {
+
+template <typename F>
+cudaError_t dispatch_gate_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: return f(float{});
+    case DType::kFloat16: return f(__half{});
+    case DType::kBFloat16: return f(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// Experts per lane: the smallest power of two with 32 * kPerLane >= E.
+template <typename F>
+cudaError_t dispatch_per_lane(int E, F&& f) {
+  if (E <= 32) return f(std::integral_constant<int, 1>{});
+  if (E <= 64) return f(std::integral_constant<int, 2>{});
+  if (E <= 128) return f(std::integral_constant<int, 4>{});
+  if (E <= 256) return f(std::integral_constant<int, 8>{});
+  if (E <= 512) return f(std::integral_constant<int, 16>{});
+  if (E <= kMaxExperts) return f(std::integral_constant<int, 32>{});
+  return cudaErrorInvalidValue;
+}
+
+// Multi-block alignment above this many ids; one block (one launch) at or below.
+constexpr int64_t kAlignSingleBlockMaxIds = 16384;
+
+}  // namespace
+
+cudaError_t topk_gating(DType dtype, const void* logits, int64_t row_stride, int num_tokens, const GatingParams& p,
+                        float* weights, int32_t* ids, cudaStream_t stream) {
+  if (num_tokens == 0) return cudaSuccess;
+  const int blocks = (num_tokens + kGateGroupsPerBlock - 1) / kGateGroupsPerBlock;
+  const int smem = p.num_expert_group > 1 ? kGateGroupsPerBlock * grouped_smem_bytes(p.num_experts, p.num_expert_group) : 0;
+  return dispatch_gate_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return dispatch_per_lane(p.num_experts, [&](auto per_lane) {
+      topk_gating_kernel<T, decltype(per_lane)::value><<<blocks, kGateGroupsPerBlock * kGateLanes, smem, stream>>>(
+          static_cast<const T*>(logits), row_stride, num_tokens, p, weights, ids);
+      return cudaGetLastError();
+    });
+  });
+}
+
+int64_t moe_align_workspace(int64_t numel, int num_experts) {
+  if (numel <= kAlignSingleBlockMaxIds) return 0;
+  return (numel + kAlignChunk - 1) / kAlignChunk * num_experts;
+}
+
+cudaError_t moe_align(const int32_t* ids, int64_t numel, int num_experts, int block_size, const int32_t* expert_map,
+                      int64_t max_padded, int32_t* sorted, int32_t* expert_ids, int32_t* num_post_padded,
+                      int32_t* workspace, cudaStream_t stream) {
+  const int E = num_experts;
+  const int warps = align_warps(E);
+  const int scratch = kWarpSize + 1;
+  if (numel <= kAlignSingleBlockMaxIds) {
+    const size_t smem = (size_t(warps) * E + E + 1 + scratch) * sizeof(int);
+    moe_align_single_block_kernel<<<1, warps * kWarpSize, smem, stream>>>(
+        ids, static_cast<int>(numel), E, block_size, expert_map, static_cast<int>(max_padded), sorted, expert_ids,
+        num_post_padded);
+    return cudaGetLastError();
+  }
+  const int chunks = static_cast<int>((numel + kAlignChunk - 1) / kAlignChunk);
+  moe_align_count_kernel<<<chunks, 1024, E * sizeof(int), stream>>>(ids, static_cast<int>(numel), E, expert_map,
+                                                                     static_cast<int>(max_padded), sorted, workspace);
+  moe_align_scan_kernel<<<1, kAlignScanThreads, (E + 1 + scratch) * sizeof(int), stream>>>(
+      chunks, E, block_size, expert_map, static_cast<int>(max_padded), workspace, expert_ids, num_post_padded);
+  moe_align_scatter_kernel<<<chunks, warps * kWarpSize, size_t(warps) * E * sizeof(int), stream>>>(
+      ids, static_cast<int>(numel), E, expert_map, workspace, sorted);
+  return cudaGetLastError();
+}
+
+}  // namespace moe_ext::cuda

@@ -1,0 +1,92 @@
+// CUDA adapters for router top-k gating, block alignment and (for now, as the two kernels in turn)
+// the fused pair: validate, allocate through PyTorch, launch on the current stream under a device
+// guard. Nothing here synchronizes with the host.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../core/validate.h"
+#include "adapter_utils.h"
+#include "launchers.h"
+
+namespace moe_ext {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> gating_launch(const at::Tensor& logits, int64_t topk, GatingParams p,
+                                                 const std::optional<at::Tensor>& correction_bias) {
+  if (correction_bias.has_value()) p.bias = correction_bias->const_data_ptr<float>();
+  const int64_t T = logits.size(0);
+  auto weights = at::empty({T, topk}, logits.options().dtype(at::kFloat));  // [T, topk] fp32
+  auto ids = at::empty({T, topk}, logits.options().dtype(at::kInt));        // [T, topk] int32
+  C10_CUDA_CHECK(cuda::topk_gating(to_dtype(logits.scalar_type()), logits.const_data_ptr(), logits.stride(0),
+                                   static_cast<int>(T), p, weights.data_ptr<float>(), ids.data_ptr<int32_t>(),
+                                   c10::cuda::getCurrentCUDAStream()));
+  return {weights, ids};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> align_launch(const at::Tensor& topk_ids, int64_t num_experts,
+                                                            int64_t block_size,
+                                                            const std::optional<at::Tensor>& expert_map) {
+  const int64_t numel = topk_ids.numel();
+  const int64_t max_padded = align_max_padded(numel, num_experts, block_size);
+  auto opts = topk_ids.options();
+  auto sorted = at::empty({max_padded}, opts);                  // [max_padded] int32
+  auto expert_ids = at::empty({max_padded / block_size}, opts);  // [max_padded / block_size] int32
+  auto num_post_padded = at::empty({1}, opts);                  // [1] int32
+  const int64_t ws = cuda::moe_align_workspace(numel, static_cast<int>(num_experts));
+  auto workspace = at::empty({ws}, opts);
+  C10_CUDA_CHECK(cuda::moe_align(topk_ids.const_data_ptr<int32_t>(), numel, static_cast<int>(num_experts),
+                                 static_cast<int>(block_size),
+                                 expert_map.has_value() ? expert_map->const_data_ptr<int32_t>() : nullptr, max_padded,
+                                 sorted.data_ptr<int32_t>(), expert_ids.data_ptr<int32_t>(),
+                                 num_post_padded.data_ptr<int32_t>(), ws ? workspace.data_ptr<int32_t>() : nullptr,
+                                 c10::cuda::getCurrentCUDAStream()));
+  return {sorted, expert_ids, num_post_padded};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> topk_gating_cuda(const at::Tensor& router_logits, int64_t topk,
+                                                    c10::string_view scoring_func, bool renormalize,
+                                                    const std::optional<at::Tensor>& correction_bias,
+                                                    int64_t num_expert_group, int64_t topk_group,
+                                                    double routed_scaling_factor) {
+  const GatingParams p = check_gating_args("topk_gating", router_logits, topk, scoring_func, renormalize,
+                                           correction_bias, num_expert_group, topk_group, routed_scaling_factor);
+  const c10::cuda::CUDAGuard guard(router_logits.device());
+  return gating_launch(router_logits, topk, p, correction_bias);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align_block_size_cuda(const at::Tensor& topk_ids,
+                                                                         int64_t num_experts, int64_t block_size,
+                                                                         const std::optional<at::Tensor>& expert_map) {
+  check_arg("moe_align_block_size", "topk_ids", topk_ids, 2, {at::kInt}, topk_ids.device());
+  check_align_args("moe_align_block_size", topk_ids.numel(), num_experts, block_size, expert_map, topk_ids.device());
+  const c10::cuda::CUDAGuard guard(topk_ids.device());
+  return align_launch(topk_ids, num_experts, block_size, expert_map);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_topk_align_cuda(
+    const at::Tensor& router_logits, int64_t topk, int64_t block_size, c10::string_view scoring_func,
+    bool renormalize, const std::optional<at::Tensor>& correction_bias, int64_t num_expert_group,
+    int64_t topk_group, double routed_scaling_factor, const std::optional<at::Tensor>& expert_map) {
+  constexpr const char* op = "fused_topk_align";
+  const GatingParams p = check_gating_args(op, router_logits, topk, scoring_func, renormalize, correction_bias,
+                                           num_expert_group, topk_group, routed_scaling_factor);
+  check_align_args(op, router_logits.size(0) * topk, router_logits.size(1), block_size, expert_map,
+                   router_logits.device());
+  const c10::cuda::CUDAGuard guard(router_logits.device());
+  auto [weights, ids] = gating_launch(router_logits, topk, p, correction_bias);
+  auto [sorted, expert_ids, num_post_padded] = align_launch(ids, router_logits.size(1), block_size, expert_map);
+  return {weights, ids, sorted, expert_ids, num_post_padded};
+}
+
+TORCH_LIBRARY_IMPL(moe_ext, CUDA, m) {
+  m.impl("topk_gating", &topk_gating_cuda);
+  m.impl("moe_align_block_size", &moe_align_block_size_cuda);
+  m.impl("fused_topk_align", &fused_topk_align_cuda);
+}
+
+}  // namespace moe_ext

@@ -1,0 +1,247 @@
+// Block alignment by expert on the GPU (vLLM's moe_align_block_size layout), deterministic:
+// within each expert the flat indices ascend.
+//
+// The ids are cut into contiguous segments, one per warp (and, for many ids, one set of warps per
+// block-sized chunk). Order inside a segment comes from walking it a warp-width at a time with
+// match_any (rank = peers in lower lanes); order across segments from an exclusive scan, per
+// expert, of the segments' counts. So no atomic ever decides a position:
+//   1. count: each warp counts its segment's ids per expert (shared atomics: order-free sums);
+//   2. scan: per expert, across segments (chunks, then warps), plus the padded per-expert offsets;
+//   3. scatter: each warp walks its segment and writes every id at base + rank.
+// Small inputs run all three in one block (one launch). Large ones run count / scan / scatter as
+// three launches over chunks of kAlignChunk ids with an int32 workspace [chunks, E].
+#pragma once
+
+#include <cstdint>
+
+#include "../core/compat.h"
+
+namespace moe_ext {
+
+constexpr int kAlignMatchBits = 11;            // slots are -1 .. 1023
+constexpr int kAlignSmemInts = 48 * 1024 / 4;  // static-limit shared memory, in ints
+constexpr int kAlignChunk = 4096;              // ids per block on the multi-block path
+constexpr int kAlignScanThreads = 1024;
+
+MOE_DEVICE MOE_FORCEINLINE int align_slot_device(int32_t id, int E, const int32_t* __restrict__ expert_map) {
+  if (id < 0 || id >= E) return -1;
+  if (expert_map && expert_map[id] < 0) return -1;
+  return id;
+}
+
+// Warps per block for the per-warp count table [warps, E] to fit beside the offsets.
+MOE_HOST_DEVICE MOE_FORCEINLINE int align_warps(int E) {
+  const int w = (kAlignSmemInts - 2 * (E + 1) - 64) / E;
+  return w < 1 ? 1 : (w > 1024 / kWarpSize ? 1024 / kWarpSize : w);
+}
+
+// Exclusive scan of vals[0..n) in place by the whole block; returns the total to every thread.
+// scratch: >= 1024 / kWarpSize + 1 ints.
+MOE_DEVICE int block_exclusive_scan(int* vals, int n, int* scratch) {
+  const int tid = threadIdx.x, nthreads = blockDim.x;
+  const int per = (n + nthreads - 1) / nthreads;
+  const int begin = min(n, tid * per), end = min(n, begin + per);
+  int local = 0;
+  for (int i = begin; i < end; ++i) local += vals[i];
+  // Inclusive warp scan of the per-thread sums.
+  const int lane = lane_id(), warp = tid / kWarpSize;
+  int incl = local;
+#pragma unroll
+  for (int d = 1; d < kWarpSize; d *= 2) {
+    const int v = shfl_up(incl, d);
+    if (lane >= d) incl += v;
+  }
+  if (lane == kWarpSize - 1) scratch[warp] = incl;
+  __syncthreads();
+  const int num_warps = (nthreads + kWarpSize - 1) / kWarpSize;
+  if (warp == 0) {
+    int w = lane < num_warps ? scratch[lane] : 0;
+    int wincl = w;
+#pragma unroll
+    for (int d = 1; d < kWarpSize; d *= 2) {
+      const int v = shfl_up(wincl, d);
+      if (lane >= d) wincl += v;
+    }
+    if (lane < num_warps) scratch[lane] = wincl - w;  // exclusive warp offsets
+    if (lane == num_warps - 1) scratch[kWarpSize] = wincl;
+  }
+  __syncthreads();
+  int run = scratch[warp] + incl - local;
+  for (int i = begin; i < end; ++i) {
+    const int v = vals[i];
+    vals[i] = run;
+    run += v;
+  }
+  const int total = scratch[kWarpSize];
+  __syncthreads();
+  return total;
+}
+
+// Step 1 for one block: warp w counts ids [seg_begin(w), seg_end(w)) into counts[w * E + slot].
+MOE_DEVICE MOE_FORCEINLINE void count_segments(const int32_t* __restrict__ ids, int64_t begin, int64_t end,
+                                               int E, const int32_t* __restrict__ expert_map, int* counts) {
+  const int num_warps = blockDim.x / kWarpSize, warp = threadIdx.x / kWarpSize, lane = lane_id();
+  const int64_t seg = ((end - begin + num_warps - 1) / num_warps + kWarpSize - 1) / kWarpSize * kWarpSize;
+  const int64_t s0 = begin + warp * seg, s1 = min(end, s0 + seg);
+  for (int64_t f = s0 + lane; f < s1; f += kWarpSize) {
+    const int slot = align_slot_device(ids[f], E, expert_map);
+    if (slot >= 0) atomicAdd(&counts[warp * E + slot], 1);
+  }
+}
+
+// Step 3 for one block: warp w writes each id of its segment at cursor[w * E + slot] + rank.
+MOE_DEVICE MOE_FORCEINLINE void scatter_segments(const int32_t* __restrict__ ids, int64_t begin, int64_t end,
+                                                 int E, const int32_t* __restrict__ expert_map, int* cursor,
+                                                 int32_t* __restrict__ sorted) {
+  const int num_warps = blockDim.x / kWarpSize, warp = threadIdx.x / kWarpSize, lane = lane_id();
+  const int64_t seg = ((end - begin + num_warps - 1) / num_warps + kWarpSize - 1) / kWarpSize * kWarpSize;
+  const int64_t s0 = begin + warp * seg, s1 = min(end, s0 + seg);
+  int* my = cursor + warp * E;
+  for (int64_t base = s0; base < s1; base += kWarpSize) {  // warp-uniform trip count
+    const int64_t f = base + lane;
+    const int slot = f < s1 ? align_slot_device(ids[f], E, expert_map) : -1;
+    const moe_lane_mask_t peers = match_any<kAlignMatchBits>(slot);
+    const int rank = popcount(peers & lanemask_lt());
+    if (slot >= 0) sorted[my[slot] + rank] = static_cast<int32_t>(f);
+    sync_warp();
+    if (slot >= 0 && rank == 0) my[slot] += popcount(peers);
+    sync_warp();
+  }
+}
+
+// Turns counts[w * E + s] into cursors: base[s] + ids of slot s in warps before w. Returns nothing;
+// totals[s] receives the block's count of slot s when totals is non-null.
+MOE_DEVICE MOE_FORCEINLINE void counts_to_cursors(int* counts, int E, const int* base_smem,
+                                                  const int32_t* base_global, int* totals) {
+  const int num_warps = blockDim.x / kWarpSize;
+  for (int s = threadIdx.x; s < E; s += blockDim.x) {
+    int run = base_smem ? base_smem[s] : base_global[s];
+    const int start = run;
+    for (int w = 0; w < num_warps; ++w) {
+      const int c = counts[w * E + s];
+      counts[w * E + s] = run;
+      run += c;
+    }
+    if (totals) totals[s] = run - start;
+  }
+}
+
+// Writes expert_ids for blocks [first, num_blocks) by stride, from offsets[0..E] (padded, in smem).
+MOE_DEVICE MOE_FORCEINLINE void write_expert_ids(const int* offsets, int E, int block_size, int num_blocks,
+                                                 const int32_t* __restrict__ expert_map, int32_t* __restrict__ expert_ids,
+                                                 int first, int stride) {
+  const int total = offsets[E];
+  for (int b = first; b < num_blocks; b += stride) {
+    const int pos = b * block_size;
+    int e = -1;
+    if (pos < total) {
+      int lo = 0, hi = E;  // last e with offsets[e] <= pos
+      while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (offsets[mid] <= pos) lo = mid; else hi = mid - 1;
+      }
+      e = expert_map ? expert_map[lo] : lo;
+    }
+    expert_ids[b] = e;
+  }
+}
+
+// Padded counts -> exclusive offsets in place (offsets[E] = total); writes num_tokens_post_padded.
+MOE_DEVICE MOE_FORCEINLINE void pad_and_scan(int* offsets, int E, int block_size, int* scan_scratch,
+                                             int32_t* __restrict__ num_post_padded) {
+  for (int s = threadIdx.x; s < E; s += blockDim.x) offsets[s] = (offsets[s] + block_size - 1) / block_size * block_size;
+  __syncthreads();
+  const int total = block_exclusive_scan(offsets, E, scan_scratch);
+  if (threadIdx.x == 0) {
+    offsets[E] = total;
+    *num_post_padded = total;
+  }
+  __syncthreads();
+}
+
+// Dynamic shared memory: counts [warps * E] | offsets [E + 1] | scan scratch [kWarpSize + 1].
+__global__ void moe_align_single_block_kernel(const int32_t* __restrict__ ids, int numel, int E, int block_size,
+                                              const int32_t* __restrict__ expert_map, int max_padded,
+                                              int32_t* __restrict__ sorted, int32_t* __restrict__ expert_ids,
+                                              int32_t* __restrict__ num_post_padded) {
+  extern __shared__ int align_smem[];
+  const int num_warps = blockDim.x / kWarpSize;
+  int* counts = align_smem;
+  int* offsets = counts + num_warps * E;
+  int* scratch = offsets + E + 1;
+  for (int i = threadIdx.x; i < num_warps * E; i += blockDim.x) counts[i] = 0;
+  for (int i = threadIdx.x; i < max_padded; i += blockDim.x) sorted[i] = numel;  // sentinel
+  __syncthreads();
+  count_segments(ids, 0, numel, E, expert_map, counts);
+  __syncthreads();
+  for (int s = threadIdx.x; s < E; s += blockDim.x) offsets[s] = 0;
+  __syncthreads();
+  counts_to_cursors(counts, E, offsets, nullptr, offsets);  // offsets[s] <- count of s
+  __syncthreads();
+  pad_and_scan(offsets, E, block_size, scratch, num_post_padded);
+  // Cursors were relative to 0; shift each slot's by its offset.
+  for (int i = threadIdx.x; i < num_warps * E; i += blockDim.x) counts[i] += offsets[i % E];
+  write_expert_ids(offsets, E, block_size, max_padded / block_size, expert_map, expert_ids, threadIdx.x, blockDim.x);
+  __syncthreads();
+  scatter_segments(ids, 0, numel, E, expert_map, counts, sorted);
+}
+
+// Multi-block step 1: chunk c's per-expert counts -> workspace[c * E + s]; also fills the sentinel.
+__global__ void moe_align_count_kernel(const int32_t* __restrict__ ids, int numel, int E,
+                                       const int32_t* __restrict__ expert_map, int max_padded,
+                                       int32_t* __restrict__ sorted, int32_t* __restrict__ workspace) {
+  extern __shared__ int align_smem[];
+  for (int s = threadIdx.x; s < E; s += blockDim.x) align_smem[s] = 0;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < max_padded; i += int64_t(gridDim.x) * blockDim.x)
+    sorted[i] = numel;
+  __syncthreads();
+  const int64_t begin = int64_t(blockIdx.x) * kAlignChunk, end = min(static_cast<int64_t>(numel), begin + kAlignChunk);
+  for (int64_t f = begin + threadIdx.x; f < end; f += blockDim.x) {
+    const int slot = align_slot_device(ids[f], E, expert_map);
+    if (slot >= 0) atomicAdd(&align_smem[slot], 1);
+  }
+  __syncthreads();
+  for (int s = threadIdx.x; s < E; s += blockDim.x) workspace[blockIdx.x * E + s] = align_smem[s];
+}
+
+// Multi-block step 2 (one block): per expert, scan the chunks' counts into chunk bases; padded
+// offsets; num_tokens_post_padded; expert_ids. Shared: offsets [E + 1] | scratch.
+__global__ void moe_align_scan_kernel(int num_chunks, int E, int block_size, const int32_t* __restrict__ expert_map,
+                                      int max_padded, int32_t* __restrict__ workspace, int32_t* __restrict__ expert_ids,
+                                      int32_t* __restrict__ num_post_padded) {
+  extern __shared__ int align_smem[];
+  int* offsets = align_smem;
+  int* scratch = offsets + E + 1;
+  for (int s = threadIdx.x; s < E; s += blockDim.x) {
+    int run = 0;
+    for (int c = 0; c < num_chunks; ++c) {
+      const int v = workspace[c * E + s];
+      workspace[c * E + s] = run;
+      run += v;
+    }
+    offsets[s] = run;
+  }
+  __syncthreads();
+  pad_and_scan(offsets, E, block_size, scratch, num_post_padded);
+  for (int i = threadIdx.x; i < num_chunks * E; i += blockDim.x) workspace[i] += offsets[i % E];
+  write_expert_ids(offsets, E, block_size, max_padded / block_size, expert_map, expert_ids, threadIdx.x, blockDim.x);
+}
+
+// Multi-block step 3: chunk c scatters its ids from workspace[c * E + s]. Shared: counts [warps * E].
+__global__ void moe_align_scatter_kernel(const int32_t* __restrict__ ids, int numel, int E,
+                                         const int32_t* __restrict__ expert_map, const int32_t* __restrict__ workspace,
+                                         int32_t* __restrict__ sorted) {
+  extern __shared__ int align_smem[];
+  const int num_warps = blockDim.x / kWarpSize;
+  int* counts = align_smem;
+  for (int i = threadIdx.x; i < num_warps * E; i += blockDim.x) counts[i] = 0;
+  __syncthreads();
+  const int64_t begin = int64_t(blockIdx.x) * kAlignChunk, end = min(static_cast<int64_t>(numel), begin + kAlignChunk);
+  count_segments(ids, begin, end, E, expert_map, counts);
+  __syncthreads();
+  counts_to_cursors(counts, E, nullptr, workspace + int64_t(blockIdx.x) * E, nullptr);
+  __syncthreads();
+  scatter_segments(ids, begin, end, E, expert_map, counts, sorted);
+}
+
+}  // namespace moe_ext

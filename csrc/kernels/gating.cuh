@@ -1,0 +1,201 @@
+// Router top-k gating on the GPU: one 32-lane group (a warp on NVIDIA) per token.
+//
+// Lane l holds experts l, l + 32, l + 64, ... in registers (kPerLane of them, a template
+// parameter: E <= 32 * kPerLane, other lanes' slots masked off), so the scores never leave
+// registers. The math is gating_math.h's, in the same order as the CPU kernel: the softmax
+// denominator is each lane's strided partial sum followed by an xor butterfly, which is exactly the
+// CPU's kReduceLanes tree, so ids and weights are bit-identical to the CPU kernel's.
+//
+// Selection is topk rounds of a warp arg-max under ranks_before (key desc, index asc); each lane
+// keeps its own best candidate and rescans only when that one is taken. Grouped top-k stages the
+// keys in shared memory, lets each lane score whole groups (sum of the group's two best keys) and
+// picks topk_group groups by the same arg-max before the expert rounds.
+#pragma once
+
+#include <climits>
+#include <cstdint>
+
+#include "gating_math.h"
+#include "routing_host.h"
+#include "vec.cuh"
+
+namespace moe_ext {
+
+constexpr int kGateLanes = kReduceLanes;  // lanes per token; the butterfly width of the sum
+
+// Arg-max over the 32 lanes under ranks_before; every lane returns the winner.
+MOE_DEVICE MOE_FORCEINLINE void group_argmax(float& key, int& idx) {
+#pragma unroll
+  for (int offset = kGateLanes / 2; offset > 0; offset /= 2) {
+    const float k = shfl_xor(key, offset, kGateLanes);
+    const int i = shfl_xor(idx, offset, kGateLanes);
+    if (ranks_before(k, i, key, idx)) {
+      key = k;
+      idx = i;
+    }
+  }
+}
+
+// Shared memory of one token group for grouped top-k: keys [E] floats, then group scores [G]
+// floats, then group flags [G] bytes.
+MOE_HOST_DEVICE MOE_FORCEINLINE int grouped_smem_bytes(int E, int G) { return (E + G) * 4 + ((G + 3) / 4) * 4; }
+
+// Gating of one token. `row` is the token's logits; `smem` is this group's grouped-top-k scratch
+// (unused when num_expert_group == 1). Lane j < topk writes rank j's weight and id.
+template <typename T, int kPerLane>
+MOE_DEVICE MOE_FORCEINLINE void gate_token(const T* __restrict__ row, const GatingParams& p, int lane,
+                                           char* smem, float* __restrict__ weights_out,
+                                           int32_t* __restrict__ ids_out) {
+  const int E = p.num_experts;
+  float score[kPerLane];
+  float key[kPerLane];
+  uint32_t avail = 0;  // bit j: slot j holds an expert that may still be chosen
+
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    const int i = lane + j * kGateLanes;
+    score[j] = i < E ? sanitize_logit(to_float(row[i])) : -INFINITY;
+    if (i < E) avail |= 1u << j;
+  }
+
+  if (p.scoring == ScoringFunc::kSoftmax) {
+    float row_max = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) row_max = fmaxf(row_max, score[j]);
+#pragma unroll
+    for (int offset = kGateLanes / 2; offset > 0; offset /= 2)
+      row_max = fmaxf(row_max, shfl_xor(row_max, offset, kGateLanes));
+    float partial = 0.0f;
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      if (avail >> j & 1) {
+        score[j] = softmax_numerator(score[j], row_max);
+        partial += score[j];
+      }
+    }
+#pragma unroll
+    for (int offset = kGateLanes / 2; offset > 0; offset /= 2) partial = partial + shfl_xor(partial, offset, kGateLanes);
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j)
+      if (avail >> j & 1) score[j] = score[j] / partial;
+  } else {
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j)
+      if (avail >> j & 1) score[j] = moe_sigmoidf(score[j]);
+  }
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    const int i = lane + j * kGateLanes;
+    key[j] = (avail >> j & 1) ? selection_key(score[j], p.bias ? p.bias[i] : 0.0f) : -INFINITY;
+  }
+
+  if (p.num_expert_group > 1) {
+    const int G = p.num_expert_group;
+    const int group_size = E / G;
+    float* s_key = reinterpret_cast<float*>(smem);
+    float* s_group = s_key + E;
+    unsigned char* s_allowed = reinterpret_cast<unsigned char*>(s_group + G);
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j)
+      if (avail >> j & 1) s_key[lane + j * kGateLanes] = key[j];
+    for (int g = lane; g < G; g += kGateLanes) s_allowed[g] = 0;
+    sync_warp();
+    for (int g = lane; g < G; g += kGateLanes) {
+      float top1 = -INFINITY, top2 = -INFINITY;
+      for (int i = g * group_size; i < (g + 1) * group_size; ++i) {
+        const float k = s_key[i];
+        if (k > top1) {
+          top2 = top1;
+          top1 = k;
+        } else if (k > top2) {
+          top2 = k;
+        }
+      }
+      s_group[g] = group_size >= 2 ? top1 + top2 : top1;
+    }
+    sync_warp();
+    // topk_group rounds of arg-max over the groups; lane l owns groups l, l + 32, ... (bit m).
+    uint32_t group_taken = 0;
+    for (int r = 0; r < p.topk_group; ++r) {
+      float best = -INFINITY;
+      int best_g = INT_MAX;
+      for (int m = 0, g = lane; g < G; ++m, g += kGateLanes) {
+        if (group_taken >> m & 1) continue;
+        if (ranks_before(s_group[g], g, best, best_g)) {
+          best = s_group[g];
+          best_g = g;
+        }
+      }
+      group_argmax(best, best_g);
+      if (best_g % kGateLanes == lane) {
+        group_taken |= 1u << (best_g / kGateLanes);
+        s_allowed[best_g] = 1;
+      }
+    }
+    sync_warp();
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j)
+      if ((avail >> j & 1) && !s_allowed[(lane + j * kGateLanes) / group_size]) avail &= ~(1u << j);
+    sync_warp();  // the scratch may be reused by the caller
+  }
+
+  // Expert rounds. Each lane tracks its best available slot.
+  auto local_best = [&](float& bkey, int& bidx, float& bscore) {
+    bkey = -INFINITY;
+    bidx = INT_MAX;
+    bscore = 0.0f;
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      const int i = lane + j * kGateLanes;
+      if ((avail >> j & 1) && ranks_before(key[j], i, bkey, bidx)) {
+        bkey = key[j];
+        bidx = i;
+        bscore = score[j];
+      }
+    }
+  };
+  float bkey, bscore;
+  int bidx;
+  local_best(bkey, bidx, bscore);
+  float my_weight = 0.0f, selected_sum = 0.0f;
+  int my_id = 0;
+  for (int r = 0; r < p.topk; ++r) {
+    float wkey = bkey;
+    int widx = bidx;
+    group_argmax(wkey, widx);
+    const int owner = widx % kGateLanes;
+    const float w = shfl(bscore, owner, kGateLanes);
+    selected_sum += w;  // rank order, as on the CPU
+    if (lane == r) {
+      my_weight = w;
+      my_id = widx;
+    }
+    if (lane == owner) {
+      avail &= ~(1u << (widx / kGateLanes));
+      local_best(bkey, bidx, bscore);
+    }
+  }
+  if (lane < p.topk) {
+    weights_out[lane] = finalize_weight(my_weight, selected_sum, p.renormalize, p.topk, p.routed_scaling_factor);
+    ids_out[lane] = my_id;
+  }
+}
+
+// One token per 32-lane group, kGroupsPerBlock groups per block.
+constexpr int kGateGroupsPerBlock = 4;
+
+template <typename T, int kPerLane>
+__global__ void __launch_bounds__(kGateGroupsPerBlock* kGateLanes)
+    topk_gating_kernel(const T* __restrict__ logits, int64_t row_stride, int num_tokens, GatingParams p,
+                       float* __restrict__ weights, int32_t* __restrict__ ids) {
+  extern __shared__ __align__(16) char gate_smem[];
+  const int group = threadIdx.x / kGateLanes;
+  const int lane = threadIdx.x % kGateLanes;
+  const int t = blockIdx.x * kGateGroupsPerBlock + group;
+  if (t >= num_tokens) return;  // a whole group leaves together
+  char* smem = gate_smem + group * grouped_smem_bytes(p.num_experts, p.num_expert_group);
+  gate_token<T, kPerLane>(logits + t * row_stride, p, lane, smem, weights + int64_t(t) * p.topk,
+                          ids + int64_t(t) * p.topk);
+}
+
+}  // namespace moe_ext
