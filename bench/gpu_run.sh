@@ -3,7 +3,9 @@
 # result files go to $OUT (the device tool brings them back).  Usage: bash bench/gpu_run.sh [bench...]
 set -uo pipefail
 OUT=${OUT:-/tmp/moe_ext_out}
-mkdir -p "$OUT"
+RES=$OUT
+OUT=/tmp/moe_ext_logs  # logs gathered here, packed into $RES/logs.tgz at the end
+mkdir -p "$OUT" "$RES"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16}
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)" | tee -a "$OUT/gpu.txt"
@@ -22,4 +24,5 @@ python3 -m moe_ext 2>&1 | tee "$OUT/demo.log" | tail -8
 for b in "$@"; do
   (cd bench && python3 "$b" 2>&1 | tee "$OUT/$(basename "$b" .py).log")
 done
-cp bench/results/* "$OUT"/ 2>/dev/null || true
+cp bench/results/* "$RES"/ 2>/dev/null || true
+tar -czf "$RES/logs.tgz" -C "$(dirname "$OUT")" "$(basename "$OUT")"
