@@ -65,12 +65,13 @@ def assert_gating_matches(weights, ids, logits, topk, **routing) -> None:
     assert ids.shape == (T, topk) and ids.dtype == torch.int32
     assert torch.isfinite(weights).all(), "non-finite weight"
     assert_valid_ids(ids, E)
+    routing = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in routing.items()}
     ref_w, ref_ids = ref.topk_gating_ref(logits.cpu(), topk, **routing)
     ids, weights = ids.cpu(), weights.cpu()
     same = (ids == ref_ids).all(dim=1)
     if not same.all():
         keys = ref.selection_keys_ref(ref.gating_scores_ref(logits.cpu(), routing.get("scoring_func", "softmax")),
-                                      None if routing.get("correction_bias") is None else routing["correction_bias"].cpu())
+                                      routing.get("correction_bias"))
         rows = (~same).nonzero().flatten()
         got = keys[rows].gather(1, ids[rows].long())
         want = keys[rows].gather(1, ref_ids[rows].long())

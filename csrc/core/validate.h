@@ -6,6 +6,8 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <cstdio>
+#include <type_traits>
 #include <initializer_list>
 #include <optional>
 #include <string>
@@ -14,8 +16,37 @@
 
 namespace moe_ext {
 
-// "[4, 16]". Shapes are formatted here rather than by streaming c10::ArrayRef, whose operator<<
-// crashed inside TORCH_CHECK with torch 2.11 headers built by GCC 13.
+// Error messages are assembled here into one std::string (numbers through std::to_string) and only
+// then handed to TORCH_CHECK: on the GPU image (torch 2.11, GCC 13) streaming integers through
+// c10::str inside an extension crashed the process.
+namespace detail {
+inline void append(std::string& s, const char* v) { s += v; }
+inline void append(std::string& s, const std::string& v) { s += v; }
+inline void append(std::string& s, c10::string_view v) { s.append(v.data(), v.size()); }
+inline void append(std::string& s, c10::ScalarType v) { s += c10::toString(v); }
+inline void append(std::string& s, const c10::Device& v) { s += v.str(); }
+inline void append(std::string& s, double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", v);
+  s += buf;
+}
+template <typename T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
+inline void append(std::string& s, T v) {
+  s += std::to_string(v);
+}
+}  // namespace detail
+
+template <typename... Args>
+std::string message(const Args&... args) {
+  std::string s;
+  (detail::append(s, args), ...);
+  return s;
+}
+
+#define MOE_CHECK_VALUE(cond, ...) TORCH_CHECK_VALUE(cond, ::moe_ext::message(__VA_ARGS__))
+#define MOE_CHECK_TYPE(cond, ...) TORCH_CHECK_TYPE(cond, ::moe_ext::message(__VA_ARGS__))
+
+// "[4, 16]".
 inline std::string dims(c10::IntArrayRef d) {
   std::string s = "[";
   for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
@@ -32,15 +63,15 @@ inline std::string dtype_list(std::initializer_list<c10::ScalarType> dtypes) {
 inline void check_arg(const char* op, const char* name, const at::Tensor& t, int64_t dim,
                       std::initializer_list<c10::ScalarType> dtypes, const at::Device& device,
                       bool contiguous = true) {
-  TORCH_CHECK_VALUE(dim < 0 || t.dim() == dim, "moe_ext.", op, ": ", name, " must be ", dim,
+  MOE_CHECK_VALUE(dim < 0 || t.dim() == dim, "moe_ext.", op, ": ", name, " must be ", dim,
                     "-D, got a ", t.dim(), "-D tensor of shape ", dims(t.sizes()));
   bool dtype_ok = false;
   for (auto d : dtypes) dtype_ok |= t.scalar_type() == d;
-  TORCH_CHECK_TYPE(dtype_ok, "moe_ext.", op, ": ", name, " must have dtype ", dtype_list(dtypes),
+  MOE_CHECK_TYPE(dtype_ok, "moe_ext.", op, ": ", name, " must have dtype ", dtype_list(dtypes),
                    ", got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == device, "moe_ext.", op, ": ", name, " is on ", t.device(),
+  MOE_CHECK_VALUE(t.device() == device, "moe_ext.", op, ": ", name, " is on ", t.device(),
                     " but the op runs on ", device, " (all tensors must be on one device)");
-  TORCH_CHECK_VALUE(!contiguous || t.is_contiguous(), "moe_ext.", op, ": ", name,
+  MOE_CHECK_VALUE(!contiguous || t.is_contiguous(), "moe_ext.", op, ": ", name,
                     " must be contiguous, got strides ", dims(t.strides()), " for shape ", dims(t.sizes()));
 }
 
@@ -55,13 +86,13 @@ inline GatingParams check_gating_args(const char* op, const at::Tensor& logits, 
                                       int64_t num_expert_group, int64_t topk_group,
                                       double routed_scaling_factor) {
   check_arg(op, "router_logits", logits, 2, kFloatTypes, logits.device(), /*contiguous=*/false);
-  TORCH_CHECK_VALUE(logits.size(1) == 1 || logits.stride(1) == 1, "moe_ext.", op,
+  MOE_CHECK_VALUE(logits.size(1) == 1 || logits.stride(1) == 1, "moe_ext.", op,
                     ": router_logits must have a contiguous last dimension, got strides ",
                     dims(logits.strides()));
   const int64_t E = logits.size(1);
-  TORCH_CHECK_VALUE(E >= 1 && E <= kMaxExperts, "moe_ext.", op,
+  MOE_CHECK_VALUE(E >= 1 && E <= kMaxExperts, "moe_ext.", op,
                     ": router_logits.size(1) (num_experts) must be in [1, ", kMaxExperts, "], got ", E);
-  TORCH_CHECK_VALUE(topk >= 1 && topk <= std::min<int64_t>(E, kMaxTopK), "moe_ext.", op,
+  MOE_CHECK_VALUE(topk >= 1 && topk <= std::min<int64_t>(E, kMaxTopK), "moe_ext.", op,
                     ": topk must be in [1, min(num_experts, ", kMaxTopK, ")] = [1, ",
                     std::min<int64_t>(E, kMaxTopK), "], got ", topk);
   ScoringFunc scoring;
@@ -70,25 +101,25 @@ inline GatingParams check_gating_args(const char* op, const at::Tensor& logits, 
   } else if (scoring_func == "sigmoid") {
     scoring = ScoringFunc::kSigmoid;
   } else {
-    TORCH_CHECK_VALUE(false, "moe_ext.", op, ": scoring_func must be \"softmax\" or \"sigmoid\", got \"",
+    MOE_CHECK_VALUE(false, "moe_ext.", op, ": scoring_func must be \"softmax\" or \"sigmoid\", got \"",
                       std::string(scoring_func), "\"");
   }
   if (correction_bias.has_value()) {
     check_arg(op, "correction_bias", *correction_bias, 1, {c10::ScalarType::Float}, logits.device());
-    TORCH_CHECK_VALUE(correction_bias->size(0) == E, "moe_ext.", op,
+    MOE_CHECK_VALUE(correction_bias->size(0) == E, "moe_ext.", op,
                       ": correction_bias must have num_experts = ", E, " elements, got ",
                       correction_bias->size(0));
   }
-  TORCH_CHECK_VALUE(num_expert_group >= 1 && E % num_expert_group == 0, "moe_ext.", op,
+  MOE_CHECK_VALUE(num_expert_group >= 1 && E % num_expert_group == 0, "moe_ext.", op,
                     ": num_expert_group must be >= 1 and divide num_experts = ", E, ", got ",
                     num_expert_group);
-  TORCH_CHECK_VALUE(topk_group >= 1 && topk_group <= num_expert_group, "moe_ext.", op,
+  MOE_CHECK_VALUE(topk_group >= 1 && topk_group <= num_expert_group, "moe_ext.", op,
                     ": topk_group must be in [1, num_expert_group = ", num_expert_group, "], got ",
                     topk_group);
-  TORCH_CHECK_VALUE(topk <= topk_group * (E / num_expert_group), "moe_ext.", op, ": topk = ", topk,
+  MOE_CHECK_VALUE(topk <= topk_group * (E / num_expert_group), "moe_ext.", op, ": topk = ", topk,
                     " exceeds the ", topk_group * (E / num_expert_group),
                     " experts in the topk_group best groups");
-  TORCH_CHECK_VALUE(std::isfinite(routed_scaling_factor), "moe_ext.", op,
+  MOE_CHECK_VALUE(std::isfinite(routed_scaling_factor), "moe_ext.", op,
                     ": routed_scaling_factor must be finite, got ", routed_scaling_factor);
   return GatingParams{static_cast<int>(E),
                       static_cast<int>(topk),
@@ -104,16 +135,16 @@ inline GatingParams check_gating_args(const char* op, const at::Tensor& logits, 
 inline void check_align_args(const char* op, int64_t numel, int64_t num_experts,
                              int64_t block_size, const std::optional<at::Tensor>& expert_map,
                              const at::Device& device) {
-  TORCH_CHECK_VALUE(num_experts >= 1 && num_experts <= kMaxExperts, "moe_ext.", op,
+  MOE_CHECK_VALUE(num_experts >= 1 && num_experts <= kMaxExperts, "moe_ext.", op,
                     ": num_experts must be in [1, ", kMaxExperts, "], got ", num_experts);
-  TORCH_CHECK_VALUE(block_size >= 1 && block_size <= 4096, "moe_ext.", op,
+  MOE_CHECK_VALUE(block_size >= 1 && block_size <= 4096, "moe_ext.", op,
                     ": block_size must be in [1, 4096], got ", block_size);
-  TORCH_CHECK_VALUE(align_max_padded(numel, num_experts, block_size) < (int64_t{1} << 31), "moe_ext.",
+  MOE_CHECK_VALUE(align_max_padded(numel, num_experts, block_size) < (int64_t{1} << 31), "moe_ext.",
                     op, ": T * topk = ", numel, " with block_size ", block_size,
                     " overflows int32 token indices");
   if (expert_map.has_value()) {
     check_arg(op, "expert_map", *expert_map, 1, {c10::ScalarType::Int}, device);
-    TORCH_CHECK_VALUE(expert_map->size(0) == num_experts, "moe_ext.", op,
+    MOE_CHECK_VALUE(expert_map->size(0) == num_experts, "moe_ext.", op,
                       ": expert_map must have num_experts = ", num_experts, " entries, got ",
                       expert_map->size(0));
   }
@@ -122,7 +153,7 @@ inline void check_align_args(const char* op, int64_t numel, int64_t num_experts,
 // x: [..., 2I], floating, contiguous.
 inline void check_silu_and_mul_args(const at::Tensor& x) {
   check_arg("silu_and_mul", "x", x, -1, kFloatTypes, x.device());
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) % 2 == 0,
+  MOE_CHECK_VALUE(x.dim() >= 1 && x.size(-1) % 2 == 0,
                     "moe_ext.silu_and_mul: x.size(-1) must be even (gate half, then up half), got shape ",
                     dims(x.sizes()));
 }
@@ -132,7 +163,7 @@ inline void check_combine_args(const at::Tensor& x, const std::optional<at::Tens
   check_arg("moe_combine", "x", x, 3, kFloatTypes, x.device());
   if (topk_weights.has_value()) {
     check_arg("moe_combine", "topk_weights", *topk_weights, 2, {c10::ScalarType::Float}, x.device());
-    TORCH_CHECK_VALUE(topk_weights->size(0) == x.size(0) && topk_weights->size(1) == x.size(1),
+    MOE_CHECK_VALUE(topk_weights->size(0) == x.size(0) && topk_weights->size(1) == x.size(1),
                       "moe_ext.moe_combine: topk_weights must have shape [", x.size(0), ", ", x.size(1),
                       "], got ", dims(topk_weights->sizes()));
   }
@@ -148,27 +179,27 @@ inline void check_grouped_gemm_args(const at::Tensor& a, const at::Tensor& w,
   const auto dev = a.device();
   check_arg(op, "a", a, 2, kFloatTypes, dev);
   check_arg(op, "w", w, 3, kFloatTypes, dev);
-  TORCH_CHECK_TYPE(w.scalar_type() == a.scalar_type(), "moe_ext.moe_grouped_gemm: w must have a's dtype ",
+  MOE_CHECK_TYPE(w.scalar_type() == a.scalar_type(), "moe_ext.moe_grouped_gemm: w must have a's dtype ",
                    a.scalar_type(), ", got ", w.scalar_type());
-  TORCH_CHECK_VALUE(w.size(2) == a.size(1), "moe_ext.moe_grouped_gemm: w must be [E, N, K] with K = a.size(1) = ",
+  MOE_CHECK_VALUE(w.size(2) == a.size(1), "moe_ext.moe_grouped_gemm: w must be [E, N, K] with K = a.size(1) = ",
                     a.size(1), ", got shape ", dims(w.sizes()));
   check_arg(op, "sorted_token_ids", sorted_token_ids, 1, {c10::ScalarType::Int}, dev);
   check_arg(op, "expert_ids", expert_ids, 1, {c10::ScalarType::Int}, dev);
   check_arg(op, "num_tokens_post_padded", num_tokens_post_padded, 1, {c10::ScalarType::Int}, dev);
-  TORCH_CHECK_VALUE(num_tokens_post_padded.numel() == 1,
+  MOE_CHECK_VALUE(num_tokens_post_padded.numel() == 1,
                     "moe_ext.moe_grouped_gemm: num_tokens_post_padded must have 1 element, got ",
                     num_tokens_post_padded.numel());
   const int64_t num_blocks = expert_ids.numel();
   const int64_t P = sorted_token_ids.numel();
-  TORCH_CHECK_VALUE((num_blocks == 0 && P == 0) || (num_blocks > 0 && P % num_blocks == 0),
+  MOE_CHECK_VALUE((num_blocks == 0 && P == 0) || (num_blocks > 0 && P % num_blocks == 0),
                     "moe_ext.moe_grouped_gemm: sorted_token_ids (", P,
                     " elements) must hold a whole block_size per entry of expert_ids (", num_blocks, ")");
-  TORCH_CHECK_VALUE(topk >= 1, "moe_ext.moe_grouped_gemm: topk must be >= 1, got ", topk);
-  TORCH_CHECK_VALUE(a.size(0) * topk < (int64_t{1} << 31),
+  MOE_CHECK_VALUE(topk >= 1, "moe_ext.moe_grouped_gemm: topk must be >= 1, got ", topk);
+  MOE_CHECK_VALUE(a.size(0) * topk < (int64_t{1} << 31),
                     "moe_ext.moe_grouped_gemm: a.size(0) * topk overflows int32 token indices");
   if (topk_weights.has_value()) {
     check_arg(op, "topk_weights", *topk_weights, -1, {c10::ScalarType::Float}, dev);
-    TORCH_CHECK_VALUE(topk_weights->numel() == a.size(0) * topk,
+    MOE_CHECK_VALUE(topk_weights->numel() == a.size(0) * topk,
                       "moe_ext.moe_grouped_gemm: topk_weights must have a.size(0) * topk = ", a.size(0) * topk,
                       " elements, got shape ", dims(topk_weights->sizes()));
   }

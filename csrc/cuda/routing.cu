@@ -1,5 +1,6 @@
 // Launchers for router top-k gating and block alignment (kernels in csrc/kernels/gating.cuh and
 // csrc/kernels/align.cuh).
+#include <algorithm>
 #include <type_traits>
 
 #include "../kernels/align.cuh"
@@ -63,6 +64,8 @@ cudaError_t moe_align(const int32_t* ids, int64_t numel, int num_experts, int bl
   const int warps = align_warps(E);
   const int scratch = kWarpSize + 1;
   if (numel <= kAlignSingleBlockMaxIds) {
+    // Enough warps for about 256 ids each (at least 4): at decode the per-warp table stays small.
+    const int warps = std::min<int>(align_warps(E), std::max<int64_t>(4, (numel + 255) / 256));
     const size_t smem = (size_t(warps) * E + E + 1 + scratch) * sizeof(int);
     moe_align_single_block_kernel<<<1, warps * kWarpSize, smem, stream>>>(
         ids, static_cast<int>(numel), E, block_size, expert_map, static_cast<int>(max_padded), sorted, expert_ids,

@@ -117,10 +117,15 @@ MOE_DEVICE MOE_FORCEINLINE void counts_to_cursors(int* counts, int E, const int*
   for (int s = threadIdx.x; s < E; s += blockDim.x) {
     int run = base_smem ? base_smem[s] : base_global[s];
     const int start = run;
-    for (int w = 0; w < num_warps; ++w) {
-      const int c = counts[w * E + s];
-      counts[w * E + s] = run;
-      run += c;
+    for (int w0 = 0; w0 < num_warps; w0 += 8) {  // 8 loads in flight, then the running sum
+      int c[8];
+#pragma unroll
+      for (int k = 0; k < 8; ++k) c[k] = w0 + k < num_warps ? counts[(w0 + k) * E + s] : 0;
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        if (w0 + k < num_warps) counts[(w0 + k) * E + s] = run;
+        run += c[k];
+      }
     }
     if (totals) totals[s] = run - start;
   }

@@ -51,11 +51,24 @@ MOE_DEVICE MOE_FORCEINLINE void gate_token(const T* __restrict__ row, const Gati
   float key[kPerLane];
   uint32_t avail = 0;  // bit j: slot j holds an expert that may still be chosen
 
+  // Every load is unconditional (clamped index) so all of them are in flight at once.
 #pragma unroll
   for (int j = 0; j < kPerLane; ++j) {
     const int i = lane + j * kGateLanes;
-    score[j] = i < E ? sanitize_logit(to_float(row[i])) : -INFINITY;
-    if (i < E) avail |= 1u << j;
+    const float x = to_float(row[i < E ? i : E - 1]);
+    score[j] = i < E ? sanitize_logit(x) : -INFINITY;
+    avail |= (i < E ? 1u : 0u) << j;
+  }
+  float bias[kPerLane];
+  if (p.bias) {
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      const int i = lane + j * kGateLanes;
+      bias[j] = p.bias[i < E ? i : E - 1];
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) bias[j] = 0.0f;
   }
 
   if (p.scoring == ScoringFunc::kSoftmax) {
@@ -68,26 +81,19 @@ MOE_DEVICE MOE_FORCEINLINE void gate_token(const T* __restrict__ row, const Gati
     float partial = 0.0f;
 #pragma unroll
     for (int j = 0; j < kPerLane; ++j) {
-      if (avail >> j & 1) {
-        score[j] = softmax_numerator(score[j], row_max);
-        partial += score[j];
-      }
+      score[j] = (avail >> j & 1) ? softmax_numerator(score[j], row_max) : 0.0f;
+      partial += score[j];  // + 0 for empty slots: exact
     }
 #pragma unroll
     for (int offset = kGateLanes / 2; offset > 0; offset /= 2) partial = partial + shfl_xor(partial, offset, kGateLanes);
 #pragma unroll
-    for (int j = 0; j < kPerLane; ++j)
-      if (avail >> j & 1) score[j] = score[j] / partial;
+    for (int j = 0; j < kPerLane; ++j) score[j] = score[j] / partial;
   } else {
 #pragma unroll
-    for (int j = 0; j < kPerLane; ++j)
-      if (avail >> j & 1) score[j] = moe_sigmoidf(score[j]);
+    for (int j = 0; j < kPerLane; ++j) score[j] = moe_sigmoidf(score[j]);
   }
 #pragma unroll
-  for (int j = 0; j < kPerLane; ++j) {
-    const int i = lane + j * kGateLanes;
-    key[j] = (avail >> j & 1) ? selection_key(score[j], p.bias ? p.bias[i] : 0.0f) : -INFINITY;
-  }
+  for (int j = 0; j < kPerLane; ++j) key[j] = (avail >> j & 1) ? selection_key(score[j], bias[j]) : -INFINITY;
 
   if (p.num_expert_group > 1) {
     const int G = p.num_expert_group;

@@ -15,6 +15,7 @@
 
 #include <cfloat>
 #include <cmath>
+#include <cstring>
 
 #include "../core/compat.h"
 
@@ -34,13 +35,26 @@ MOE_HOST_DEVICE MOE_FORCEINLINE float sanitize_logit(float x) {
   return x > FLT_MAX ? FLT_MAX : x;
 }
 
+// 2^n for n in [-126, 127], built from its bits (exact).
+MOE_HOST_DEVICE MOE_FORCEINLINE float exp2_int(int n) {
+  const int bits = (n + 127) << 23;
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+  return __int_as_float(bits);
+#else
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+#endif
+}
+
 // e^x with a fixed operation sequence. Returns exactly 0 below -86 (results there would be within
 // a few binades of the denormals; flushing them keeps every path in normal range) and +inf above 88.
+// Branch-free: the polynomial runs on a clamped argument and the ends are selected afterwards, so
+// a warp evaluating many of these never diverges.
 MOE_HOST_DEVICE MOE_FORCEINLINE float moe_expf(float x) {
-  if (!(x >= -86.0f)) return 0.0f;  // also catches -inf
-  if (x > 88.0f) return INFINITY;
-  const float n = rintf(x * 1.44269504088896341f);
-  float r = fmaf(n, -0.693359375f, x);
+  const float xc = fminf(fmaxf(x, -86.0f), 88.0f);
+  const float n = rintf(xc * 1.44269504088896341f);
+  float r = fmaf(n, -0.693359375f, xc);
   r = fmaf(n, 2.12194440e-4f, r);
   float p = 1.98412698e-4f;  // 1/5040
   p = fmaf(p, r, 1.38888889e-3f);
@@ -50,7 +64,8 @@ MOE_HOST_DEVICE MOE_FORCEINLINE float moe_expf(float x) {
   p = fmaf(p, r, 0.5f);
   p = fmaf(p, r, 1.0f);
   p = fmaf(p, r, 1.0f);
-  return ldexpf(p, static_cast<int>(n));
+  const float e = p * exp2_int(static_cast<int>(n));  // exact: p in [0.7, 1.5], result normal
+  return !(x >= -86.0f) ? 0.0f : (x > 88.0f ? INFINITY : e);
 }
 
 MOE_HOST_DEVICE MOE_FORCEINLINE float moe_sigmoidf(float x) { return 1.0f / (1.0f + moe_expf(-x)); }
