@@ -33,6 +33,12 @@ def main():
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--no-kernel-time", action="store_true")
     args = p.parse_args()
+    # Calibration: a one-element in-place add, the cheapest kernel PyTorch launches.
+    tiny = torch.zeros(1, device="cuda")
+    calib = dict(eager_us=time_events(lambda: tiny.add_(1), iters=200), graph_us=time_graph(lambda: tiny.add_(1)),
+                 kernel_us=float("nan") if args.no_kernel_time else time_kernels(lambda: tiny.add_(1)))
+    print(f"calibration, 1-element add_: eager {calib['eager_us']:.2f} us, graph {calib['graph_us']:.2f} us/call, "
+          f"kernel {calib['kernel_us']:.2f} us")
     rows = []
     for E in args.experts:
         for k in args.topk:
@@ -61,7 +67,8 @@ def main():
         cols += [(f"{name}_eager_us", f"{name} eager µs", ".2f"), (f"{name}_graph_us", f"{name} graph µs", ".2f"),
                  (f"{name}_kernel_us", f"{name} kernel µs", ".2f")]
     cols += [("torch_pair_eager_us", "torch pair eager µs", ".1f"), ("ids_per_s", "ids/s (pair, graph)", ".3g")]
-    path = write_results("routing", {"block_size": args.block_size, "logits": "bf16", "routing": "softmax+renormalize"},
+    path = write_results("routing", {"block_size": args.block_size, "logits": "bf16", "routing": "softmax+renormalize",
+                                     "calibration_1elem_add": {k: round(v, 2) for k, v in calib.items()}},
                          rows, markdown_table(rows, cols))
     print(f"\nwrote {path}.json/.md")
 

@@ -31,7 +31,7 @@ def gating_scores_ref(router_logits: torch.Tensor, scoring_func: str = "softmax"
         shifted = x - row_max
         e = torch.where(shifted < -86.0, torch.zeros_like(shifted), torch.exp(shifted))
         e = torch.where(row_max == _NEG_INF, torch.ones_like(e), e)
-        return e / e.sum(dim=-1, keepdim=True)
+        return e * (1.0 / e.sum(dim=-1, keepdim=True))
     if scoring_func == "sigmoid":
         return torch.where(x < -88.0, torch.zeros_like(x), torch.sigmoid(x))
     raise ValueError(f"scoring_func must be 'softmax' or 'sigmoid', got {scoring_func!r}")

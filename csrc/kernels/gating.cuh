@@ -86,8 +86,9 @@ MOE_DEVICE MOE_FORCEINLINE void gate_token(const T* __restrict__ row, const Gati
     }
 #pragma unroll
     for (int offset = kGateLanes / 2; offset > 0; offset /= 2) partial = partial + shfl_xor(partial, offset, kGateLanes);
+    const float inv_denom = 1.0f / partial;
 #pragma unroll
-    for (int j = 0; j < kPerLane; ++j) score[j] = score[j] / partial;
+    for (int j = 0; j < kPerLane; ++j) score[j] = score[j] * inv_denom;
   } else {
 #pragma unroll
     for (int j = 0; j < kPerLane; ++j) score[j] = moe_sigmoidf(score[j]);

@@ -5,7 +5,8 @@
 // Cody-Waite reduction plus a degree-7 polynomial evaluated with explicit fmaf (no libm, no
 // compiler contraction can change it), divisions are IEEE, and the softmax denominator is summed
 // in a fixed tree order (kReduceLanes strided partial sums, then a butterfly), which is exactly
-// what one warp per token computes on the GPU.
+// what one warp per token computes on the GPU; each numerator is then multiplied by the
+// denominator's reciprocal (one division per token).
 //
 // NaN/Inf policy: a NaN logit counts as -inf and +inf counts as FLT_MAX, so a row that holds +inf
 // puts all its softmax mass on its +inf entries; a row with no finite-or-+inf logit scores every

@@ -63,8 +63,8 @@ inline void gating_row(const float* logits, const GatingParams& p, GatingScratch
       for (int l = 0; l < kReduceLanes; ++l) next[l] = lanes[l] + lanes[l ^ offset];
       std::copy(next, next + kReduceLanes, lanes);
     }
-    const float denom = lanes[0];
-    for (int i = 0; i < E; ++i) score[i] = score[i] / denom;
+    const float inv_denom = 1.0f / lanes[0];
+    for (int i = 0; i < E; ++i) score[i] = score[i] * inv_denom;
   } else {
     for (int i = 0; i < E; ++i) score[i] = moe_sigmoidf(sanitize_logit(logits[i]));
   }
