@@ -6,8 +6,8 @@
 // denominator is each lane's strided partial sum followed by an xor butterfly, which is exactly the
 // CPU's kReduceLanes tree, so ids and weights are bit-identical to the CPU kernel's.
 //
-// Selection is topk rounds of a warp arg-max under ranks_before (key desc, index asc); each lane
-// keeps its own best candidate and rescans only when that one is taken. Grouped top-k stages the
+// Selection is topk rounds of a warp arg-max under ranks_before (key desc, index asc), done on
+// (key, index) packed into one 64-bit integer so each butterfly step is two shuffles and a max. Grouped top-k stages the
 // keys in shared memory, lets each lane score whole groups (sum of the group's two best keys) and
 // picks topk_group groups by the same arg-max before the expert rounds.
 #pragma once
@@ -23,17 +23,24 @@ namespace moe_ext {
 
 constexpr int kGateLanes = kReduceLanes;  // lanes per token; the butterfly width of the sum
 
-// Arg-max over the 32 lanes under ranks_before; every lane returns the winner.
-MOE_DEVICE MOE_FORCEINLINE void group_argmax(float& key, int& idx) {
+// (key, index) packed into one integer whose unsigned order is ranks_before's: the key's bits mapped
+// to an order-preserving uint32 above, the complement of the index below (lower index wins ties).
+// 0 is below every real candidate (a -inf key still packs above 2^32).
+MOE_DEVICE MOE_FORCEINLINE uint64_t pack_rank(float key, int idx) {
+  const uint32_t u = __float_as_uint(key);
+  const uint32_t ordered = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return (uint64_t(ordered) << 32) | uint32_t(0xFFFFFFFFu - uint32_t(idx));
+}
+MOE_DEVICE MOE_FORCEINLINE int packed_index(uint64_t packed) { return int(0xFFFFFFFFu - uint32_t(packed)); }
+
+// Arg-max over the 32 lanes; every lane returns the winner.
+MOE_DEVICE MOE_FORCEINLINE uint64_t group_argmax(uint64_t v) {
 #pragma unroll
   for (int offset = kGateLanes / 2; offset > 0; offset /= 2) {
-    const float k = shfl_xor(key, offset, kGateLanes);
-    const int i = shfl_xor(idx, offset, kGateLanes);
-    if (ranks_before(k, i, key, idx)) {
-      key = k;
-      idx = i;
-    }
+    const uint64_t o = shfl_xor(v, offset, kGateLanes);
+    v = o > v ? o : v;
   }
+  return v;
 }
 
 // Shared memory of one token group for grouped top-k: keys [E] floats, then group scores [G]
@@ -124,16 +131,12 @@ MOE_DEVICE MOE_FORCEINLINE void gate_token(const T* __restrict__ row, const Gati
     // topk_group rounds of arg-max over the groups; lane l owns groups l, l + 32, ... (bit m).
     uint32_t group_taken = 0;
     for (int r = 0; r < p.topk_group; ++r) {
-      float best = -INFINITY;
-      int best_g = INT_MAX;
+      uint64_t best = 0;
       for (int m = 0, g = lane; g < G; ++m, g += kGateLanes) {
-        if (group_taken >> m & 1) continue;
-        if (ranks_before(s_group[g], g, best, best_g)) {
-          best = s_group[g];
-          best_g = g;
-        }
+        const uint64_t v = (group_taken >> m & 1) ? 0 : pack_rank(s_group[g], g);
+        best = v > best ? v : best;
       }
-      group_argmax(best, best_g);
+      const int best_g = packed_index(group_argmax(best));
       if (best_g % kGateLanes == lane) {
         group_taken |= 1u << (best_g / kGateLanes);
         s_allowed[best_g] = 1;
@@ -146,40 +149,31 @@ MOE_DEVICE MOE_FORCEINLINE void gate_token(const T* __restrict__ row, const Gati
     sync_warp();  // the scratch may be reused by the caller
   }
 
-  // Expert rounds. Each lane tracks its best available slot.
-  auto local_best = [&](float& bkey, int& bidx, float& bscore) {
-    bkey = -INFINITY;
-    bidx = INT_MAX;
-    bscore = 0.0f;
+  // Expert rounds. rank[j] packs slot j's (key, expert); 0 once taken or never available.
+  uint64_t rank[kPerLane];
 #pragma unroll
-    for (int j = 0; j < kPerLane; ++j) {
-      const int i = lane + j * kGateLanes;
-      if ((avail >> j & 1) && ranks_before(key[j], i, bkey, bidx)) {
-        bkey = key[j];
-        bidx = i;
-        bscore = score[j];
-      }
-    }
-  };
-  float bkey, bscore;
-  int bidx;
-  local_best(bkey, bidx, bscore);
+  for (int j = 0; j < kPerLane; ++j) rank[j] = (avail >> j & 1) ? pack_rank(key[j], lane + j * kGateLanes) : 0;
   float my_weight = 0.0f, selected_sum = 0.0f;
   int my_id = 0;
   for (int r = 0; r < p.topk; ++r) {
-    float wkey = bkey;
-    int widx = bidx;
-    group_argmax(wkey, widx);
-    const int owner = widx % kGateLanes;
-    const float w = shfl(bscore, owner, kGateLanes);
+    uint64_t best = 0;
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) best = rank[j] > best ? rank[j] : best;
+    const uint64_t winner = group_argmax(best);
+    const int widx = packed_index(winner);
+    float mine = 0.0f;  // the winner's score, on its owner lane; taken out of the running
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      if (rank[j] == winner) {
+        mine = score[j];
+        rank[j] = 0;
+      }
+    }
+    const float w = shfl(mine, widx % kGateLanes, kGateLanes);
     selected_sum += w;  // rank order, as on the CPU
     if (lane == r) {
       my_weight = w;
       my_id = widx;
-    }
-    if (lane == owner) {
-      avail &= ~(1u << (widx / kGateLanes));
-      local_best(bkey, bidx, bscore);
     }
   }
   if (lane < p.topk) {
