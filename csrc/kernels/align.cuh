@@ -77,35 +77,66 @@ MOE_DEVICE int block_exclusive_scan(int* vals, int n, int* scratch) {
   return total;
 }
 
-// Step 1 for one block: warp w counts ids [seg_begin(w), seg_end(w)) into counts[w * E + slot].
+// Ids are read kAlignBatch warp-rounds at a time, all loads issued before the first use.
+constexpr int kAlignBatch = 8;
+
+// Segment of warp `warp` among `num_warps` over [begin, end): whole warp-rounds, contiguous.
+MOE_DEVICE MOE_FORCEINLINE void warp_segment(int64_t begin, int64_t end, int num_warps, int warp, int64_t& s0,
+                                             int64_t& s1) {
+  const int64_t seg = ((end - begin + num_warps - 1) / num_warps + kWarpSize - 1) / kWarpSize * kWarpSize;
+  s0 = min(end, begin + warp * seg);
+  s1 = min(end, s0 + seg);
+}
+
+MOE_DEVICE MOE_FORCEINLINE void load_slots(const int32_t* __restrict__ ids, int64_t base, int64_t s1, int E,
+                                           const int32_t* __restrict__ expert_map, int (&slot)[kAlignBatch]) {
+  int32_t id[kAlignBatch];
+#pragma unroll
+  for (int r = 0; r < kAlignBatch; ++r) {
+    const int64_t f = base + r * kWarpSize + lane_id();
+    id[r] = f < s1 ? ids[f] : -1;
+  }
+#pragma unroll
+  for (int r = 0; r < kAlignBatch; ++r) slot[r] = align_slot_device(id[r], E, expert_map);
+}
+
+// Step 1 for one block: warp w counts its segment's ids into counts[w * E + slot].
 MOE_DEVICE MOE_FORCEINLINE void count_segments(const int32_t* __restrict__ ids, int64_t begin, int64_t end,
                                                int E, const int32_t* __restrict__ expert_map, int* counts) {
-  const int num_warps = blockDim.x / kWarpSize, warp = threadIdx.x / kWarpSize, lane = lane_id();
-  const int64_t seg = ((end - begin + num_warps - 1) / num_warps + kWarpSize - 1) / kWarpSize * kWarpSize;
-  const int64_t s0 = begin + warp * seg, s1 = min(end, s0 + seg);
-  for (int64_t f = s0 + lane; f < s1; f += kWarpSize) {
-    const int slot = align_slot_device(ids[f], E, expert_map);
-    if (slot >= 0) atomicAdd(&counts[warp * E + slot], 1);
+  const int num_warps = blockDim.x / kWarpSize, warp = threadIdx.x / kWarpSize;
+  int64_t s0, s1;
+  warp_segment(begin, end, num_warps, warp, s0, s1);
+  for (int64_t base = s0; base < s1; base += kAlignBatch * kWarpSize) {
+    int slot[kAlignBatch];
+    load_slots(ids, base, s1, E, expert_map, slot);
+#pragma unroll
+    for (int r = 0; r < kAlignBatch; ++r)
+      if (slot[r] >= 0) atomicAdd(&counts[warp * E + slot[r]], 1);
   }
 }
 
-// Step 3 for one block: warp w writes each id of its segment at cursor[w * E + slot] + rank.
+// Step 3 for one block: warp w writes each id of its segment at cursor[w * E + slot] + rank, rank
+// = same-slot ids before it in the segment (match_any within each warp-round, in round order).
 MOE_DEVICE MOE_FORCEINLINE void scatter_segments(const int32_t* __restrict__ ids, int64_t begin, int64_t end,
                                                  int E, const int32_t* __restrict__ expert_map, int* cursor,
                                                  int32_t* __restrict__ sorted) {
-  const int num_warps = blockDim.x / kWarpSize, warp = threadIdx.x / kWarpSize, lane = lane_id();
-  const int64_t seg = ((end - begin + num_warps - 1) / num_warps + kWarpSize - 1) / kWarpSize * kWarpSize;
-  const int64_t s0 = begin + warp * seg, s1 = min(end, s0 + seg);
+  const int num_warps = blockDim.x / kWarpSize, warp = threadIdx.x / kWarpSize;
+  int64_t s0, s1;
+  warp_segment(begin, end, num_warps, warp, s0, s1);
   int* my = cursor + warp * E;
-  for (int64_t base = s0; base < s1; base += kWarpSize) {  // warp-uniform trip count
-    const int64_t f = base + lane;
-    const int slot = f < s1 ? align_slot_device(ids[f], E, expert_map) : -1;
-    const moe_lane_mask_t peers = match_any<kAlignMatchBits>(slot);
-    const int rank = popcount(peers & lanemask_lt());
-    if (slot >= 0) sorted[my[slot] + rank] = static_cast<int32_t>(f);
-    sync_warp();
-    if (slot >= 0 && rank == 0) my[slot] += popcount(peers);
-    sync_warp();
+  for (int64_t base = s0; base < s1; base += kAlignBatch * kWarpSize) {  // warp-uniform trip count
+    int slot[kAlignBatch];
+    load_slots(ids, base, s1, E, expert_map, slot);
+#pragma unroll
+    for (int r = 0; r < kAlignBatch; ++r) {
+      if (base + r * kWarpSize >= s1) break;  // warp-uniform
+      const moe_lane_mask_t peers = match_any<kAlignMatchBits>(slot[r]);
+      const int rank = popcount(peers & lanemask_lt());
+      if (slot[r] >= 0) sorted[my[slot[r]] + rank] = static_cast<int32_t>(base + r * kWarpSize + lane_id());
+      sync_warp();
+      if (slot[r] >= 0 && rank == 0) my[slot[r]] += popcount(peers);
+      sync_warp();
+    }
   }
 }
 
