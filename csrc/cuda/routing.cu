@@ -33,7 +33,7 @@ cudaError_t dispatch_per_lane(int E, F&& f) {
 }
 
 // Multi-block alignment above this many ids; one block (one launch) at or below.
-constexpr int64_t kAlignSingleBlockMaxIds = 16384;
+constexpr int64_t kAlignSingleBlockMaxIds = 1024 * kAlignSmallMaxPerThread;
 
 }  // namespace
 
@@ -61,15 +61,15 @@ cudaError_t moe_align(const int32_t* ids, int64_t numel, int num_experts, int bl
                       int64_t max_padded, int32_t* sorted, int32_t* expert_ids, int32_t* num_post_padded,
                       int32_t* workspace, cudaStream_t stream) {
   const int E = num_experts;
-  const int warps = align_warps(E);
+  const int warps = align_warps(E);  // multi-block scatter
   const int scratch = kWarpSize + 1;
   if (numel <= kAlignSingleBlockMaxIds) {
-    // Enough warps for about 256 ids each (at least 4): at decode the per-warp table stays small.
-    const int warps = std::min<int>(align_warps(E), std::max<int64_t>(4, (numel + 255) / 256));
-    const size_t smem = (size_t(warps) * E + E + 1 + scratch) * sizeof(int);
-    moe_align_single_block_kernel<<<1, warps * kWarpSize, smem, stream>>>(
-        ids, static_cast<int>(numel), E, block_size, expert_map, static_cast<int>(max_padded), sorted, expert_ids,
-        num_post_padded);
+    const int threads = static_cast<int>(std::min<int64_t>(
+        1024, std::max<int64_t>(128, ((std::max<int64_t>(numel, E) + kWarpSize - 1) / kWarpSize) * kWarpSize)));
+    const size_t smem = (3 * size_t(E) + 1 + scratch) * sizeof(int);
+    moe_align_small_kernel<<<1, threads, smem, stream>>>(ids, static_cast<int>(numel), E, block_size, expert_map,
+                                                         static_cast<int>(max_padded), sorted, expert_ids,
+                                                         num_post_padded);
     return cudaGetLastError();
   }
   const int chunks = static_cast<int>((numel + kAlignChunk - 1) / kAlignChunk);

@@ -8,8 +8,9 @@
 //   1. count: each warp counts its segment's ids per expert (shared atomics: order-free sums);
 //   2. scan: per expert, across segments (chunks, then warps), plus the padded per-expert offsets;
 //   3. scatter: each warp walks its segment and writes every id at base + rank.
-// Small inputs run all three in one block (one launch). Large ones run count / scan / scatter as
-// three launches over chunks of kAlignChunk ids with an int32 workspace [chunks, E].
+// That is the multi-block path: count / scan / scatter as three launches over chunks of
+// kAlignChunk ids with an int32 workspace [chunks, E]. Up to 8192 ids run in one block, one launch
+// (moe_align_small_kernel), which ranks ids within each expert's run instead.
 #pragma once
 
 #include <cstdint>
@@ -140,14 +141,11 @@ MOE_DEVICE MOE_FORCEINLINE void scatter_segments(const int32_t* __restrict__ ids
   }
 }
 
-// Turns counts[w * E + s] into cursors: base[s] + ids of slot s in warps before w. Returns nothing;
-// totals[s] receives the block's count of slot s when totals is non-null.
-MOE_DEVICE MOE_FORCEINLINE void counts_to_cursors(int* counts, int E, const int* base_smem,
-                                                  const int32_t* base_global, int* totals) {
+// Turns counts[w * E + s] into cursors: base[s] + ids of slot s in warps before w.
+MOE_DEVICE MOE_FORCEINLINE void counts_to_cursors(int* counts, int E, const int32_t* __restrict__ base) {
   const int num_warps = blockDim.x / kWarpSize;
   for (int s = threadIdx.x; s < E; s += blockDim.x) {
-    int run = base_smem ? base_smem[s] : base_global[s];
-    const int start = run;
+    int run = base[s];
     for (int w0 = 0; w0 < num_warps; w0 += 8) {  // 8 loads in flight, then the running sum
       int c[8];
 #pragma unroll
@@ -158,7 +156,6 @@ MOE_DEVICE MOE_FORCEINLINE void counts_to_cursors(int* counts, int E, const int*
         run += c[k];
       }
     }
-    if (totals) totals[s] = run - start;
   }
 }
 
@@ -195,31 +192,58 @@ MOE_DEVICE MOE_FORCEINLINE void pad_and_scan(int* offsets, int E, int block_size
   __syncthreads();
 }
 
-// Dynamic shared memory: counts [warps * E] | offsets [E + 1] | scan scratch [kWarpSize + 1].
-__global__ void moe_align_single_block_kernel(const int32_t* __restrict__ ids, int numel, int E, int block_size,
-                                              const int32_t* __restrict__ expert_map, int max_padded,
-                                              int32_t* __restrict__ sorted, int32_t* __restrict__ expert_ids,
-                                              int32_t* __restrict__ num_post_padded) {
+// Single launch for up to kAlignSmallMaxPerThread * blockDim ids, the decode path. Counts and
+// cursors by shared atomics, so the first scatter puts each expert's ids in its run in arbitrary
+// order; each id's final place is then its rank among the run's ids (a run holds at most one id
+// per token, so at most T entries to compare against), which restores ascending order without any
+// per-warp-round serialization. Shared: counts [E] | cursor [E] | offsets [E + 1] | scratch.
+constexpr int kAlignSmallMaxPerThread = 8;
+
+__global__ void __launch_bounds__(1024) moe_align_small_kernel(
+    const int32_t* __restrict__ ids, int numel, int E, int block_size, const int32_t* __restrict__ expert_map,
+    int max_padded, int32_t* __restrict__ sorted, int32_t* __restrict__ expert_ids,
+    int32_t* __restrict__ num_post_padded) {
   extern __shared__ int align_smem[];
-  const int num_warps = blockDim.x / kWarpSize;
   int* counts = align_smem;
-  int* offsets = counts + num_warps * E;
+  int* cursor = counts + E;
+  int* offsets = cursor + E;
   int* scratch = offsets + E + 1;
-  for (int i = threadIdx.x; i < num_warps * E; i += blockDim.x) counts[i] = 0;
+  for (int s = threadIdx.x; s < E; s += blockDim.x) counts[s] = cursor[s] = 0;
   for (int i = threadIdx.x; i < max_padded; i += blockDim.x) sorted[i] = numel;  // sentinel
+  int slot[kAlignSmallMaxPerThread];
+#pragma unroll
+  for (int k = 0; k < kAlignSmallMaxPerThread; ++k) {
+    const int f = threadIdx.x + k * blockDim.x;
+    slot[k] = f < numel ? align_slot_device(ids[f], E, expert_map) : -1;
+  }
   __syncthreads();
-  count_segments(ids, 0, numel, E, expert_map, counts);
+#pragma unroll
+  for (int k = 0; k < kAlignSmallMaxPerThread; ++k)
+    if (slot[k] >= 0) atomicAdd(&counts[slot[k]], 1);
   __syncthreads();
-  for (int s = threadIdx.x; s < E; s += blockDim.x) offsets[s] = 0;
-  __syncthreads();
-  counts_to_cursors(counts, E, offsets, nullptr, offsets);  // offsets[s] <- count of s
+  for (int s = threadIdx.x; s < E; s += blockDim.x) offsets[s] = counts[s];
   __syncthreads();
   pad_and_scan(offsets, E, block_size, scratch, num_post_padded);
-  // Cursors were relative to 0; shift each slot's by its offset.
-  for (int i = threadIdx.x; i < num_warps * E; i += blockDim.x) counts[i] += offsets[i % E];
   write_expert_ids(offsets, E, block_size, max_padded / block_size, expert_map, expert_ids, threadIdx.x, blockDim.x);
-  __syncthreads();
-  scatter_segments(ids, 0, numel, E, expert_map, counts, sorted);
+#pragma unroll
+  for (int k = 0; k < kAlignSmallMaxPerThread; ++k)
+    if (slot[k] >= 0) sorted[offsets[slot[k]] + atomicAdd(&cursor[slot[k]], 1)] = threadIdx.x + k * blockDim.x;
+  __syncthreads();  // the unordered runs are visible to the whole block
+  int rank[kAlignSmallMaxPerThread];
+#pragma unroll
+  for (int k = 0; k < kAlignSmallMaxPerThread; ++k) {
+    rank[k] = 0;
+    if (slot[k] >= 0) {
+      const int f = threadIdx.x + k * blockDim.x;
+      const int32_t* run = sorted + offsets[slot[k]];
+      const int n = counts[slot[k]];
+      for (int q = 0; q < n; ++q) rank[k] += run[q] < f;
+    }
+  }
+  __syncthreads();  // every rank is read before any id moves
+#pragma unroll
+  for (int k = 0; k < kAlignSmallMaxPerThread; ++k)
+    if (slot[k] >= 0) sorted[offsets[slot[k]] + rank[k]] = threadIdx.x + k * blockDim.x;
 }
 
 // Multi-block step 1: chunk c's per-expert counts -> workspace[c * E + s]; also fills the sentinel.
@@ -275,7 +299,7 @@ __global__ void moe_align_scatter_kernel(const int32_t* __restrict__ ids, int nu
   const int64_t begin = int64_t(blockIdx.x) * kAlignChunk, end = min(static_cast<int64_t>(numel), begin + kAlignChunk);
   count_segments(ids, begin, end, E, expert_map, counts);
   __syncthreads();
-  counts_to_cursors(counts, E, nullptr, workspace + int64_t(blockIdx.x) * E, nullptr);
+  counts_to_cursors(counts, E, workspace + int64_t(blockIdx.x) * E);
   __syncthreads();
   scatter_segments(ids, begin, end, E, expert_map, counts, sorted);
 }
