@@ -52,8 +52,14 @@ cudaError_t topk_gating(DType dtype, const void* logits, int64_t row_stride, int
   });
 }
 
+namespace {
+bool align_single_launch(int64_t numel, int E) {
+  return numel <= kAlignSingleBlockMaxIds && align_small_smem_ints(E, static_cast<int>(numel)) <= kAlignSmemInts;
+}
+}  // namespace
+
 int64_t moe_align_workspace(int64_t numel, int num_experts) {
-  if (numel <= kAlignSingleBlockMaxIds) return 0;
+  if (align_single_launch(numel, num_experts)) return 0;
   return (numel + kAlignChunk - 1) / kAlignChunk * num_experts;
 }
 
@@ -63,10 +69,10 @@ cudaError_t moe_align(const int32_t* ids, int64_t numel, int num_experts, int bl
   const int E = num_experts;
   const int warps = align_warps(E);  // multi-block scatter
   const int scratch = kWarpSize + 1;
-  if (numel <= kAlignSingleBlockMaxIds) {
+  if (align_single_launch(numel, E)) {
     const int threads = static_cast<int>(std::min<int64_t>(
         1024, std::max<int64_t>(128, ((std::max<int64_t>(numel, E) + kWarpSize - 1) / kWarpSize) * kWarpSize)));
-    const size_t smem = (3 * size_t(E) + 1 + scratch) * sizeof(int);
+    const size_t smem = size_t(align_small_smem_ints(E, static_cast<int>(numel))) * sizeof(int);
     moe_align_small_kernel<<<1, threads, smem, stream>>>(ids, static_cast<int>(numel), E, block_size, expert_map,
                                                          static_cast<int>(max_padded), sorted, expert_ids,
                                                          num_post_padded);

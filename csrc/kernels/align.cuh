@@ -192,12 +192,14 @@ MOE_DEVICE MOE_FORCEINLINE void pad_and_scan(int* offsets, int E, int block_size
   __syncthreads();
 }
 
-// Single launch for up to kAlignSmallMaxPerThread * blockDim ids, the decode path. Counts and
-// cursors by shared atomics, so the first scatter puts each expert's ids in its run in arbitrary
-// order; each id's final place is then its rank among the run's ids (a run holds at most one id
-// per token, so at most T entries to compare against), which restores ascending order without any
-// per-warp-round serialization. Shared: counts [E] | cursor [E] | offsets [E + 1] | scratch.
+// Single launch for small inputs (the decode path). Counts and cursors by shared atomics, so the
+// first scatter puts each expert's ids in its run of a shared staging array in arbitrary order;
+// each id's final place is then its rank among its run (a run holds at most one id per token, so
+// at most T entries to compare against), which restores ascending order with no per-warp-round
+// work. Shared: counts [E] | cursor [E] | starts [E] | offsets [E + 1] | scratch | stage [numel].
 constexpr int kAlignSmallMaxPerThread = 8;
+
+MOE_HOST_DEVICE MOE_FORCEINLINE int align_small_smem_ints(int E, int numel) { return 4 * E + 1 + kWarpSize + 1 + numel; }
 
 __global__ void __launch_bounds__(1024) moe_align_small_kernel(
     const int32_t* __restrict__ ids, int numel, int E, int block_size, const int32_t* __restrict__ expert_map,
@@ -206,8 +208,10 @@ __global__ void __launch_bounds__(1024) moe_align_small_kernel(
   extern __shared__ int align_smem[];
   int* counts = align_smem;
   int* cursor = counts + E;
-  int* offsets = cursor + E;
+  int* starts = cursor + E;
+  int* offsets = starts + E;
   int* scratch = offsets + E + 1;
+  int* stage = scratch + kWarpSize + 1;
   for (int s = threadIdx.x; s < E; s += blockDim.x) counts[s] = cursor[s] = 0;
   for (int i = threadIdx.x; i < max_padded; i += blockDim.x) sorted[i] = numel;  // sentinel
   int slot[kAlignSmallMaxPerThread];
@@ -221,29 +225,25 @@ __global__ void __launch_bounds__(1024) moe_align_small_kernel(
   for (int k = 0; k < kAlignSmallMaxPerThread; ++k)
     if (slot[k] >= 0) atomicAdd(&counts[slot[k]], 1);
   __syncthreads();
-  for (int s = threadIdx.x; s < E; s += blockDim.x) offsets[s] = counts[s];
+  for (int s = threadIdx.x; s < E; s += blockDim.x) offsets[s] = starts[s] = counts[s];
   __syncthreads();
+  block_exclusive_scan(starts, E, scratch);
   pad_and_scan(offsets, E, block_size, scratch, num_post_padded);
   write_expert_ids(offsets, E, block_size, max_padded / block_size, expert_map, expert_ids, threadIdx.x, blockDim.x);
 #pragma unroll
   for (int k = 0; k < kAlignSmallMaxPerThread; ++k)
-    if (slot[k] >= 0) sorted[offsets[slot[k]] + atomicAdd(&cursor[slot[k]], 1)] = threadIdx.x + k * blockDim.x;
-  __syncthreads();  // the unordered runs are visible to the whole block
-  int rank[kAlignSmallMaxPerThread];
+    if (slot[k] >= 0) stage[starts[slot[k]] + atomicAdd(&cursor[slot[k]], 1)] = threadIdx.x + k * blockDim.x;
+  __syncthreads();  // the unordered runs are complete
 #pragma unroll
   for (int k = 0; k < kAlignSmallMaxPerThread; ++k) {
-    rank[k] = 0;
-    if (slot[k] >= 0) {
-      const int f = threadIdx.x + k * blockDim.x;
-      const int32_t* run = sorted + offsets[slot[k]];
-      const int n = counts[slot[k]];
-      for (int q = 0; q < n; ++q) rank[k] += run[q] < f;
-    }
+    if (slot[k] < 0) continue;
+    const int f = threadIdx.x + k * blockDim.x;
+    const int* run = stage + starts[slot[k]];
+    const int n = counts[slot[k]];
+    int rank = 0;
+    for (int q = 0; q < n; ++q) rank += run[q] < f;
+    sorted[offsets[slot[k]] + rank] = f;
   }
-  __syncthreads();  // every rank is read before any id moves
-#pragma unroll
-  for (int k = 0; k < kAlignSmallMaxPerThread; ++k)
-    if (slot[k] >= 0) sorted[offsets[slot[k]] + rank[k]] = threadIdx.x + k * blockDim.x;
 }
 
 // Multi-block step 1: chunk c's per-expert counts -> workspace[c * E + s]; also fills the sentinel.
