@@ -111,6 +111,20 @@ MOE_DEVICE MOE_FORCEINLINE moe_lane_mask_t match_any(int v) {
 #endif
 }
 
+// Max of an unsigned 32-bit value over the warp (one REDUX instruction on sm_80+).
+MOE_DEVICE MOE_FORCEINLINE unsigned warp_max_u32(unsigned v) {
+#if !defined(__HIP_PLATFORM_AMD__) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  return __reduce_max_sync(MOE_FULL_LANE_MASK, v);
+#else
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    const unsigned o = shfl_xor(v, offset);
+    v = o > v ? o : v;
+  }
+  return v;
+#endif
+}
+
 MOE_DEVICE MOE_FORCEINLINE void sync_warp() {
 #if !defined(__HIP_PLATFORM_AMD__)
   __syncwarp();

@@ -33,14 +33,36 @@ MOE_DEVICE MOE_FORCEINLINE uint64_t pack_rank(float key, int idx) {
 }
 MOE_DEVICE MOE_FORCEINLINE int packed_index(uint64_t packed) { return int(0xFFFFFFFFu - uint32_t(packed)); }
 
-// Arg-max over the 32 lanes; every lane returns the winner.
+// Arg-max over the 32 lanes; every lane returns the winner. Where the 32-lane group is the whole
+// warp (NVIDIA), two warp max-reductions: the best key, then the best index among its holders.
 MOE_DEVICE MOE_FORCEINLINE uint64_t group_argmax(uint64_t v) {
+#if !defined(__HIP_PLATFORM_AMD__)
+  static_assert(kGateLanes == kWarpSize, "one token per warp");
+  const unsigned hi = warp_max_u32(unsigned(v >> 32));
+  const unsigned lo = warp_max_u32(unsigned(v >> 32) == hi ? unsigned(v) : 0u);
+  return (uint64_t(hi) << 32) | lo;
+#else
 #pragma unroll
   for (int offset = kGateLanes / 2; offset > 0; offset /= 2) {
     const uint64_t o = shfl_xor(v, offset, kGateLanes);
     v = o > v ? o : v;
   }
   return v;
+#endif
+}
+
+// Max of a (non-NaN) float over the 32 lanes, exact: order-preserving uint32 keys and one warp
+// max-reduction where the group is the warp.
+MOE_DEVICE MOE_FORCEINLINE float group_max(float x) {
+#if !defined(__HIP_PLATFORM_AMD__)
+  const uint32_t u = __float_as_uint(x);
+  const uint32_t m = warp_max_u32((u & 0x80000000u) ? ~u : (u | 0x80000000u));
+  return __uint_as_float((m & 0x80000000u) ? (m & 0x7FFFFFFFu) : ~m);
+#else
+#pragma unroll
+  for (int offset = kGateLanes / 2; offset > 0; offset /= 2) x = fmaxf(x, shfl_xor(x, offset, kGateLanes));
+  return x;
+#endif
 }
 
 // Shared memory of one token group for grouped top-k: keys [E] floats, then group scores [G]
@@ -79,12 +101,10 @@ MOE_DEVICE MOE_FORCEINLINE void gate_token(const T* __restrict__ row, const Gati
   }
 
   if (p.scoring == ScoringFunc::kSoftmax) {
-    float row_max = -INFINITY;
+    float lane_max = -INFINITY;
 #pragma unroll
-    for (int j = 0; j < kPerLane; ++j) row_max = fmaxf(row_max, score[j]);
-#pragma unroll
-    for (int offset = kGateLanes / 2; offset > 0; offset /= 2)
-      row_max = fmaxf(row_max, shfl_xor(row_max, offset, kGateLanes));
+    for (int j = 0; j < kPerLane; ++j) lane_max = fmaxf(lane_max, score[j]);
+    const float row_max = group_max(lane_max);
     float partial = 0.0f;
 #pragma unroll
     for (int j = 0; j < kPerLane; ++j) {
