@@ -32,8 +32,20 @@ cudaError_t dispatch_per_lane(int E, F&& f) {
   return cudaErrorInvalidValue;
 }
 
-// Multi-block alignment above this many ids; one block (one launch) at or below.
-constexpr int64_t kAlignSingleBlockMaxIds = 1024 * kAlignSmallMaxPerThread;
+// One block (one launch) up to this many ids; the count / scan / scatter launches above. The
+// single block ranks each id within its expert's run, which costs O(run length) per id: cheap at
+// decode, not at a thousand tokens (see bench/NOTES.md).
+constexpr int64_t kAlignSingleBlockMaxIds = 1024;
+
+bool align_single_launch(int64_t numel, int E) {
+  return numel <= kAlignSingleBlockMaxIds && align_small_smem_ints(E, static_cast<int>(numel)) <= kAlignSmemInts;
+}
+
+// Ids per block on the multi-block path: about one chunk per multiprocessor, 256 to 4096 ids.
+int align_chunk(int64_t numel) {
+  const int64_t per_sm = (numel + 131) / 132;
+  return static_cast<int>(std::min<int64_t>(kAlignMaxChunk, std::max<int64_t>(256, (per_sm + 255) / 256 * 256)));
+}
 
 }  // namespace
 
@@ -52,15 +64,10 @@ cudaError_t topk_gating(DType dtype, const void* logits, int64_t row_stride, int
   });
 }
 
-namespace {
-bool align_single_launch(int64_t numel, int E) {
-  return numel <= kAlignSingleBlockMaxIds && align_small_smem_ints(E, static_cast<int>(numel)) <= kAlignSmemInts;
-}
-}  // namespace
-
 int64_t moe_align_workspace(int64_t numel, int num_experts) {
   if (align_single_launch(numel, num_experts)) return 0;
-  return (numel + kAlignChunk - 1) / kAlignChunk * num_experts;
+  const int chunk = align_chunk(numel);
+  return (numel + chunk - 1) / chunk * num_experts;
 }
 
 cudaError_t moe_align(const int32_t* ids, int64_t numel, int num_experts, int block_size, const int32_t* expert_map,
@@ -78,13 +85,16 @@ cudaError_t moe_align(const int32_t* ids, int64_t numel, int num_experts, int bl
                                                          num_post_padded);
     return cudaGetLastError();
   }
-  const int chunks = static_cast<int>((numel + kAlignChunk - 1) / kAlignChunk);
-  moe_align_count_kernel<<<chunks, 1024, E * sizeof(int), stream>>>(ids, static_cast<int>(numel), E, expert_map,
-                                                                     static_cast<int>(max_padded), sorted, workspace);
+  const int chunk = align_chunk(numel);
+  const int chunks = static_cast<int>((numel + chunk - 1) / chunk);
+  const int scatter_warps = std::max(1, std::min(warps, chunk / 128));  // about 128 ids per warp
+  moe_align_count_kernel<<<chunks, 1024, E * sizeof(int), stream>>>(ids, static_cast<int>(numel), chunk, E,
+                                                                     expert_map, static_cast<int>(max_padded), sorted,
+                                                                     workspace);
   moe_align_scan_kernel<<<1, kAlignScanThreads, (E + 1 + scratch) * sizeof(int), stream>>>(
       chunks, E, block_size, expert_map, static_cast<int>(max_padded), workspace, expert_ids, num_post_padded);
-  moe_align_scatter_kernel<<<chunks, warps * kWarpSize, size_t(warps) * E * sizeof(int), stream>>>(
-      ids, static_cast<int>(numel), E, expert_map, workspace, sorted);
+  moe_align_scatter_kernel<<<chunks, scatter_warps * kWarpSize, size_t(scatter_warps) * E * sizeof(int), stream>>>(
+      ids, static_cast<int>(numel), chunk, E, expert_map, workspace, sorted);
   return cudaGetLastError();
 }
 

@@ -9,7 +9,7 @@
 //   2. scan: per expert, across segments (chunks, then warps), plus the padded per-expert offsets;
 //   3. scatter: each warp walks its segment and writes every id at base + rank.
 // That is the multi-block path: count / scan / scatter as three launches over chunks of
-// kAlignChunk ids with an int32 workspace [chunks, E]. Up to 8192 ids run in one block, one launch
+// `chunk` ids with an int32 workspace [chunks, E]. Small inputs run in one block, one launch
 // (moe_align_small_kernel), which ranks ids within each expert's run instead.
 #pragma once
 
@@ -21,7 +21,7 @@ namespace moe_ext {
 
 constexpr int kAlignMatchBits = 11;            // slots are -1 .. 1023
 constexpr int kAlignSmemInts = 48 * 1024 / 4;  // static-limit shared memory, in ints
-constexpr int kAlignChunk = 4096;              // ids per block on the multi-block path
+constexpr int kAlignMaxChunk = 4096;           // ids per block on the multi-block path, at most
 constexpr int kAlignScanThreads = 1024;
 
 MOE_DEVICE MOE_FORCEINLINE int align_slot_device(int32_t id, int E, const int32_t* __restrict__ expert_map) {
@@ -197,7 +197,8 @@ MOE_DEVICE MOE_FORCEINLINE void pad_and_scan(int* offsets, int E, int block_size
 // each id's final place is then its rank among its run (a run holds at most one id per token, so
 // at most T entries to compare against), which restores ascending order with no per-warp-round
 // work. Shared: counts [E] | cursor [E] | starts [E] | offsets [E + 1] | scratch | stage [numel].
-constexpr int kAlignSmallMaxPerThread = 8;
+// Ids per thread: the launcher sends at most 1024 ids to one block of up to 1024 threads.
+constexpr int kAlignSmallMaxPerThread = 1;
 
 MOE_HOST_DEVICE MOE_FORCEINLINE int align_small_smem_ints(int E, int numel) { return 4 * E + 1 + kWarpSize + 1 + numel; }
 
@@ -247,7 +248,7 @@ __global__ void __launch_bounds__(1024) moe_align_small_kernel(
 }
 
 // Multi-block step 1: chunk c's per-expert counts -> workspace[c * E + s]; also fills the sentinel.
-__global__ void moe_align_count_kernel(const int32_t* __restrict__ ids, int numel, int E,
+__global__ void moe_align_count_kernel(const int32_t* __restrict__ ids, int numel, int chunk, int E,
                                        const int32_t* __restrict__ expert_map, int max_padded,
                                        int32_t* __restrict__ sorted, int32_t* __restrict__ workspace) {
   extern __shared__ int align_smem[];
@@ -255,7 +256,7 @@ __global__ void moe_align_count_kernel(const int32_t* __restrict__ ids, int nume
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < max_padded; i += int64_t(gridDim.x) * blockDim.x)
     sorted[i] = numel;
   __syncthreads();
-  const int64_t begin = int64_t(blockIdx.x) * kAlignChunk, end = min(static_cast<int64_t>(numel), begin + kAlignChunk);
+  const int64_t begin = int64_t(blockIdx.x) * chunk, end = min(static_cast<int64_t>(numel), begin + chunk);
   for (int64_t f = begin + threadIdx.x; f < end; f += blockDim.x) {
     const int slot = align_slot_device(ids[f], E, expert_map);
     if (slot >= 0) atomicAdd(&align_smem[slot], 1);
@@ -288,7 +289,7 @@ __global__ void moe_align_scan_kernel(int num_chunks, int E, int block_size, con
 }
 
 // Multi-block step 3: chunk c scatters its ids from workspace[c * E + s]. Shared: counts [warps * E].
-__global__ void moe_align_scatter_kernel(const int32_t* __restrict__ ids, int numel, int E,
+__global__ void moe_align_scatter_kernel(const int32_t* __restrict__ ids, int numel, int chunk, int E,
                                          const int32_t* __restrict__ expert_map, const int32_t* __restrict__ workspace,
                                          int32_t* __restrict__ sorted) {
   extern __shared__ int align_smem[];
@@ -296,7 +297,7 @@ __global__ void moe_align_scatter_kernel(const int32_t* __restrict__ ids, int nu
   int* counts = align_smem;
   for (int i = threadIdx.x; i < num_warps * E; i += blockDim.x) counts[i] = 0;
   __syncthreads();
-  const int64_t begin = int64_t(blockIdx.x) * kAlignChunk, end = min(static_cast<int64_t>(numel), begin + kAlignChunk);
+  const int64_t begin = int64_t(blockIdx.x) * chunk, end = min(static_cast<int64_t>(numel), begin + chunk);
   count_segments(ids, begin, end, E, expert_map, counts);
   __syncthreads();
   counts_to_cursors(counts, E, workspace + int64_t(blockIdx.x) * E);
