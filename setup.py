@@ -69,7 +69,8 @@ nvcc_flags = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
 sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
 sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
 if with_cuda:
-    sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.c*"))
+    cuda_dir = ROOT / "csrc" / "cuda"
+    sources += sorted(str(p.relative_to(ROOT)) for p in [*cuda_dir.glob("*.cpp"), *cuda_dir.glob("*.cu")])
     ext = CUDAExtension(
         "moe_ext._C",
         sources,

@@ -3,6 +3,7 @@
 
 #include "../core/static_switch.h"
 #include "../kernels/activation.cuh"
+#include "dispatch.cuh"
 #include "launchers.h"
 
 namespace moe_ext::cuda {
@@ -17,16 +18,6 @@ int grid_size(int64_t work, int num_sms) {
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % kVecBytes == 0; }
-
-template <typename F>
-cudaError_t dispatch_dtype(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32: return f(float{});
-    case DType::kFloat16: return f(__half{});
-    case DType::kBFloat16: return f(__nv_bfloat16{});
-  }
-  return cudaErrorInvalidValue;
-}
 
 }  // namespace
 

@@ -5,20 +5,11 @@
 
 #include "../kernels/align.cuh"
 #include "../kernels/gating.cuh"
+#include "dispatch.cuh"
 #include "launchers.h"
 
 namespace moe_ext::cuda {
 namespace {
-
-template <typename F>
-cudaError_t dispatch_gate_dtype(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32: return f(float{});
-    case DType::kFloat16: return f(__half{});
-    case DType::kBFloat16: return f(__nv_bfloat16{});
-  }
-  return cudaErrorInvalidValue;
-}
 
 // Experts per lane: the smallest power of two with 32 * kPerLane >= E.
 template <typename F>
@@ -54,7 +45,7 @@ cudaError_t topk_gating(DType dtype, const void* logits, int64_t row_stride, int
   if (num_tokens == 0) return cudaSuccess;
   const int blocks = (num_tokens + kGateGroupsPerBlock - 1) / kGateGroupsPerBlock;
   const int smem = p.num_expert_group > 1 ? kGateGroupsPerBlock * grouped_smem_bytes(p.num_experts, p.num_expert_group) : 0;
-  return dispatch_gate_dtype(dtype, [&](auto tag) {
+  return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     return dispatch_per_lane(p.num_experts, [&](auto per_lane) {
       topk_gating_kernel<T, decltype(per_lane)::value><<<blocks, kGateGroupsPerBlock * kGateLanes, smem, stream>>>(

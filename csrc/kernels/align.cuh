@@ -37,43 +37,44 @@ MOE_HOST_DEVICE MOE_FORCEINLINE int align_warps(int E) {
 }
 
 // Exclusive scan of vals[0..n) in place by the whole block; returns the total to every thread.
-// scratch: >= 1024 / kWarpSize + 1 ints.
-MOE_DEVICE int block_exclusive_scan(int* vals, int n, int* scratch) {
+// scratch: >= kWarpSize + 1 elements of T.
+template <typename T>
+MOE_DEVICE T block_exclusive_scan(T* vals, int n, T* scratch) {
   const int tid = threadIdx.x, nthreads = blockDim.x;
   const int per = (n + nthreads - 1) / nthreads;
   const int begin = min(n, tid * per), end = min(n, begin + per);
-  int local = 0;
+  T local = 0;
   for (int i = begin; i < end; ++i) local += vals[i];
   // Inclusive warp scan of the per-thread sums.
   const int lane = lane_id(), warp = tid / kWarpSize;
-  int incl = local;
+  T incl = local;
 #pragma unroll
   for (int d = 1; d < kWarpSize; d *= 2) {
-    const int v = shfl_up(incl, d);
+    const T v = shfl_up(incl, d);
     if (lane >= d) incl += v;
   }
   if (lane == kWarpSize - 1) scratch[warp] = incl;
   __syncthreads();
   const int num_warps = (nthreads + kWarpSize - 1) / kWarpSize;
   if (warp == 0) {
-    int w = lane < num_warps ? scratch[lane] : 0;
-    int wincl = w;
+    const T w = lane < num_warps ? scratch[lane] : T(0);
+    T wincl = w;
 #pragma unroll
     for (int d = 1; d < kWarpSize; d *= 2) {
-      const int v = shfl_up(wincl, d);
+      const T v = shfl_up(wincl, d);
       if (lane >= d) wincl += v;
     }
     if (lane < num_warps) scratch[lane] = wincl - w;  // exclusive warp offsets
     if (lane == num_warps - 1) scratch[kWarpSize] = wincl;
   }
   __syncthreads();
-  int run = scratch[warp] + incl - local;
+  T run = scratch[warp] + incl - local;
   for (int i = begin; i < end; ++i) {
-    const int v = vals[i];
+    const T v = vals[i];
     vals[i] = run;
     run += v;
   }
-  const int total = scratch[kWarpSize];
+  const T total = scratch[kWarpSize];
   __syncthreads();
   return total;
 }
@@ -196,23 +197,28 @@ MOE_DEVICE MOE_FORCEINLINE void pad_and_scan(int* offsets, int E, int block_size
 // first scatter puts each expert's ids in its run of a shared staging array in arbitrary order;
 // each id's final place is then its rank among its run (a run holds at most one id per token, so
 // at most T entries to compare against), which restores ascending order with no per-warp-round
-// work. Shared: counts [E] | cursor [E] | starts [E] | offsets [E + 1] | scratch | stage [numel].
+// work. One scan serves both the padded offsets (high 32 bits) and the unpadded run starts (low).
+// Shared: packed [E] int64 | scratch [kWarpSize + 1] int64 | counts [E] | cursor [E] | starts [E] |
+// offsets [E + 1] | stage [numel].
 // Ids per thread: the launcher sends at most 1024 ids to one block of up to 1024 threads.
 constexpr int kAlignSmallMaxPerThread = 1;
 
-MOE_HOST_DEVICE MOE_FORCEINLINE int align_small_smem_ints(int E, int numel) { return 4 * E + 1 + kWarpSize + 1 + numel; }
+MOE_HOST_DEVICE MOE_FORCEINLINE int align_small_smem_ints(int E, int numel) {
+  return 2 * (E + kWarpSize + 1) + 4 * E + 1 + numel;
+}
 
 __global__ void __launch_bounds__(1024) moe_align_small_kernel(
     const int32_t* __restrict__ ids, int numel, int E, int block_size, const int32_t* __restrict__ expert_map,
     int max_padded, int32_t* __restrict__ sorted, int32_t* __restrict__ expert_ids,
     int32_t* __restrict__ num_post_padded) {
-  extern __shared__ int align_smem[];
-  int* counts = align_smem;
+  extern __shared__ __align__(8) int align_smem[];
+  long long* packed = reinterpret_cast<long long*>(align_smem);
+  long long* scratch = packed + E;
+  int* counts = reinterpret_cast<int*>(scratch + kWarpSize + 1);
   int* cursor = counts + E;
   int* starts = cursor + E;
   int* offsets = starts + E;
-  int* scratch = offsets + E + 1;
-  int* stage = scratch + kWarpSize + 1;
+  int* stage = offsets + E + 1;
   for (int s = threadIdx.x; s < E; s += blockDim.x) counts[s] = cursor[s] = 0;
   for (int i = threadIdx.x; i < max_padded; i += blockDim.x) sorted[i] = numel;  // sentinel
   int slot[kAlignSmallMaxPerThread];
@@ -226,10 +232,21 @@ __global__ void __launch_bounds__(1024) moe_align_small_kernel(
   for (int k = 0; k < kAlignSmallMaxPerThread; ++k)
     if (slot[k] >= 0) atomicAdd(&counts[slot[k]], 1);
   __syncthreads();
-  for (int s = threadIdx.x; s < E; s += blockDim.x) offsets[s] = starts[s] = counts[s];
+  for (int s = threadIdx.x; s < E; s += blockDim.x) {
+    const int c = counts[s];
+    packed[s] = (static_cast<long long>((c + block_size - 1) / block_size * block_size) << 32) | c;
+  }
   __syncthreads();
-  block_exclusive_scan(starts, E, scratch);
-  pad_and_scan(offsets, E, block_size, scratch, num_post_padded);
+  const long long total = block_exclusive_scan(packed, E, scratch);
+  for (int s = threadIdx.x; s < E; s += blockDim.x) {
+    offsets[s] = static_cast<int>(packed[s] >> 32);
+    starts[s] = static_cast<int>(packed[s] & 0xFFFFFFFFll);
+  }
+  if (threadIdx.x == 0) {
+    offsets[E] = static_cast<int>(total >> 32);
+    *num_post_padded = offsets[E];
+  }
+  __syncthreads();
   write_expert_ids(offsets, E, block_size, max_padded / block_size, expert_map, expert_ids, threadIdx.x, blockDim.x);
 #pragma unroll
   for (int k = 0; k < kAlignSmallMaxPerThread; ++k)
