@@ -23,10 +23,6 @@ cudaError_t dispatch_per_lane(int E, F&& f) {
   return cudaErrorInvalidValue;
 }
 
-// Gating runs one block per token (topk_gating_decode_kernel) up to this many tokens, one warp
-// per token above.
-constexpr int kGateDecodeMaxTokens = 64;
-
 // One block (one launch) up to this many ids; the count / scan / scatter launches above. The
 // single block ranks each id within its expert's run, which costs O(run length) per id: cheap at
 // decode, not at a thousand tokens (see bench/NOTES.md).
@@ -47,16 +43,6 @@ int align_chunk(int64_t numel) {
 cudaError_t topk_gating(DType dtype, const void* logits, int64_t row_stride, int num_tokens, const GatingParams& p,
                         float* weights, int32_t* ids, cudaStream_t stream) {
   if (num_tokens == 0) return cudaSuccess;
-  if (num_tokens <= kGateDecodeMaxTokens && p.num_experts > kGateLanes) {
-    const int threads = (p.num_experts + kGateLanes - 1) / kGateLanes * kGateLanes;
-    const int smem = decode_smem_bytes(p.num_experts, p.num_expert_group, p.topk);
-    return dispatch_dtype(dtype, [&](auto tag) {
-      using T = decltype(tag);
-      topk_gating_decode_kernel<T><<<num_tokens, threads, smem, stream>>>(static_cast<const T*>(logits), row_stride, p,
-                                                                           weights, ids);
-      return cudaGetLastError();
-    });
-  }
   const int blocks = (num_tokens + kGateGroupsPerBlock - 1) / kGateGroupsPerBlock;
   const int smem = p.num_expert_group > 1 ? kGateGroupsPerBlock * grouped_smem_bytes(p.num_experts, p.num_expert_group) : 0;
   return dispatch_dtype(dtype, [&](auto tag) {

@@ -69,45 +69,6 @@ MOE_DEVICE MOE_FORCEINLINE float group_max(float x) {
 // floats, then group flags [G] bytes.
 MOE_HOST_DEVICE MOE_FORCEINLINE int grouped_smem_bytes(int E, int G) { return (E + G) * 4 + ((G + 3) / 4) * 4; }
 
-// Grouped top-k, by one 32-lane group: from the selection keys s_key [E] (in shared memory), each
-// group's score (the sum of its two best keys, or its one key) into s_group [G], then the best
-// topk_group groups (rounds of arg-max, ties to the lower group) flagged in s_allowed [G].
-MOE_DEVICE MOE_FORCEINLINE void warp_select_groups(const float* s_key, const GatingParams& p, int lane,
-                                                   float* s_group, unsigned char* s_allowed) {
-  const int G = p.num_expert_group;
-  const int group_size = p.num_experts / G;
-  for (int g = lane; g < G; g += kGateLanes) {
-    float top1 = -INFINITY, top2 = -INFINITY;
-    for (int i = g * group_size; i < (g + 1) * group_size; ++i) {
-      const float k = s_key[i];
-      if (k > top1) {
-        top2 = top1;
-        top1 = k;
-      } else if (k > top2) {
-        top2 = k;
-      }
-    }
-    s_group[g] = group_size >= 2 ? top1 + top2 : top1;
-    s_allowed[g] = 0;
-  }
-  sync_warp();
-  // Lane l owns groups l, l + 32, ... (bit m of group_taken).
-  uint32_t group_taken = 0;
-  for (int r = 0; r < p.topk_group; ++r) {
-    uint64_t best = 0;
-    for (int m = 0, g = lane; g < G; ++m, g += kGateLanes) {
-      const uint64_t v = (group_taken >> m & 1) ? 0 : pack_rank(s_group[g], g);
-      best = v > best ? v : best;
-    }
-    const int best_g = packed_index(group_argmax(best));
-    if (best_g % kGateLanes == lane) {
-      group_taken |= 1u << (best_g / kGateLanes);
-      s_allowed[best_g] = 1;
-    }
-  }
-  sync_warp();
-}
-
 // Gating of one token. `row` is the token's logits; `smem` is this group's grouped-top-k scratch
 // (unused when num_expert_group == 1). Lane j < topk writes rank j's weight and id.
 template <typename T, int kPerLane>
@@ -163,15 +124,45 @@ MOE_DEVICE MOE_FORCEINLINE void gate_token(const T* __restrict__ row, const Gati
   for (int j = 0; j < kPerLane; ++j) key[j] = (avail >> j & 1) ? selection_key(score[j], bias[j]) : -INFINITY;
 
   if (p.num_expert_group > 1) {
-    const int group_size = E / p.num_expert_group;
+    const int G = p.num_expert_group;
+    const int group_size = E / G;
     float* s_key = reinterpret_cast<float*>(smem);
     float* s_group = s_key + E;
-    unsigned char* s_allowed = reinterpret_cast<unsigned char*>(s_group + p.num_expert_group);
+    unsigned char* s_allowed = reinterpret_cast<unsigned char*>(s_group + G);
 #pragma unroll
     for (int j = 0; j < kPerLane; ++j)
       if (avail >> j & 1) s_key[lane + j * kGateLanes] = key[j];
+    for (int g = lane; g < G; g += kGateLanes) s_allowed[g] = 0;
     sync_warp();
-    warp_select_groups(s_key, p, lane, s_group, s_allowed);
+    for (int g = lane; g < G; g += kGateLanes) {
+      float top1 = -INFINITY, top2 = -INFINITY;
+      for (int i = g * group_size; i < (g + 1) * group_size; ++i) {
+        const float k = s_key[i];
+        if (k > top1) {
+          top2 = top1;
+          top1 = k;
+        } else if (k > top2) {
+          top2 = k;
+        }
+      }
+      s_group[g] = group_size >= 2 ? top1 + top2 : top1;
+    }
+    sync_warp();
+    // topk_group rounds of arg-max over the groups; lane l owns groups l, l + 32, ... (bit m).
+    uint32_t group_taken = 0;
+    for (int r = 0; r < p.topk_group; ++r) {
+      uint64_t best = 0;
+      for (int m = 0, g = lane; g < G; ++m, g += kGateLanes) {
+        const uint64_t v = (group_taken >> m & 1) ? 0 : pack_rank(s_group[g], g);
+        best = v > best ? v : best;
+      }
+      const int best_g = packed_index(group_argmax(best));
+      if (best_g % kGateLanes == lane) {
+        group_taken |= 1u << (best_g / kGateLanes);
+        s_allowed[best_g] = 1;
+      }
+    }
+    sync_warp();
 #pragma unroll
     for (int j = 0; j < kPerLane; ++j)
       if ((avail >> j & 1) && !s_allowed[(lane + j * kGateLanes) / group_size]) avail &= ~(1u << j);
@@ -226,115 +217,6 @@ __global__ void __launch_bounds__(kGateGroupsPerBlock* kGateLanes)
   char* smem = gate_smem + group * grouped_smem_bytes(p.num_experts, p.num_expert_group);
   gate_token<T, kPerLane>(logits + t * row_stride, p, lane, smem, weights + int64_t(t) * p.topk,
                           ids + int64_t(t) * p.topk);
-}
-
-// Decode path: one block per token, one expert per thread (warp w, lane l holds expert l + 32 w,
-// the same slot the warp kernel's lane l keeps as its j = w, so every float is computed in the same
-// order and the results are bit-identical). Each warp finds its own top-k by k rounds of the warp
-// arg-max; warp 0 then merges the warps' sorted lists, one list head per lane, k rounds again. The
-// serial chain per token is about half the warp kernel's at E = 256.
-// Shared: see decode_smem_bytes.
-constexpr int kDecodeMaxWarps = kMaxExperts / kGateLanes;
-
-MOE_HOST_DEVICE MOE_FORCEINLINE int decode_smem_bytes(int E, int G, int topk) {
-  const int warps = (E + kGateLanes - 1) / kGateLanes;
-  return warps * topk * 12 + warps * kGateLanes * 4 + 3 * 4 * kDecodeMaxWarps + (G > 1 ? grouped_smem_bytes(E, G) : 0);
-}
-
-template <typename T>
-__global__ void __launch_bounds__(kMaxExperts) topk_gating_decode_kernel(const T* __restrict__ logits, int64_t row_stride,
-                                                                        GatingParams p, float* __restrict__ weights,
-                                                                        int32_t* __restrict__ ids) {
-  extern __shared__ __align__(16) char gate_smem[];
-  const int E = p.num_experts, topk = p.topk;
-  const int warps = blockDim.x / kGateLanes, warp = threadIdx.x / kGateLanes, lane = threadIdx.x % kGateLanes;
-  uint64_t* s_cand = reinterpret_cast<uint64_t*>(gate_smem);              // [warps, topk]
-  float* s_cand_score = reinterpret_cast<float*>(s_cand + warps * topk);  // [warps, topk]
-  float* s_e = s_cand_score + warps * topk;                               // [warps, 32]
-  float* s_wmax = s_e + warps * kGateLanes;                               // [kDecodeMaxWarps]
-  float* s_bcast = s_wmax + kDecodeMaxWarps;                              // [1]: 1 / denominator
-  char* s_group_scratch = reinterpret_cast<char*>(s_bcast + 2 * kDecodeMaxWarps);
-  const T* row = logits + blockIdx.x * row_stride;
-
-  const int i = threadIdx.x;  // this thread's expert
-  const bool valid = i < E;
-  const float x = valid ? sanitize_logit(to_float(row[i])) : -INFINITY;
-  const float bias = (p.bias && valid) ? p.bias[i] : 0.0f;
-  float score;
-  if (p.scoring == ScoringFunc::kSoftmax) {
-    const float wmax = group_max(x);
-    if (lane == 0) s_wmax[warp] = wmax;
-    __syncthreads();
-    float row_max = -INFINITY;
-    for (int w = 0; w < warps; ++w) row_max = fmaxf(row_max, s_wmax[w]);
-    const float e = valid ? softmax_numerator(x, row_max) : 0.0f;
-    s_e[threadIdx.x] = e;
-    __syncthreads();
-    if (warp == 0) {
-      float partial = 0.0f;
-      for (int w = 0; w < warps; ++w) partial += s_e[w * kGateLanes + lane];  // slot order, as on the CPU
-#pragma unroll
-      for (int offset = kGateLanes / 2; offset > 0; offset /= 2) partial = partial + shfl_xor(partial, offset, kGateLanes);
-      if (lane == 0) *s_bcast = 1.0f / partial;
-    }
-    __syncthreads();
-    score = e * *s_bcast;
-  } else {
-    score = moe_sigmoidf(x);
-  }
-  const float key = valid ? selection_key(score, bias) : -INFINITY;
-  bool avail = valid;
-
-  if (p.num_expert_group > 1) {
-    float* s_key = reinterpret_cast<float*>(s_group_scratch);
-    float* s_group = s_key + E;
-    unsigned char* s_allowed = reinterpret_cast<unsigned char*>(s_group + p.num_expert_group);
-    if (valid) s_key[i] = key;
-    __syncthreads();
-    if (warp == 0) warp_select_groups(s_key, p, lane, s_group, s_allowed);
-    __syncthreads();
-    avail = avail && s_allowed[i / (E / p.num_expert_group)];
-  }
-
-  // Each warp's top-k, best first (0 entries once the warp runs out of candidates).
-  uint64_t mine = avail ? pack_rank(key, i) : 0;
-  for (int r = 0; r < topk; ++r) {
-    const uint64_t winner = group_argmax(mine);
-    const bool owner = winner != 0 && mine == winner;
-    if (lane == 0) s_cand[warp * topk + r] = winner;
-    if (owner) {
-      s_cand_score[warp * topk + r] = score;
-      mine = 0;
-    }
-  }
-  __syncthreads();
-
-  // Merge in warp 0: lane w walks warp w's list.
-  if (warp != 0) return;
-  int head = 0;
-  uint64_t cand = lane < warps ? s_cand[lane * topk] : 0;
-  float my_weight = 0.0f, selected_sum = 0.0f;
-  int my_id = 0;
-  for (int r = 0; r < topk; ++r) {
-    const uint64_t winner = group_argmax(cand);
-    const int owner = lane < warps && cand == winner;
-    const float cand_score = owner ? s_cand_score[lane * topk + head] : 0.0f;
-    const float w = shfl(cand_score, packed_index(winner) / kGateLanes, kGateLanes);  // from the winner's warp's lane
-    selected_sum += w;  // rank order, as on the CPU
-    if (lane == r) {
-      my_weight = w;
-      my_id = packed_index(winner);
-    }
-    if (owner) {
-      ++head;
-      cand = head < topk ? s_cand[lane * topk + head] : 0;
-    }
-  }
-  if (lane < topk) {
-    weights[int64_t(blockIdx.x) * topk + lane] =
-        finalize_weight(my_weight, selected_sum, p.renormalize, topk, p.routed_scaling_factor);
-    ids[int64_t(blockIdx.x) * topk + lane] = my_id;
-  }
 }
 
 }  // namespace moe_ext
