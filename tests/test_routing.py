@@ -288,14 +288,15 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GP
 @pytest.mark.parametrize("E", EXPERTS + [2, 31, 33, 100, 255, 300, 777])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("variant", ["softmax", "softmax-renorm", "sigmoid-bias", "grouped", "scaled"])
-def test_topk_gating_cuda_bit_identical_to_cpu(E, dtype, variant):
+@pytest.mark.parametrize("T", [16, 257])
+def test_topk_gating_cuda_bit_identical_to_cpu(E, dtype, variant, T):
     require_kernel("topk_gating", "cuda")
-    g = torch.Generator().manual_seed(E * 7 + len(variant))
-    T = 257
+    g = torch.Generator().manual_seed(E * 7 + len(variant) + T)
     logits = random_logits(T, E, dtype, "cpu", g)
     logits[::17, ::3] = float("nan")
     logits[5::23, E // 2] = float("inf")
     logits[7::29] = float("-inf")
+    logits[3] = 0.5  # a row of ties
     routing = {
         "softmax": dict(),
         "softmax-renorm": dict(renormalize=True),
