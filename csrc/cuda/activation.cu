@@ -9,12 +9,13 @@
 namespace moe_ext::cuda {
 namespace {
 
-constexpr int kThreads = 256;
-
-// Enough blocks to cover the work, at most 8 per multiprocessor (the grid-stride loop does the rest).
-int grid_size(int64_t work, int num_sms) {
-  const int64_t blocks = (work + kThreads - 1) / kThreads;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t(num_sms) * 8)));
+// Threads per block: enough for one row's vectors, 32 to 256; blocks: one per row, at most 16 per
+// multiprocessor (blocks stride over the remaining rows).
+int block_threads(int64_t per_row) {
+  return static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, (per_row + 31) / 32 * 32)));
+}
+int grid_size(int64_t rows, int num_sms) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(rows, int64_t(num_sms) * 16)));
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % kVecBytes == 0; }
@@ -28,8 +29,8 @@ cudaError_t silu_and_mul(DType dtype, const void* x, void* out, int64_t rows, in
     using T = decltype(tag);
     const bool vec = d % Vec<T>::kSize == 0 && aligned16(x) && aligned16(out);
     return BOOL_SWITCH(vec, kVec, [&] {
-      const int64_t work = rows * (d / (kVec ? Vec<T>::kSize : 1));
-      silu_and_mul_kernel<T, kVec><<<grid_size(work, num_sms), kThreads, 0, stream>>>(
+      const int64_t per_row = d / (kVec ? Vec<T>::kSize : 1);
+      silu_and_mul_kernel<T, kVec><<<grid_size(rows, num_sms), block_threads(per_row), 0, stream>>>(
           static_cast<const T*>(x), static_cast<T*>(out), rows, d);
       return cudaGetLastError();
     });
@@ -43,8 +44,8 @@ cudaError_t moe_combine(DType dtype, const void* x, const float* weights, void* 
     using T = decltype(tag);
     const bool vec = h % Vec<T>::kSize == 0 && aligned16(x) && aligned16(out);
     return BOOL_SWITCH(vec, kVec, [&] {
-      const int64_t work = num_tokens * (h / (kVec ? Vec<T>::kSize : 1));
-      moe_combine_kernel<T, kVec><<<grid_size(work, num_sms), kThreads, 0, stream>>>(
+      const int64_t per_row = h / (kVec ? Vec<T>::kSize : 1);
+      moe_combine_kernel<T, kVec><<<grid_size(num_tokens, num_sms), block_threads(per_row), 0, stream>>>(
           static_cast<const T*>(x), weights, static_cast<T*>(out), num_tokens, topk, h);
       return cudaGetLastError();
     });
