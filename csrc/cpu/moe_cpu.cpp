@@ -95,7 +95,8 @@ at::Tensor moe_grouped_gemm_cpu(const at::Tensor& a, const at::Tensor& w,
       if (!ids.empty()) {
         auto idx = at::tensor(ids, at::TensorOptions().dtype(at::kLong));
         // ATen's CPU GEMM accumulates bf16/fp16 products in fp32; converting the expert's whole
-        // weight matrix to fp32 first would cost more than the product at decode sizes.
+        // weight matrix to fp32 first would cost more than the product at decode sizes. With
+        // topk_weights the low-precision product is rounded twice (before and after the weight).
         auto y = at::matmul(a.index_select(0, at::floor_divide(idx, topk)), w.select(0, e).t());  // [n, N]
         if (topk_weights.has_value())
           y = y.to(at::kFloat).mul_(flat_weights.index_select(0, idx).unsqueeze(1)).to(a.scalar_type());
