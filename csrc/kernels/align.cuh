@@ -292,10 +292,15 @@ __global__ void moe_align_scan_kernel(int num_chunks, int E, int block_size, con
   int* scratch = offsets + E + 1;
   for (int s = threadIdx.x; s < E; s += blockDim.x) {
     int run = 0;
-    for (int c = 0; c < num_chunks; ++c) {
-      const int v = workspace[c * E + s];
-      workspace[c * E + s] = run;
-      run += v;
+    for (int c0 = 0; c0 < num_chunks; c0 += 8) {  // 8 loads in flight, then the running sum
+      int v[8];
+#pragma unroll
+      for (int k = 0; k < 8; ++k) v[k] = c0 + k < num_chunks ? workspace[(c0 + k) * E + s] : 0;
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        if (c0 + k < num_chunks) workspace[(c0 + k) * E + s] = run;
+        run += v[k];
+      }
     }
     offsets[s] = run;
   }
