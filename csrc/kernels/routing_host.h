@@ -4,9 +4,9 @@
 // result is bit-identical to the CUDA kernels. Selection is a partial sort under the strict order
 // ranks_before (key desc, index asc): O(E log topk) per token.
 //
-// align_*: counting sort of flat indices f = t * topk + j by expert, three passes (per-chunk
-// histogram, exclusive scan in (expert, chunk) order, per-chunk scatter). Chunks are scanned in
-// order, so each expert's run holds its flat indices in ascending order whatever the thread count.
+// align_max_padded / align_slot: the alignment layout's size and which ids it keeps, shared by the
+// CPU alignment (csrc/cpu/routing_cpu.cpp: a three-pass counting sort over chunks, scanned in
+// chunk order so each expert's run ascends whatever the thread count) and the CUDA adapters.
 #pragma once
 
 #include <algorithm>
