@@ -14,14 +14,9 @@
 namespace moe_ext {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> topk_gating_impl(const char* op, const at::Tensor& logits,
-                                                    int64_t topk, c10::string_view scoring_func,
-                                                    bool renormalize,
-                                                    const std::optional<at::Tensor>& correction_bias,
-                                                    int64_t num_expert_group, int64_t topk_group,
-                                                    double routed_scaling_factor) {
-  GatingParams p = check_gating_args(op, logits, topk, scoring_func, renormalize, correction_bias,
-                                     num_expert_group, topk_group, routed_scaling_factor);
+// The kernels below take validated arguments; the op entry points check them once.
+std::tuple<at::Tensor, at::Tensor> topk_gating_impl(const at::Tensor& logits, int64_t topk, GatingParams p,
+                                                    const std::optional<at::Tensor>& correction_bias) {
   if (correction_bias.has_value()) p.bias = correction_bias->data_ptr<float>();
   const int64_t T = logits.size(0);
   const int64_t E = p.num_experts;
@@ -48,12 +43,10 @@ std::tuple<at::Tensor, at::Tensor> topk_gating_impl(const char* op, const at::Te
 }
 
 // Counting sort in three passes over chunks of the flat ids (see routing_host.h).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> align_impl(const char* op, const at::Tensor& topk_ids,
-                                                          int64_t num_experts, int64_t block_size,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> align_impl(const at::Tensor& topk_ids, int64_t num_experts,
+                                                          int64_t block_size,
                                                           const std::optional<at::Tensor>& expert_map) {
-  check_arg(op, "topk_ids", topk_ids, 2, {at::kInt}, topk_ids.device());
   const int64_t numel = topk_ids.numel();
-  check_align_args(op, numel, num_experts, block_size, expert_map, topk_ids.device());
   const int64_t max_padded = align_max_padded(numel, num_experts, block_size);
   const int64_t num_blocks = max_padded / block_size;
   auto opts = topk_ids.options();
@@ -115,14 +108,17 @@ std::tuple<at::Tensor, at::Tensor> topk_gating_cpu(const at::Tensor& router_logi
                                                    const std::optional<at::Tensor>& correction_bias,
                                                    int64_t num_expert_group, int64_t topk_group,
                                                    double routed_scaling_factor) {
-  return topk_gating_impl("topk_gating", router_logits, topk, scoring_func, renormalize,
-                          correction_bias, num_expert_group, topk_group, routed_scaling_factor);
+  const GatingParams p = check_gating_args("topk_gating", router_logits, topk, scoring_func, renormalize,
+                                           correction_bias, num_expert_group, topk_group, routed_scaling_factor);
+  return topk_gating_impl(router_logits, topk, p, correction_bias);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align_block_size_cpu(
     const at::Tensor& topk_ids, int64_t num_experts, int64_t block_size,
     const std::optional<at::Tensor>& expert_map) {
-  return align_impl("moe_align_block_size", topk_ids, num_experts, block_size, expert_map);
+  check_arg("moe_align_block_size", "topk_ids", topk_ids, 2, {at::kInt}, topk_ids.device());
+  check_align_args("moe_align_block_size", topk_ids.numel(), num_experts, block_size, expert_map, topk_ids.device());
+  return align_impl(topk_ids, num_experts, block_size, expert_map);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_topk_align_cpu(
@@ -130,16 +126,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_top
     bool renormalize, const std::optional<at::Tensor>& correction_bias, int64_t num_expert_group,
     int64_t topk_group, double routed_scaling_factor, const std::optional<at::Tensor>& expert_map) {
   constexpr const char* op = "fused_topk_align";
-  // Validate everything before any work so a bad alignment argument fails before gating runs.
-  check_gating_args(op, router_logits, topk, scoring_func, renormalize, correction_bias,
-                    num_expert_group, topk_group, routed_scaling_factor);
+  // Everything is validated before any work, so a bad alignment argument fails before gating runs.
+  const GatingParams p = check_gating_args(op, router_logits, topk, scoring_func, renormalize, correction_bias,
+                                           num_expert_group, topk_group, routed_scaling_factor);
   check_align_args(op, router_logits.size(0) * topk, router_logits.size(1), block_size, expert_map,
                    router_logits.device());
-  auto [weights, ids] = topk_gating_impl(op, router_logits, topk, scoring_func, renormalize,
-                                         correction_bias, num_expert_group, topk_group,
-                                         routed_scaling_factor);
-  auto [sorted, expert_ids, num_post_padded] =
-      align_impl(op, ids, router_logits.size(1), block_size, expert_map);
+  auto [weights, ids] = topk_gating_impl(router_logits, topk, p, correction_bias);
+  auto [sorted, expert_ids, num_post_padded] = align_impl(ids, router_logits.size(1), block_size, expert_map);
   return {weights, ids, sorted, expert_ids, num_post_padded};
 }
 
