@@ -61,10 +61,11 @@ if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
 
 debug = os.environ.get("MOE_EXT_DEBUG", "0") == "1"
 opt = ["-O0", "-g"] if debug else ["-O3"]
-# The C++ standard comes from cpp_extension (C++17 or C++20 by torch version). No FMA contraction:
-# the gating math must round exactly as written, identically on every backend.
+# The C++ standard comes from cpp_extension (C++17 or C++20 by torch version). No FMA contraction
+# (g++ -ffp-contract=off, nvcc --fmad=false): the gating math must round exactly as written,
+# identically on every backend; explicit fmaf calls still fuse.
 cxx_flags = opt + ["-ffp-contract=off"]
-nvcc_flags = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
+nvcc_flags = opt + ["--expt-relaxed-constexpr", "-lineinfo", "--fmad=false"]
 
 sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
 sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))

@@ -15,7 +15,7 @@ import argparse
 import torch
 
 import moe_ext
-from common import markdown_table, time_events, time_graph, time_kernels, write_results
+from common import Calibration, markdown_table, time_events, time_graph, time_kernels, write_results
 from moe_ext import reference as ref
 
 
@@ -33,10 +33,7 @@ def main():
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--no-kernel-time", action="store_true")
     args = p.parse_args()
-    # Calibration: a one-element in-place add, the cheapest kernel PyTorch launches.
-    tiny = torch.zeros(1, device="cuda")
-    calib = dict(eager_us=time_events(lambda: tiny.add_(1), iters=200), graph_us=time_graph(lambda: tiny.add_(1)))
-    print(f"calibration, 1-element add_: eager {calib['eager_us']:.2f} us, graph {calib['graph_us']:.2f} us/call")
+    calib = Calibration()
     rows, fns = [], []
     for E in args.experts:
         for k in args.topk:
@@ -67,14 +64,13 @@ def main():
             r[f"{name}_kernel_us"] = float("nan") if args.no_kernel_time else time_kernels(fn)
         print(f"E={r['E']:4d} k={r['topk']} T={r['T']:6d} | kernel: gate {r['gate_kernel_us']:6.2f} us, align "
               f"{r['align_kernel_us']:6.2f} us, pair {r['pair_kernel_us']:6.2f} us", flush=True)
-    calib["kernel_us"] = float("nan") if args.no_kernel_time else time_kernels(lambda: tiny.add_(1))
     cols = [("E", "E", "d"), ("topk", "k", "d"), ("T", "T", "d")]
     for name in ("gate", "align", "pair"):
         cols += [(f"{name}_eager_us", f"{name} eager µs", ".2f"), (f"{name}_graph_us", f"{name} graph µs", ".2f"),
                  (f"{name}_kernel_us", f"{name} kernel µs", ".2f")]
     cols += [("torch_pair_eager_us", "torch pair eager µs", ".1f"), ("ids_per_s", "ids/s (pair, graph)", ".3g")]
     path = write_results("routing", {"block_size": args.block_size, "logits": "bf16", "routing": "softmax+renormalize",
-                                     "calibration_1elem_add": {k: round(v, 2) for k, v in calib.items()}},
+                                     "calibration_1elem_add": calib.kernel_time(args.no_kernel_time)},
                          rows, markdown_table(rows, cols))
     print(f"\nwrote {path}.json/.md")
 

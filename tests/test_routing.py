@@ -284,10 +284,32 @@ def test_fused_topk_align_equals_separate_ops(device, T, E, topk, routing, use_m
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 
 
+def routing_variant(variant, E, g, device="cpu"):
+    """Routing arguments of a named variant for E experts (grouped: the largest of 8, 4, 3, 2 that
+    divides E, half of the groups kept)."""
+    bias = lambda: torch.randn(E, generator=g).to(device)  # noqa: E731
+    routing = {
+        "softmax": lambda: dict(),
+        "softmax-renorm": lambda: dict(renormalize=True),
+        "sigmoid-bias": lambda: dict(scoring_func="sigmoid", renormalize=True, correction_bias=bias()),
+        "grouped": lambda: dict(scoring_func="sigmoid", renormalize=True, correction_bias=bias(),
+                                num_expert_group=next(d for d in (8, 4, 3, 2, 1) if E % d == 0),
+                                routed_scaling_factor=2.5),
+        "grouped-softmax": lambda: dict(num_expert_group=next(d for d in (8, 4, 3, 2, 1) if E % d == 0)),
+        "scaled": lambda: dict(renormalize=True, routed_scaling_factor=0.37),
+    }[variant]()
+    G = routing.get("num_expert_group", 1)
+    if G > 1:
+        routing["topk_group"] = max(1, G // 2)
+    max_k = min(E, 32, routing.get("topk_group", 1) * (E // G)) if G > 1 else min(E, 32)
+    return routing, max_k
+
+
 @cuda_only
 @pytest.mark.parametrize("E", EXPERTS + [2, 31, 33, 100, 255, 300, 777])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("variant", ["softmax", "softmax-renorm", "sigmoid-bias", "grouped", "scaled"])
+@pytest.mark.parametrize("variant", ["softmax", "softmax-renorm", "sigmoid-bias", "grouped", "grouped-softmax",
+                                     "scaled"])
 @pytest.mark.parametrize("T", [16, 257])
 def test_topk_gating_cuda_bit_identical_to_cpu(E, dtype, variant, T):
     require_kernel("topk_gating", "cuda")
@@ -297,19 +319,7 @@ def test_topk_gating_cuda_bit_identical_to_cpu(E, dtype, variant, T):
     logits[5::23, E // 2] = float("inf")
     logits[7::29] = float("-inf")
     logits[3] = 0.5  # a row of ties
-    routing = {
-        "softmax": dict(),
-        "softmax-renorm": dict(renormalize=True),
-        "sigmoid-bias": dict(scoring_func="sigmoid", renormalize=True, correction_bias=torch.randn(E, generator=g)),
-        "grouped": dict(scoring_func="sigmoid", renormalize=True, correction_bias=torch.randn(E, generator=g),
-                        num_expert_group=next(d for d in (8, 4, 3, 2, 1) if E % d == 0 and E // d >= 1),
-                        routed_scaling_factor=2.5),
-        "scaled": dict(renormalize=True, routed_scaling_factor=0.37),
-    }[variant]
-    G = routing.get("num_expert_group", 1)
-    if G > 1:
-        routing["topk_group"] = max(1, G // 2)
-    max_k = min(E, 32, routing.get("topk_group", 1) * (E // G)) if G > 1 else min(E, 32)
+    routing, max_k = routing_variant(variant, E, g)
     for topk in sorted({1, min(2, max_k), max(1, max_k // 2), max_k}):
         cpu = moe_ext.topk_gating(logits, topk, **routing)
         cuda_routing = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in routing.items()}
@@ -344,8 +354,79 @@ def test_align_cuda_large_and_identical_to_cpu(T, E, topk, block_size):
             assert_align_matches(gpu, ids, E, block_size, expert_map)
 
 
+FUSED_EXPERTS = [1, 3, 8, 64, 128, 256, 257, 512, 1024]
+FUSED_VARIANTS = ["softmax", "softmax-renorm", "sigmoid-bias", "grouped", "grouped-softmax", "scaled"]
+
+
 @cuda_only
-@pytest.mark.parametrize("T", [1, 16, 1024, 20000])
+@pytest.mark.parametrize("E", FUSED_EXPERTS)
+@pytest.mark.parametrize("variant", FUSED_VARIANTS)
+def test_fused_decode_kernel_bit_identical(E, variant):
+    """The single-launch fused kernel (T up to its limit, and one past it) gives exactly the outputs
+    of topk_gating followed by moe_align_block_size, over seeds, dtypes, topk values, block sizes,
+    expert maps and NaN/Inf logits."""
+    require_kernel("fused_topk_align", "cuda")
+    g = torch.Generator().manual_seed(E * 31 + len(variant))
+    for T in list(range(0, 34)):
+        dtype = DTYPES[T % 3]
+        routing, max_k = routing_variant(variant, E, g, "cuda")
+        topk = int(torch.randint(1, max_k + 1, (1,), generator=g))
+        block_size = (16, 32, 64, 1, 5)[T % 5]
+        logits = random_logits(T, E, dtype, "cpu", g)
+        if T % 4 == 1:  # NaN/Inf rows
+            logits[:, ::5] = float("nan")
+            logits[::3, E // 2] = float("inf")
+            logits[2::7] = float("-inf")
+        logits = logits.cuda()
+        expert_map = None
+        if T % 3 == 2:
+            expert_map = torch.where(torch.rand(E, generator=g) < 0.4, -1, torch.arange(E)).to(torch.int32).cuda()
+        max_padded = ref.align_max_padded(T * topk, E, block_size)
+        poison_allocator("cuda", [T * topk * 4] * 2 + [max_padded * 4, max_padded // block_size * 4, 4])
+        fused = moe_ext.fused_topk_align(logits, topk, block_size, expert_map=expert_map, **routing)
+        w, ids = moe_ext.topk_gating(logits, topk, **routing)
+        separate = (w, ids, *moe_ext.moe_align_block_size(ids, E, block_size, expert_map))
+        for name, got, want in zip(["weights", "ids", "sorted", "expert_ids", "ntpp"], fused, separate):
+            assert got.dtype == want.dtype and got.shape == want.shape, name
+            assert torch.equal(got, want), f"{name} differs (T={T}, topk={topk}, block_size={block_size})"
+        if T in (1, 16, 32):
+            cpu_routing = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in routing.items()}
+            cpu = moe_ext.fused_topk_align(logits.cpu(), topk, block_size,
+                                           expert_map=None if expert_map is None else expert_map.cpu(), **cpu_routing)
+            for got, want in zip(fused, cpu):
+                assert torch.equal(got.cpu(), want)
+
+
+@cuda_only
+@pytest.mark.parametrize("T", [65, 129, 1000, 1024, 2000, 4096])
+@pytest.mark.parametrize("E,topk", [(8, 2), (128, 4), (256, 8), (1024, 8)])
+@pytest.mark.parametrize("repeats", [False, True])
+def test_align_cuda_token_mask_path(T, E, topk, repeats):
+    """Mid sizes (the single-block token-mask path where it fits): ids distinct within each row, as
+    the router produces them, and rows with a repeated expert (the counting fallback), both equal to
+    the CPU kernel."""
+    require_kernel("moe_align_block_size", "cuda")
+    g = torch.Generator().manual_seed(T * 3 + E + repeats)
+    ids = torch.stack([torch.randperm(E, generator=g)[:topk] for _ in range(T)])
+    if repeats:
+        ids[T // 2, 1 % topk] = ids[T // 2, 0]
+        ids[-1, -1] = ids[-1, 0]
+    ids[torch.rand(T, topk, generator=g) < 0.01] = E  # out of range: skipped
+    ids = ids.to(torch.int32)
+    emap = torch.where(torch.arange(E) % 5 == 3, -1, torch.arange(E)).to(torch.int32)
+    for block_size in (16, 64):
+        for expert_map in (None, emap):
+            cpu = moe_ext.moe_align_block_size(ids, E, block_size, expert_map)
+            max_padded = ref.align_max_padded(T * topk, E, block_size)
+            poison_allocator("cuda", [max_padded * 4, max_padded // block_size * 4, 4])
+            gpu = moe_ext.moe_align_block_size(ids.cuda(), E, block_size,
+                                               None if expert_map is None else expert_map.cuda())
+            for a, b in zip(gpu, cpu):
+                assert torch.equal(a.cpu(), b)
+
+
+@cuda_only
+@pytest.mark.parametrize("T", [1, 5, 16, 32, 33, 1024, 20000])
 def test_routing_cuda_graph_capture(T):
     """Gating + alignment captured in a CUDA graph and replayed on new logits equals eager."""
     for op in ("topk_gating", "moe_align_block_size", "fused_topk_align"):

@@ -150,6 +150,21 @@ inline void check_align_args(const char* op, int64_t numel, int64_t num_experts,
   }
 }
 
+// Checks every argument of fused_topk_align before any work, so a bad alignment argument fails
+// before gating runs.
+inline GatingParams check_fused_topk_align_args(const at::Tensor& logits, int64_t topk, int64_t block_size,
+                                                c10::string_view scoring_func, bool renormalize,
+                                                const std::optional<at::Tensor>& correction_bias,
+                                                int64_t num_expert_group, int64_t topk_group,
+                                                double routed_scaling_factor,
+                                                const std::optional<at::Tensor>& expert_map) {
+  constexpr const char* op = "fused_topk_align";
+  const GatingParams p = check_gating_args(op, logits, topk, scoring_func, renormalize, correction_bias,
+                                           num_expert_group, topk_group, routed_scaling_factor);
+  check_align_args(op, logits.size(0) * topk, logits.size(1), block_size, expert_map, logits.device());
+  return p;
+}
+
 // x: [..., 2I], floating, contiguous.
 inline void check_silu_and_mul_args(const at::Tensor& x) {
   check_arg("silu_and_mul", "x", x, -1, kFloatTypes, x.device());

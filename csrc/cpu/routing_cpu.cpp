@@ -125,12 +125,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_top
     const at::Tensor& router_logits, int64_t topk, int64_t block_size, c10::string_view scoring_func,
     bool renormalize, const std::optional<at::Tensor>& correction_bias, int64_t num_expert_group,
     int64_t topk_group, double routed_scaling_factor, const std::optional<at::Tensor>& expert_map) {
-  constexpr const char* op = "fused_topk_align";
-  // Everything is validated before any work, so a bad alignment argument fails before gating runs.
-  const GatingParams p = check_gating_args(op, router_logits, topk, scoring_func, renormalize, correction_bias,
-                                           num_expert_group, topk_group, routed_scaling_factor);
-  check_align_args(op, router_logits.size(0) * topk, router_logits.size(1), block_size, expert_map,
-                   router_logits.device());
+  const GatingParams p = check_fused_topk_align_args(router_logits, topk, block_size, scoring_func, renormalize,
+                                                     correction_bias, num_expert_group, topk_group,
+                                                     routed_scaling_factor, expert_map);
   auto [weights, ids] = topk_gating_impl(router_logits, topk, p, correction_bias);
   auto [sorted, expert_ids, num_post_padded] = align_impl(ids, router_logits.size(1), block_size, expert_map);
   return {weights, ids, sorted, expert_ids, num_post_padded};

@@ -29,13 +29,23 @@ namespace moe_ext::cuda {
 cudaError_t topk_gating(DType dtype, const void* logits, int64_t row_stride, int num_tokens, const GatingParams& p,
                         float* weights, int32_t* ids, cudaStream_t stream);
 
-// Int32 workspace elements moe_align needs for numel ids (0 on the single-launch path).
-int64_t moe_align_workspace(int64_t numel, int num_experts);
+// Int32 workspace elements moe_align needs for [num_tokens, topk] ids (0 on the single-launch paths).
+int64_t moe_align_workspace(int64_t num_tokens, int topk, int num_experts);
 
-// ids: [numel] int32; expert_map: [E] int32 or null; sorted: [max_padded]; expert_ids:
+// ids: [num_tokens, topk] int32; expert_map: [E] int32 or null; sorted: [max_padded]; expert_ids:
 // [max_padded / block_size]; num_post_padded: [1]; workspace: moe_align_workspace(...) ints.
-cudaError_t moe_align(const int32_t* ids, int64_t numel, int num_experts, int block_size, const int32_t* expert_map,
-                      int64_t max_padded, int32_t* sorted, int32_t* expert_ids, int32_t* num_post_padded,
-                      int32_t* workspace, cudaStream_t stream);
+cudaError_t moe_align(const int32_t* ids, int64_t num_tokens, int topk, int num_experts, int block_size,
+                      const int32_t* expert_map, int64_t max_padded, int32_t* sorted, int32_t* expert_ids,
+                      int32_t* num_post_padded, int32_t* workspace, cudaStream_t stream);
+
+// Most tokens fused_topk_align takes in its single launch.
+int fused_routing_max_tokens();
+
+// Gating and alignment of num_tokens <= fused_routing_max_tokens() tokens in one launch: the
+// outputs of topk_gating followed by moe_align on its ids, bit for bit.
+cudaError_t fused_topk_align(DType dtype, const void* logits, int64_t row_stride, int num_tokens,
+                             const GatingParams& p, int block_size, const int32_t* expert_map, int64_t max_padded,
+                             float* weights, int32_t* ids, int32_t* sorted, int32_t* expert_ids,
+                             int32_t* num_post_padded, cudaStream_t stream);
 
 }  // namespace moe_ext::cuda

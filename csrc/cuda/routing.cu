@@ -4,6 +4,7 @@
 #include <type_traits>
 
 #include "../kernels/align.cuh"
+#include "../kernels/fused_routing.cuh"
 #include "../kernels/gating.cuh"
 #include "dispatch.cuh"
 #include "launchers.h"
@@ -32,6 +33,25 @@ bool align_single_launch(int64_t numel, int E) {
   return numel <= kAlignSingleBlockMaxIds && align_small_smem_ints(E, static_cast<int>(numel)) <= kAlignSmemInts;
 }
 
+// Above that, one block ranking by token bit masks while they fit in shared memory (a limit every
+// sm_80+ part grants a block) and the block's 1024 threads have at most 16 ids each.
+constexpr int64_t kAlignRowsMaxSmem = 160 * 1024;
+constexpr int64_t kAlignRowsMaxIds = 16 * 1024;
+
+bool align_rows_launch(int64_t num_tokens, int topk, int E) {
+  const int64_t numel = num_tokens * topk;
+  return numel <= kAlignRowsMaxIds &&
+         align_rows_smem_bytes(E, static_cast<int>(num_tokens), numel) <= kAlignRowsMaxSmem;
+}
+
+// Dynamic shared memory above the default 48 KiB needs the kernel's opt-in (a function attribute,
+// not a stream operation, so it is allowed while a graph is being captured).
+template <typename Kernel>
+cudaError_t allow_smem(Kernel kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
+
 // Ids per block on the multi-block path: about one chunk per multiprocessor, 256 to 4096 ids.
 int align_chunk(int64_t numel) {
   const int64_t per_sm = (numel + 131) / 132;
@@ -55,16 +75,18 @@ cudaError_t topk_gating(DType dtype, const void* logits, int64_t row_stride, int
   });
 }
 
-int64_t moe_align_workspace(int64_t numel, int num_experts) {
-  if (align_single_launch(numel, num_experts)) return 0;
+int64_t moe_align_workspace(int64_t num_tokens, int topk, int num_experts) {
+  const int64_t numel = num_tokens * topk;
+  if (align_single_launch(numel, num_experts) || align_rows_launch(num_tokens, topk, num_experts)) return 0;
   const int chunk = align_chunk(numel);
   return (numel + chunk - 1) / chunk * num_experts;
 }
 
-cudaError_t moe_align(const int32_t* ids, int64_t numel, int num_experts, int block_size, const int32_t* expert_map,
-                      int64_t max_padded, int32_t* sorted, int32_t* expert_ids, int32_t* num_post_padded,
-                      int32_t* workspace, cudaStream_t stream) {
+cudaError_t moe_align(const int32_t* ids, int64_t num_tokens, int topk, int num_experts, int block_size,
+                      const int32_t* expert_map, int64_t max_padded, int32_t* sorted, int32_t* expert_ids,
+                      int32_t* num_post_padded, int32_t* workspace, cudaStream_t stream) {
   const int E = num_experts;
+  const int64_t numel = num_tokens * topk;
   const int warps = align_warps(E);  // multi-block scatter
   const int scratch = kWarpSize + 1;
   if (align_single_launch(numel, E)) {
@@ -74,6 +96,13 @@ cudaError_t moe_align(const int32_t* ids, int64_t numel, int num_experts, int bl
     moe_align_small_kernel<<<1, threads, smem, stream>>>(ids, static_cast<int>(numel), E, block_size, expert_map,
                                                          static_cast<int>(max_padded), sorted, expert_ids,
                                                          num_post_padded);
+    return cudaGetLastError();
+  }
+  if (align_rows_launch(num_tokens, topk, E)) {
+    const size_t smem = static_cast<size_t>(align_rows_smem_bytes(E, static_cast<int>(num_tokens), numel));
+    if (const cudaError_t err = allow_smem(moe_align_rows_kernel, smem); err != cudaSuccess) return err;
+    moe_align_rows_kernel<<<1, 1024, smem, stream>>>(ids, static_cast<int>(num_tokens), topk, E, block_size, expert_map,
+                                                     static_cast<int>(max_padded), sorted, expert_ids, num_post_padded);
     return cudaGetLastError();
   }
   const int chunk = align_chunk(numel);
@@ -87,6 +116,28 @@ cudaError_t moe_align(const int32_t* ids, int64_t numel, int num_experts, int bl
   moe_align_scatter_kernel<<<chunks, scatter_warps * kWarpSize, size_t(scatter_warps) * E * sizeof(int), stream>>>(
       ids, static_cast<int>(numel), chunk, E, expert_map, workspace, sorted);
   return cudaGetLastError();
+}
+
+int fused_routing_max_tokens() { return kFusedMaxTokens; }
+
+cudaError_t fused_topk_align(DType dtype, const void* logits, int64_t row_stride, int num_tokens,
+                             const GatingParams& p, int block_size, const int32_t* expert_map, int64_t max_padded,
+                             float* weights, int32_t* ids, int32_t* sorted, int32_t* expert_ids,
+                             int32_t* num_post_padded, cudaStream_t stream) {
+  if (num_tokens > kFusedMaxTokens) return cudaErrorInvalidValue;
+  const int threads = std::max(num_tokens, kFusedMinWarps) * kWarpSize;
+  const size_t smem = static_cast<size_t>(fused_smem_bytes(p.num_experts, p.num_expert_group, num_tokens));
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return dispatch_per_lane(p.num_experts, [&](auto per_lane) {
+      const auto kernel = fused_gating_align_kernel<T, decltype(per_lane)::value>;
+      if (const cudaError_t err = allow_smem(kernel, smem); err != cudaSuccess) return err;
+      kernel<<<1, threads, smem, stream>>>(static_cast<const T*>(logits), row_stride, num_tokens, p, block_size,
+                                           expert_map, static_cast<int>(max_padded), weights, ids, sorted, expert_ids,
+                                           num_post_padded);
+      return cudaGetLastError();
+    });
+  });
 }
 
 }  // namespace moe_ext::cuda

@@ -1,6 +1,6 @@
-// CUDA adapters for router top-k gating, block alignment and (for now, as the two kernels in turn)
-// the fused pair: validate, allocate through PyTorch, launch on the current stream under a device
-// guard. Nothing here synchronizes with the host.
+// CUDA adapters for router top-k gating, block alignment and the fused pair (one launch up to
+// fused_routing_max_tokens() tokens, the two kernels in turn above): validate, allocate through
+// PyTorch, launch on the current stream under a device guard. Nothing here synchronizes with the host.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -14,36 +14,53 @@
 namespace moe_ext {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> gating_launch(const at::Tensor& logits, int64_t topk, GatingParams p,
-                                                 const std::optional<at::Tensor>& correction_bias) {
+GatingParams with_bias(GatingParams p, const std::optional<at::Tensor>& correction_bias) {
   if (correction_bias.has_value()) p.bias = correction_bias->const_data_ptr<float>();
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> gating_outputs(const at::Tensor& logits, int64_t topk) {
   const int64_t T = logits.size(0);
-  auto weights = at::empty({T, topk}, logits.options().dtype(at::kFloat));  // [T, topk] fp32
-  auto ids = at::empty({T, topk}, logits.options().dtype(at::kInt));        // [T, topk] int32
+  return {at::empty({T, topk}, logits.options().dtype(at::kFloat)),  // weights [T, topk] fp32
+          at::empty({T, topk}, logits.options().dtype(at::kInt))};   // ids [T, topk] int32
+}
+
+std::tuple<at::Tensor, at::Tensor> gating_launch(const at::Tensor& logits, int64_t topk, const GatingParams& p,
+                                                 const std::optional<at::Tensor>& correction_bias) {
+  auto [weights, ids] = gating_outputs(logits, topk);
   C10_CUDA_CHECK(cuda::topk_gating(to_dtype(logits.scalar_type()), logits.const_data_ptr(), logits.stride(0),
-                                   static_cast<int>(T), p, weights.data_ptr<float>(), ids.data_ptr<int32_t>(),
+                                   static_cast<int>(logits.size(0)), with_bias(p, correction_bias),
+                                   weights.data_ptr<float>(), ids.data_ptr<int32_t>(),
                                    c10::cuda::getCurrentCUDAStream()));
   return {weights, ids};
+}
+
+struct AlignOutputs {
+  at::Tensor sorted, expert_ids, num_post_padded;
+};
+
+AlignOutputs align_outputs(const at::Tensor& like, int64_t numel, int64_t num_experts, int64_t block_size) {
+  const int64_t max_padded = align_max_padded(numel, num_experts, block_size);
+  auto opts = like.options().dtype(at::kInt);
+  return {at::empty({max_padded}, opts),                // [max_padded] int32
+          at::empty({max_padded / block_size}, opts),   // [max_padded / block_size] int32
+          at::empty({1}, opts)};                        // [1] int32
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> align_launch(const at::Tensor& topk_ids, int64_t num_experts,
                                                             int64_t block_size,
                                                             const std::optional<at::Tensor>& expert_map) {
-  const int64_t numel = topk_ids.numel();
-  const int64_t max_padded = align_max_padded(numel, num_experts, block_size);
-  auto opts = topk_ids.options();
-  auto sorted = at::empty({max_padded}, opts);                  // [max_padded] int32
-  auto expert_ids = at::empty({max_padded / block_size}, opts);  // [max_padded / block_size] int32
-  auto num_post_padded = at::empty({1}, opts);                  // [1] int32
-  const int64_t ws = cuda::moe_align_workspace(numel, static_cast<int>(num_experts));
-  auto workspace = at::empty({ws}, opts);
-  C10_CUDA_CHECK(cuda::moe_align(topk_ids.const_data_ptr<int32_t>(), numel, static_cast<int>(num_experts),
-                                 static_cast<int>(block_size),
-                                 expert_map.has_value() ? expert_map->const_data_ptr<int32_t>() : nullptr, max_padded,
-                                 sorted.data_ptr<int32_t>(), expert_ids.data_ptr<int32_t>(),
-                                 num_post_padded.data_ptr<int32_t>(), ws ? workspace.data_ptr<int32_t>() : nullptr,
-                                 c10::cuda::getCurrentCUDAStream()));
-  return {sorted, expert_ids, num_post_padded};
+  const int64_t T = topk_ids.size(0), k = topk_ids.size(1);
+  AlignOutputs out = align_outputs(topk_ids, T * k, num_experts, block_size);
+  const int64_t ws = cuda::moe_align_workspace(T, static_cast<int>(k), static_cast<int>(num_experts));
+  at::Tensor workspace = ws ? at::empty({ws}, topk_ids.options()) : at::Tensor();
+  C10_CUDA_CHECK(cuda::moe_align(topk_ids.const_data_ptr<int32_t>(), T, static_cast<int>(k),
+                                 static_cast<int>(num_experts), static_cast<int>(block_size),
+                                 expert_map.has_value() ? expert_map->const_data_ptr<int32_t>() : nullptr,
+                                 out.sorted.numel(), out.sorted.data_ptr<int32_t>(), out.expert_ids.data_ptr<int32_t>(),
+                                 out.num_post_padded.data_ptr<int32_t>(),
+                                 ws ? workspace.data_ptr<int32_t>() : nullptr, c10::cuda::getCurrentCUDAStream()));
+  return {out.sorted, out.expert_ids, out.num_post_padded};
 }
 
 }  // namespace
@@ -72,15 +89,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_top
     const at::Tensor& router_logits, int64_t topk, int64_t block_size, c10::string_view scoring_func,
     bool renormalize, const std::optional<at::Tensor>& correction_bias, int64_t num_expert_group,
     int64_t topk_group, double routed_scaling_factor, const std::optional<at::Tensor>& expert_map) {
-  constexpr const char* op = "fused_topk_align";
-  const GatingParams p = check_gating_args(op, router_logits, topk, scoring_func, renormalize, correction_bias,
-                                           num_expert_group, topk_group, routed_scaling_factor);
-  check_align_args(op, router_logits.size(0) * topk, router_logits.size(1), block_size, expert_map,
-                   router_logits.device());
+  const GatingParams checked = check_fused_topk_align_args(router_logits, topk, block_size, scoring_func, renormalize,
+                                                           correction_bias, num_expert_group, topk_group,
+                                                           routed_scaling_factor, expert_map);
   const c10::cuda::CUDAGuard guard(router_logits.device());
-  auto [weights, ids] = gating_launch(router_logits, topk, p, correction_bias);
-  auto [sorted, expert_ids, num_post_padded] = align_launch(ids, router_logits.size(1), block_size, expert_map);
-  return {weights, ids, sorted, expert_ids, num_post_padded};
+  const int64_t T = router_logits.size(0), E = router_logits.size(1);
+  if (T > cuda::fused_routing_max_tokens()) {  // the router and alignment kernels in turn
+    auto [weights, ids] = gating_launch(router_logits, topk, checked, correction_bias);
+    auto [sorted, expert_ids, num_post_padded] = align_launch(ids, E, block_size, expert_map);
+    return {weights, ids, sorted, expert_ids, num_post_padded};
+  }
+  auto [weights, ids] = gating_outputs(router_logits, topk);
+  AlignOutputs out = align_outputs(router_logits, T * topk, E, block_size);
+  C10_CUDA_CHECK(cuda::fused_topk_align(
+      to_dtype(router_logits.scalar_type()), router_logits.const_data_ptr(), router_logits.stride(0),
+      static_cast<int>(T), with_bias(checked, correction_bias), static_cast<int>(block_size),
+      expert_map.has_value() ? expert_map->const_data_ptr<int32_t>() : nullptr, out.sorted.numel(),
+      weights.data_ptr<float>(), ids.data_ptr<int32_t>(), out.sorted.data_ptr<int32_t>(),
+      out.expert_ids.data_ptr<int32_t>(), out.num_post_padded.data_ptr<int32_t>(), c10::cuda::getCurrentCUDAStream()));
+  return {weights, ids, out.sorted, out.expert_ids, out.num_post_padded};
 }
 
 TORCH_LIBRARY_IMPL(moe_ext, CUDA, m) {

@@ -23,6 +23,7 @@ __global__ void silu_and_mul_kernel(const T* __restrict__ x, T* __restrict__ out
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const T* gate = x + r * 2 * d;
     T* o = out + r * d;
+#pragma unroll 2
     for (int c = threadIdx.x; c < per_row; c += blockDim.x) {
       if constexpr (kVectorized) {
         const Vec<T> g = load_vec(gate + c * kW), u = load_vec(gate + d + c * kW);
@@ -38,7 +39,7 @@ __global__ void silu_and_mul_kernel(const T* __restrict__ x, T* __restrict__ out
 }
 
 // x: [T, topk, H]; weights: [T, topk] fp32 or null; out: [T, H]. Blocks stride over tokens, threads
-// over the row's vectors; the topk loads are unrolled by 4 so several are in flight per thread.
+// over the row's vectors; the topk loads are unrolled by 8 so all of them (topk <= 8) are in flight.
 template <typename T, bool kVectorized>
 __global__ void moe_combine_kernel(const T* __restrict__ x, const float* __restrict__ weights, T* __restrict__ out,
                                    int64_t num_tokens, int topk, int64_t h) {
@@ -48,7 +49,7 @@ __global__ void moe_combine_kernel(const T* __restrict__ x, const float* __restr
     const T* src = x + t * topk * h;
     for (int c = threadIdx.x; c < per_row; c += blockDim.x) {
       float acc[kW] = {};
-#pragma unroll 4
+#pragma unroll 8
       for (int j = 0; j < topk; ++j) {
         const float wj = weights ? weights[t * topk + j] : 1.0f;
         if constexpr (kVectorized) {

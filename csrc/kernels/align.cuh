@@ -180,6 +180,19 @@ MOE_DEVICE MOE_FORCEINLINE void write_expert_ids(const int* offsets, int E, int 
   }
 }
 
+// Writes expert_ids from exclusive padded offsets[0..E) (in smem) and their total: each slot writes
+// its own blocks (a run spans few blocks at these sizes), blocks past the total get -1.
+MOE_DEVICE MOE_FORCEINLINE void write_expert_blocks(const int* offsets, int total, int E, int block_size,
+                                                    int num_blocks, const int32_t* __restrict__ expert_map,
+                                                    int32_t* __restrict__ expert_ids) {
+  for (int s = threadIdx.x; s < E; s += blockDim.x) {
+    const int end = (s + 1 < E ? offsets[s + 1] : total) / block_size;
+    const int32_t e = expert_map ? expert_map[s] : s;
+    for (int b = offsets[s] / block_size; b < end; ++b) expert_ids[b] = e;
+  }
+  for (int b = total / block_size + threadIdx.x; b < num_blocks; b += blockDim.x) expert_ids[b] = -1;
+}
+
 // Padded counts -> exclusive offsets in place (offsets[E] = total); writes num_tokens_post_padded.
 MOE_DEVICE MOE_FORCEINLINE void pad_and_scan(int* offsets, int E, int block_size, int* scan_scratch,
                                              int32_t* __restrict__ num_post_padded) {
@@ -262,6 +275,84 @@ __global__ void __launch_bounds__(1024) moe_align_small_kernel(
     for (int q = 0; q < n; ++q) rank += run[q] < f;
     sorted[offsets[slot[k]] + rank] = f;
   }
+}
+
+// Single launch for mid sizes (a few thousand ids): one block, ranks from token bit masks.
+// Within one row of topk_ids an expert normally appears once, so an id's rank inside its expert's
+// run is the number of earlier tokens that chose the expert: each expert keeps a bit mask over
+// tokens (words [E, W], W = ceil(T / 32) words, row stride W | 1 against bank conflicts), and the
+// rank is the popcount of the words before plus the bits below in the token's own word. A repeated
+// expert within a row (user input) is detected by atomicOr's old value; the block then counts ids
+// per (expert, word) instead and ranks within a word by scanning that word's ids (at most 32 rows).
+// Shared: words [E * Wp] | prefix [E * Wp] | slots [numel] | offsets [E + 1] | scratch [kWarpSize + 1]
+// | flag.
+constexpr int kTokenWordBits = 32;  // tokens per mask word (a uint32)
+MOE_HOST_DEVICE MOE_FORCEINLINE int align_rows_words(int num_tokens) {
+  return ((num_tokens + kTokenWordBits - 1) / kTokenWordBits) | 1;
+}
+MOE_HOST_DEVICE MOE_FORCEINLINE int64_t align_rows_smem_bytes(int E, int num_tokens, int64_t numel) {
+  return (2 * int64_t(E) * align_rows_words(num_tokens) + numel + E + 1 + kWarpSize + 2) * 4;
+}
+
+__global__ void __launch_bounds__(1024) moe_align_rows_kernel(
+    const int32_t* __restrict__ ids,  // [num_tokens, topk] int32
+    int num_tokens, int topk, int E, int block_size, const int32_t* __restrict__ expert_map, int max_padded,
+    int32_t* __restrict__ sorted, int32_t* __restrict__ expert_ids, int32_t* __restrict__ num_post_padded) {
+  extern __shared__ __align__(16) int align_smem[];
+  const int Wp = align_rows_words(num_tokens);
+  const int numel = num_tokens * topk;
+  unsigned* words = reinterpret_cast<unsigned*>(align_smem);
+  int* prefix = align_smem + E * Wp;
+  int* slots = prefix + E * Wp;
+  int* offsets = slots + numel;
+  int* scratch = offsets + E + 1;
+  int* repeated = scratch + kWarpSize + 1;
+  const int tid = threadIdx.x, nthreads = blockDim.x;
+  for (int i = tid; i < E * Wp; i += nthreads) words[i] = 0;
+  if (tid == 0) *repeated = 0;
+  for (int i = tid; i < max_padded; i += nthreads) sorted[i] = numel;  // sentinel; ids overwrite below
+  for (int f = tid; f < numel; f += nthreads) slots[f] = align_slot_device(ids[f], E, expert_map);
+  __syncthreads();
+  for (int f = tid; f < numel; f += nthreads) {
+    const int s = slots[f], t = f / topk;
+    if (s < 0) continue;
+    const unsigned bit = 1u << (t % kTokenWordBits);
+    if (atomicOr(&words[s * Wp + t / kTokenWordBits], bit) & bit) *repeated = 1;
+  }
+  __syncthreads();
+  const bool counting = *repeated != 0;  // block-uniform
+  if (counting) {  // rare: words become per-(expert, word) id counts
+    for (int i = tid; i < E * Wp; i += nthreads) words[i] = 0;
+    __syncthreads();
+    for (int f = tid; f < numel; f += nthreads)
+      if (slots[f] >= 0) atomicAdd(&words[slots[f] * Wp + f / topk / kTokenWordBits], 1u);
+    __syncthreads();
+  }
+  const int W = (num_tokens + kTokenWordBits - 1) / kTokenWordBits;
+  for (int s = tid; s < E; s += nthreads) {
+    int run = 0;
+    for (int w = 0; w < W; ++w) {
+      prefix[s * Wp + w] = run;
+      run += counting ? static_cast<int>(words[s * Wp + w]) : __popc(words[s * Wp + w]);
+    }
+    offsets[s] = (run + block_size - 1) / block_size * block_size;
+  }
+  __syncthreads();
+  const int total = block_exclusive_scan(offsets, E, scratch);  // ends with a barrier
+  if (tid == 0) *num_post_padded = total;
+  for (int f = tid; f < numel; f += nthreads) {
+    const int s = slots[f], t = f / topk;
+    if (s < 0) continue;
+    const int w = t / kTokenWordBits;
+    int rank = prefix[s * Wp + w];
+    if (!counting) {
+      rank += __popc(words[s * Wp + w] & ((1u << (t % kTokenWordBits)) - 1u));
+    } else {
+      for (int q = w * kTokenWordBits * topk; q < f; ++q) rank += slots[q] == s;
+    }
+    sorted[offsets[s] + rank] = f;
+  }
+  write_expert_blocks(offsets, total, E, block_size, max_padded / block_size, expert_map, expert_ids);
 }
 
 // Multi-block step 1: chunk c's per-expert counts -> workspace[c * E + s]; also fills the sentinel.

@@ -6,10 +6,14 @@
 // denominator is each lane's strided partial sum followed by an xor butterfly, which is exactly the
 // CPU's kReduceLanes tree, so ids and weights are bit-identical to the CPU kernel's.
 //
-// Selection is topk rounds of a warp arg-max under ranks_before (key desc, index asc), done on
-// (key, index) packed into one 64-bit integer so each butterfly step is two shuffles and a max. Grouped top-k stages the
-// keys in shared memory, lets each lane score whole groups (sum of the group's two best keys) and
-// picks topk_group groups by the same arg-max before the expert rounds.
+// Selection orders candidates by ranks_before (key desc, index asc) through (key, index) packed in
+// one 64-bit integer. Up to 8 slots a lane, each lane first sorts its slots (a bitonic network,
+// registers only); then each of the topk rounds is one warp arg-max over the lanes' list heads (two
+// warp max-reductions) and the winner lane shifts its list: the round's critical path no longer
+// scans the lane's slots. Wider lanes (E > 256) scan their slots each round instead.
+// Grouped top-k stages the keys in shared memory; 32 / G lanes score each group together (sum of
+// the group's two best keys, merged across the lanes by shuffles), topk_group arg-max rounds pick
+// the groups, and slots outside them leave the running.
 #pragma once
 
 #include <climits>
@@ -65,16 +69,103 @@ MOE_DEVICE MOE_FORCEINLINE float group_max(float x) {
 #endif
 }
 
-// Shared memory of one token group for grouped top-k: keys [E] floats, then group scores [G]
-// floats, then group flags [G] bytes.
+// Shared memory of one token's grouped top-k: keys [E] floats, then group scores [G] floats, then
+// group flags [G] bytes.
 MOE_HOST_DEVICE MOE_FORCEINLINE int grouped_smem_bytes(int E, int G) { return (E + G) * 4 + ((G + 3) / 4) * 4; }
 
-// Gating of one token. `row` is the token's logits; `smem` is this group's grouped-top-k scratch
-// (unused when num_expert_group == 1). Lane j < topk writes rank j's weight and id.
+// Sorts a lane's slots by packed rank, descending, carrying each slot's score along (bitonic
+// network over N, a power of two; fully unrolled, so everything stays in registers).
+template <int N>
+MOE_DEVICE MOE_FORCEINLINE void sort_slots_desc(uint64_t (&rank)[N], float (&score)[N]) {
+#pragma unroll
+  for (int size = 2; size <= N; size *= 2) {
+#pragma unroll
+    for (int stride = size / 2; stride > 0; stride /= 2) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        const int j = i ^ stride;
+        if (j > i) {
+          const uint64_t ri = rank[i], rj = rank[j];
+          const float si = score[i], sj = score[j];
+          const bool swap = (i & size) == 0 ? ri < rj : ri > rj;
+          rank[i] = swap ? rj : ri;
+          rank[j] = swap ? ri : rj;
+          score[i] = swap ? sj : si;
+          score[j] = swap ? si : sj;
+        }
+      }
+    }
+  }
+}
+
+// Clears the avail bits of slots outside the topk_group best groups (grouped top-k). `smem`:
+// grouped_smem_bytes(E, G) bytes of this token's scratch.
+template <int kPerLane>
+MOE_DEVICE MOE_FORCEINLINE void restrict_to_groups(const float (&key)[kPerLane], const GatingParams& p, int lane,
+                                                   char* smem, uint32_t& avail) {
+  const int E = p.num_experts, G = p.num_expert_group;
+  const int group_size = E / G;
+  float* s_key = reinterpret_cast<float*>(smem);
+  float* s_group = s_key + E;
+  unsigned char* s_allowed = reinterpret_cast<unsigned char*>(s_group + G);
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j)
+    if (avail >> j & 1) s_key[lane + j * kGateLanes] = key[j];
+  for (int g = lane; g < G; g += kGateLanes) s_allowed[g] = 0;
+  sync_warp();
+  // Group scores: `parts` lanes (a power of two) share a group, each taking every parts-th key;
+  // their best two keys merge by xor shuffles. Exact: top1 + top2 of the group as a multiset.
+  int parts = 1;
+  while (G * parts * 2 <= kGateLanes) parts *= 2;
+  for (int g0 = 0; g0 < G; g0 += kGateLanes / parts) {  // warp-uniform
+    const int g = g0 + lane / parts, q = lane % parts;
+    float top1 = -INFINITY, top2 = -INFINITY;
+    if (g < G) {
+      for (int i = g * group_size + q; i < (g + 1) * group_size; i += parts) {
+        const float k = s_key[i];
+        top2 = fmaxf(top2, fminf(top1, k));
+        top1 = fmaxf(top1, k);
+      }
+    }
+    for (int offset = parts / 2; offset > 0; offset /= 2) {
+      const float o1 = shfl_xor(top1, offset, kGateLanes), o2 = shfl_xor(top2, offset, kGateLanes);
+      top2 = fmaxf(fminf(top1, o1), fmaxf(top2, o2));
+      top1 = fmaxf(top1, o1);
+    }
+    if (g < G && q == 0) s_group[g] = group_size >= 2 ? top1 + top2 : top1;
+  }
+  sync_warp();
+  // topk_group rounds of arg-max over the groups; lane l owns groups l, l + 32, ... (bit m).
+  uint32_t group_taken = 0;
+  for (int r = 0; r < p.topk_group; ++r) {
+    uint64_t best = 0;
+    for (int m = 0, g = lane; g < G; ++m, g += kGateLanes) {
+      const uint64_t v = (group_taken >> m & 1) ? 0 : pack_rank(s_group[g], g);
+      best = v > best ? v : best;
+    }
+    const int best_g = packed_index(group_argmax(best));
+    if (best_g % kGateLanes == lane) {
+      group_taken |= 1u << (best_g / kGateLanes);
+      s_allowed[best_g] = 1;
+    }
+  }
+  sync_warp();
+  // Group of expert i: floor((i + 0.5) / group_size) in fp32 is exact for E <= 1024 (the product's
+  // error, under G * 2^-22, stays below the 0.5 / group_size margin to the next integer).
+  const float inv_group = 1.0f / static_cast<float>(group_size);
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    const int g = static_cast<int>((static_cast<float>(lane + j * kGateLanes) + 0.5f) * inv_group);
+    if ((avail >> j & 1) && !s_allowed[g]) avail &= ~(1u << j);
+  }
+  sync_warp();  // the scratch may be reused by the caller
+}
+
+// Gating of one token. `row` is the token's logits; `smem` is this token's grouped-top-k scratch
+// (unused when num_expert_group == 1). Lane r < topk returns rank r's final weight and expert id.
 template <typename T, int kPerLane>
-MOE_DEVICE MOE_FORCEINLINE void gate_token(const T* __restrict__ row, const GatingParams& p, int lane,
-                                           char* smem, float* __restrict__ weights_out,
-                                           int32_t* __restrict__ ids_out) {
+MOE_DEVICE MOE_FORCEINLINE void gate_token(const T* __restrict__ row, const GatingParams& p, int lane, char* smem,
+                                           float& out_weight, int& out_id) {
   const int E = p.num_experts;
   float score[kPerLane];
   float key[kPerLane];
@@ -123,51 +214,7 @@ MOE_DEVICE MOE_FORCEINLINE void gate_token(const T* __restrict__ row, const Gati
 #pragma unroll
   for (int j = 0; j < kPerLane; ++j) key[j] = (avail >> j & 1) ? selection_key(score[j], bias[j]) : -INFINITY;
 
-  if (p.num_expert_group > 1) {
-    const int G = p.num_expert_group;
-    const int group_size = E / G;
-    float* s_key = reinterpret_cast<float*>(smem);
-    float* s_group = s_key + E;
-    unsigned char* s_allowed = reinterpret_cast<unsigned char*>(s_group + G);
-#pragma unroll
-    for (int j = 0; j < kPerLane; ++j)
-      if (avail >> j & 1) s_key[lane + j * kGateLanes] = key[j];
-    for (int g = lane; g < G; g += kGateLanes) s_allowed[g] = 0;
-    sync_warp();
-    for (int g = lane; g < G; g += kGateLanes) {
-      float top1 = -INFINITY, top2 = -INFINITY;
-      for (int i = g * group_size; i < (g + 1) * group_size; ++i) {
-        const float k = s_key[i];
-        if (k > top1) {
-          top2 = top1;
-          top1 = k;
-        } else if (k > top2) {
-          top2 = k;
-        }
-      }
-      s_group[g] = group_size >= 2 ? top1 + top2 : top1;
-    }
-    sync_warp();
-    // topk_group rounds of arg-max over the groups; lane l owns groups l, l + 32, ... (bit m).
-    uint32_t group_taken = 0;
-    for (int r = 0; r < p.topk_group; ++r) {
-      uint64_t best = 0;
-      for (int m = 0, g = lane; g < G; ++m, g += kGateLanes) {
-        const uint64_t v = (group_taken >> m & 1) ? 0 : pack_rank(s_group[g], g);
-        best = v > best ? v : best;
-      }
-      const int best_g = packed_index(group_argmax(best));
-      if (best_g % kGateLanes == lane) {
-        group_taken |= 1u << (best_g / kGateLanes);
-        s_allowed[best_g] = 1;
-      }
-    }
-    sync_warp();
-#pragma unroll
-    for (int j = 0; j < kPerLane; ++j)
-      if ((avail >> j & 1) && !s_allowed[(lane + j * kGateLanes) / group_size]) avail &= ~(1u << j);
-    sync_warp();  // the scratch may be reused by the caller
-  }
+  if (p.num_expert_group > 1) restrict_to_groups<kPerLane>(key, p, lane, smem, avail);
 
   // Expert rounds. rank[j] packs slot j's (key, expert); 0 once taken or never available.
   uint64_t rank[kPerLane];
@@ -175,31 +222,51 @@ MOE_DEVICE MOE_FORCEINLINE void gate_token(const T* __restrict__ row, const Gati
   for (int j = 0; j < kPerLane; ++j) rank[j] = (avail >> j & 1) ? pack_rank(key[j], lane + j * kGateLanes) : 0;
   float my_weight = 0.0f, selected_sum = 0.0f;
   int my_id = 0;
-  for (int r = 0; r < p.topk; ++r) {
-    uint64_t best = 0;
+  if constexpr (kPerLane <= 8) {
+    sort_slots_desc(rank, score);
+    for (int r = 0; r < p.topk; ++r) {
+      const uint64_t winner = group_argmax(rank[0]);
+      const int widx = packed_index(winner);
+      const float w = shfl(score[0], widx % kGateLanes, kGateLanes);
+      if (rank[0] == winner) {  // the winner lane pops its list head
 #pragma unroll
-    for (int j = 0; j < kPerLane; ++j) best = rank[j] > best ? rank[j] : best;
-    const uint64_t winner = group_argmax(best);
-    const int widx = packed_index(winner);
-    float mine = 0.0f;  // the winner's score, on its owner lane; taken out of the running
-#pragma unroll
-    for (int j = 0; j < kPerLane; ++j) {
-      if (rank[j] == winner) {
-        mine = score[j];
-        rank[j] = 0;
+        for (int j = 0; j + 1 < kPerLane; ++j) {
+          rank[j] = rank[j + 1];
+          score[j] = score[j + 1];
+        }
+        rank[kPerLane - 1] = 0;
+      }
+      selected_sum += w;  // rank order, as on the CPU
+      if (lane == r) {
+        my_weight = w;
+        my_id = widx;
       }
     }
-    const float w = shfl(mine, widx % kGateLanes, kGateLanes);
-    selected_sum += w;  // rank order, as on the CPU
-    if (lane == r) {
-      my_weight = w;
-      my_id = widx;
+  } else {
+    for (int r = 0; r < p.topk; ++r) {
+      uint64_t best = 0;
+#pragma unroll
+      for (int j = 0; j < kPerLane; ++j) best = rank[j] > best ? rank[j] : best;
+      const uint64_t winner = group_argmax(best);
+      const int widx = packed_index(winner);
+      float mine = 0.0f;  // the winner's score, on its owner lane; taken out of the running
+#pragma unroll
+      for (int j = 0; j < kPerLane; ++j) {
+        if (rank[j] == winner) {
+          mine = score[j];
+          rank[j] = 0;
+        }
+      }
+      const float w = shfl(mine, widx % kGateLanes, kGateLanes);
+      selected_sum += w;
+      if (lane == r) {
+        my_weight = w;
+        my_id = widx;
+      }
     }
   }
-  if (lane < p.topk) {
-    weights_out[lane] = finalize_weight(my_weight, selected_sum, p.renormalize, p.topk, p.routed_scaling_factor);
-    ids_out[lane] = my_id;
-  }
+  out_weight = finalize_weight(my_weight, selected_sum, p.renormalize, p.topk, p.routed_scaling_factor);
+  out_id = my_id;
 }
 
 // One token per 32-lane group, kGroupsPerBlock groups per block.
@@ -215,8 +282,13 @@ __global__ void __launch_bounds__(kGateGroupsPerBlock* kGateLanes)
   const int t = blockIdx.x * kGateGroupsPerBlock + group;
   if (t >= num_tokens) return;  // a whole group leaves together
   char* smem = gate_smem + group * grouped_smem_bytes(p.num_experts, p.num_expert_group);
-  gate_token<T, kPerLane>(logits + t * row_stride, p, lane, smem, weights + int64_t(t) * p.topk,
-                          ids + int64_t(t) * p.topk);
+  float w;
+  int id;
+  gate_token<T, kPerLane>(logits + t * row_stride, p, lane, smem, w, id);
+  if (lane < p.topk) {
+    weights[int64_t(t) * p.topk + lane] = w;
+    ids[int64_t(t) * p.topk + lane] = id;
+  }
 }
 
 }  // namespace moe_ext

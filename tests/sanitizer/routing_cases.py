@@ -1,0 +1,37 @@
+"""Routing kernels on a few shapes each, for compute-sanitizer (run by tests/sanitizer/run.sh):
+the fused decode kernel over T = 1..32 with every routing variant, and the alignment paths (one
+block, token masks with and without repeated experts, multi-block). Exits non-zero on a mismatch."""
+
+from __future__ import annotations
+
+import torch
+
+import moe_ext
+
+torch.manual_seed(0)
+dev = "cuda"
+variants = [dict(), dict(renormalize=True), dict(scoring_func="sigmoid", renormalize=True),
+            dict(scoring_func="sigmoid", renormalize=True, num_expert_group=8, topk_group=4, routed_scaling_factor=2.5)]
+for E, topk in [(256, 8), (128, 4), (1024, 32), (3, 2)]:
+    for i, routing in enumerate(variants):
+        routing = dict(routing)
+        if "num_expert_group" in routing and E % 8:
+            continue
+        if routing.get("scoring_func") == "sigmoid":
+            routing["correction_bias"] = torch.randn(E, device=dev)
+        for T in (1, 2, 5, 16, 31, 32, 33):
+            logits = torch.randn(T, E, device=dev, dtype=torch.bfloat16)
+            emap = torch.where(torch.rand(E, device=dev) < 0.3, -1, torch.arange(E, device=dev)).to(torch.int32)
+            fused = moe_ext.fused_topk_align(logits, topk, 16, expert_map=emap if i % 2 else None, **routing)
+            w, ids = moe_ext.topk_gating(logits, topk, **routing)
+            sep = (w, ids, *moe_ext.moe_align_block_size(ids, E, 16, emap if i % 2 else None))
+            assert all(torch.equal(a, b) for a, b in zip(fused, sep)), (E, topk, T, routing)
+for T, E, topk in [(100, 256, 8), (1024, 256, 8), (3000, 64, 2), (20000, 256, 8)]:
+    ids = torch.rand(T, E, device=dev).argsort(dim=1)[:, :topk].to(torch.int32).contiguous()  # distinct per row
+    a = moe_ext.moe_align_block_size(ids, E, 16)
+    ids[T // 2, -1] = ids[T // 2, 0]  # a repeated expert: the counting fallback
+    b = moe_ext.moe_align_block_size(ids, E, 16)
+    c = moe_ext.moe_align_block_size(ids.cpu(), E, 16)
+    assert all(torch.equal(x.cpu(), y) for x, y in zip(b, c)), (T, E, topk)
+torch.cuda.synchronize()
+print("routing sanitizer cases: ok")
