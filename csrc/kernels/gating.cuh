@@ -98,21 +98,22 @@ MOE_DEVICE MOE_FORCEINLINE void sort_slots_desc(uint64_t (&rank)[N], float (&sco
   }
 }
 
-// Clears the avail bits of slots outside the topk_group best groups (grouped top-k). `smem`:
-// grouped_smem_bytes(E, G) bytes of this token's scratch.
+// Grouped top-k, step 1: stage this lane's keys in s_key [E] (slot j is expert lane + 32 * (row0 + j)).
 template <int kPerLane>
-MOE_DEVICE MOE_FORCEINLINE void restrict_to_groups(const float (&key)[kPerLane], const GatingParams& p, int lane,
-                                                   char* smem, uint32_t& avail) {
-  const int E = p.num_experts, G = p.num_expert_group;
-  const int group_size = E / G;
-  float* s_key = reinterpret_cast<float*>(smem);
-  float* s_group = s_key + E;
-  unsigned char* s_allowed = reinterpret_cast<unsigned char*>(s_group + G);
+MOE_DEVICE MOE_FORCEINLINE void stage_keys(const float (&key)[kPerLane], uint32_t avail, int lane, int row0,
+                                           float* s_key) {
 #pragma unroll
   for (int j = 0; j < kPerLane; ++j)
-    if (avail >> j & 1) s_key[lane + j * kGateLanes] = key[j];
+    if (avail >> j & 1) s_key[lane + (row0 + j) * kGateLanes] = key[j];
+}
+
+// Grouped top-k, step 2 (one warp, after every key is staged): group scores and the topk_group
+// best groups, flagged in s_allowed [G] bytes; s_group: [G] floats of scratch.
+MOE_DEVICE MOE_FORCEINLINE void pick_groups(const GatingParams& p, int lane, const float* s_key, float* s_group,
+                                            unsigned char* s_allowed) {
+  const int E = p.num_experts, G = p.num_expert_group;
+  const int group_size = E / G;
   for (int g = lane; g < G; g += kGateLanes) s_allowed[g] = 0;
-  sync_warp();
   // Group scores: `parts` lanes (a power of two) share a group, each taking every parts-th key;
   // their best two keys merge by xor shuffles. Exact: top1 + top2 of the group as a multiset.
   int parts = 1;
@@ -149,48 +150,126 @@ MOE_DEVICE MOE_FORCEINLINE void restrict_to_groups(const float (&key)[kPerLane],
       s_allowed[best_g] = 1;
     }
   }
-  sync_warp();
-  // Group of expert i: floor((i + 0.5) / group_size) in fp32 is exact for E <= 1024 (the product's
-  // error, under G * 2^-22, stays below the 0.5 / group_size margin to the next integer).
-  const float inv_group = 1.0f / static_cast<float>(group_size);
-#pragma unroll
-  for (int j = 0; j < kPerLane; ++j) {
-    const int g = static_cast<int>((static_cast<float>(lane + j * kGateLanes) + 0.5f) * inv_group);
-    if ((avail >> j & 1) && !s_allowed[g]) avail &= ~(1u << j);
-  }
-  sync_warp();  // the scratch may be reused by the caller
 }
 
-// Gating of one token. `row` is the token's logits; `smem` is this token's grouped-top-k scratch
-// (unused when num_expert_group == 1). Lane r < topk returns rank r's final weight and expert id.
+// Grouped top-k, step 3 (after step 2 is visible): slots outside the chosen groups leave the running.
+template <int kPerLane>
+MOE_DEVICE MOE_FORCEINLINE void mask_to_groups(const GatingParams& p, int lane, int row0,
+                                               const unsigned char* s_allowed, uint32_t& avail) {
+  // Group of expert i: floor((i + 0.5) / group_size) in fp32 is exact for E <= 1024 (the product's
+  // error, under G * 2^-22, stays below the 0.5 / group_size margin to the next integer).
+  const float inv_group = 1.0f / static_cast<float>(p.num_experts / p.num_expert_group);
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    const int g = static_cast<int>((static_cast<float>(lane + (row0 + j) * kGateLanes) + 0.5f) * inv_group);
+    if ((avail >> j & 1) && !s_allowed[g]) avail &= ~(1u << j);
+  }
+}
+
+// Shared scratch of grouped top-k for one token: keys [E] floats | group scores [G] floats | flags [G] bytes.
+struct GroupedScratch {
+  float* key;
+  float* group;
+  unsigned char* allowed;
+  MOE_DEVICE GroupedScratch(char* smem, int E, int G)
+      : key(reinterpret_cast<float*>(smem)), group(key + E), allowed(reinterpret_cast<unsigned char*>(group + G)) {}
+};
+
+// Loads slot j = expert lane + 32 * (row0 + j): the sanitized logit, the correction bias (0 without
+// one) and the avail bit (expert < E). Every load is unconditional (clamped index) so all of them are
+// in flight at once.
+template <typename T, int kPerLane>
+MOE_DEVICE MOE_FORCEINLINE void load_slots(const T* __restrict__ row, const GatingParams& p, int lane, int row0,
+                                           float (&logit)[kPerLane], float (&bias)[kPerLane], uint32_t& avail) {
+  const int E = p.num_experts;
+  avail = 0;
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    const int i = lane + (row0 + j) * kGateLanes;
+    const float x = to_float(row[i < E ? i : E - 1]);
+    logit[j] = i < E ? sanitize_logit(x) : -INFINITY;
+    avail |= (i < E ? 1u : 0u) << j;
+  }
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    const int i = lane + (row0 + j) * kGateLanes;
+    bias[j] = p.bias ? p.bias[i < E ? i : E - 1] : 0.0f;
+  }
+}
+
+// Selection keys of the available slots (-inf elsewhere).
+template <int kPerLane>
+MOE_DEVICE MOE_FORCEINLINE void slot_keys(const float (&score)[kPerLane], const float (&bias)[kPerLane], uint32_t avail,
+                                          float (&key)[kPerLane]) {
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) key[j] = (avail >> j & 1) ? selection_key(score[j], bias[j]) : -INFINITY;
+}
+
+// topk rounds of warp arg-max over this warp's available slots (experts lane + 32 * (row0 + j)).
+// Lane r < min(topk, candidates) returns round r's winner, packed, and its score; other lanes 0.
+// Every lane returns the sum of the winners' scores in round order.
+template <int kPerLane>
+MOE_DEVICE MOE_FORCEINLINE void select_rounds(const float (&key)[kPerLane], float (&score)[kPerLane], uint32_t avail,
+                                              int topk, int lane, int row0, uint64_t& my_rank, float& my_score,
+                                              float& selected_sum) {
+  uint64_t rank[kPerLane];  // rank[j] packs slot j's (key, expert); 0 once taken or never available
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) rank[j] = (avail >> j & 1) ? pack_rank(key[j], lane + (row0 + j) * kGateLanes) : 0;
+  my_rank = 0;
+  my_score = 0.0f;
+  selected_sum = 0.0f;
+  if constexpr (kPerLane <= 8) {
+    sort_slots_desc(rank, score);
+    for (int r = 0; r < topk; ++r) {
+      const uint64_t winner = group_argmax(rank[0]);
+      const float w = shfl(score[0], packed_index(winner) % kGateLanes, kGateLanes);
+      if (rank[0] == winner && winner != 0) {  // the winner lane pops its list head
+#pragma unroll
+        for (int j = 0; j + 1 < kPerLane; ++j) {
+          rank[j] = rank[j + 1];
+          score[j] = score[j + 1];
+        }
+        rank[kPerLane - 1] = 0;
+      }
+      if (winner != 0) selected_sum += w;  // round order, as on the CPU
+      if (lane == r) {
+        my_rank = winner;
+        my_score = winner != 0 ? w : 0.0f;
+      }
+    }
+  } else {
+    for (int r = 0; r < topk; ++r) {
+      uint64_t best = 0;
+#pragma unroll
+      for (int j = 0; j < kPerLane; ++j) best = rank[j] > best ? rank[j] : best;
+      const uint64_t winner = group_argmax(best);
+      float mine = 0.0f;  // the winner's score, on its owner lane; taken out of the running
+#pragma unroll
+      for (int j = 0; j < kPerLane; ++j) {
+        if (rank[j] == winner && winner != 0) {
+          mine = score[j];
+          rank[j] = 0;
+        }
+      }
+      const float w = shfl(mine, packed_index(winner) % kGateLanes, kGateLanes);
+      if (winner != 0) selected_sum += w;
+      if (lane == r) {
+        my_rank = winner;
+        my_score = w;
+      }
+    }
+  }
+}
+
+// Gating of one token by one warp. `row` is the token's logits; `smem` is this token's grouped-top-k
+// scratch, grouped_smem_bytes(E, G) (unused when num_expert_group == 1). Lane r < topk returns rank
+// r's final weight and expert id.
 template <typename T, int kPerLane>
 MOE_DEVICE MOE_FORCEINLINE void gate_token(const T* __restrict__ row, const GatingParams& p, int lane, char* smem,
                                            float& out_weight, int& out_id) {
-  const int E = p.num_experts;
-  float score[kPerLane];
-  float key[kPerLane];
-  uint32_t avail = 0;  // bit j: slot j holds an expert that may still be chosen
-
-  // Every load is unconditional (clamped index) so all of them are in flight at once.
-#pragma unroll
-  for (int j = 0; j < kPerLane; ++j) {
-    const int i = lane + j * kGateLanes;
-    const float x = to_float(row[i < E ? i : E - 1]);
-    score[j] = i < E ? sanitize_logit(x) : -INFINITY;
-    avail |= (i < E ? 1u : 0u) << j;
-  }
-  float bias[kPerLane];
-  if (p.bias) {
-#pragma unroll
-    for (int j = 0; j < kPerLane; ++j) {
-      const int i = lane + j * kGateLanes;
-      bias[j] = p.bias[i < E ? i : E - 1];
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < kPerLane; ++j) bias[j] = 0.0f;
-  }
-
+  float score[kPerLane], bias[kPerLane], key[kPerLane];
+  uint32_t avail;  // bit j: slot j holds an expert that may still be chosen
+  load_slots<T, kPerLane>(row, p, lane, 0, score, bias, avail);
   if (p.scoring == ScoringFunc::kSoftmax) {
     float lane_max = -INFINITY;
 #pragma unroll
@@ -211,62 +290,21 @@ MOE_DEVICE MOE_FORCEINLINE void gate_token(const T* __restrict__ row, const Gati
 #pragma unroll
     for (int j = 0; j < kPerLane; ++j) score[j] = moe_sigmoidf(score[j]);
   }
-#pragma unroll
-  for (int j = 0; j < kPerLane; ++j) key[j] = (avail >> j & 1) ? selection_key(score[j], bias[j]) : -INFINITY;
-
-  if (p.num_expert_group > 1) restrict_to_groups<kPerLane>(key, p, lane, smem, avail);
-
-  // Expert rounds. rank[j] packs slot j's (key, expert); 0 once taken or never available.
-  uint64_t rank[kPerLane];
-#pragma unroll
-  for (int j = 0; j < kPerLane; ++j) rank[j] = (avail >> j & 1) ? pack_rank(key[j], lane + j * kGateLanes) : 0;
-  float my_weight = 0.0f, selected_sum = 0.0f;
-  int my_id = 0;
-  if constexpr (kPerLane <= 8) {
-    sort_slots_desc(rank, score);
-    for (int r = 0; r < p.topk; ++r) {
-      const uint64_t winner = group_argmax(rank[0]);
-      const int widx = packed_index(winner);
-      const float w = shfl(score[0], widx % kGateLanes, kGateLanes);
-      if (rank[0] == winner) {  // the winner lane pops its list head
-#pragma unroll
-        for (int j = 0; j + 1 < kPerLane; ++j) {
-          rank[j] = rank[j + 1];
-          score[j] = score[j + 1];
-        }
-        rank[kPerLane - 1] = 0;
-      }
-      selected_sum += w;  // rank order, as on the CPU
-      if (lane == r) {
-        my_weight = w;
-        my_id = widx;
-      }
-    }
-  } else {
-    for (int r = 0; r < p.topk; ++r) {
-      uint64_t best = 0;
-#pragma unroll
-      for (int j = 0; j < kPerLane; ++j) best = rank[j] > best ? rank[j] : best;
-      const uint64_t winner = group_argmax(best);
-      const int widx = packed_index(winner);
-      float mine = 0.0f;  // the winner's score, on its owner lane; taken out of the running
-#pragma unroll
-      for (int j = 0; j < kPerLane; ++j) {
-        if (rank[j] == winner) {
-          mine = score[j];
-          rank[j] = 0;
-        }
-      }
-      const float w = shfl(mine, widx % kGateLanes, kGateLanes);
-      selected_sum += w;
-      if (lane == r) {
-        my_weight = w;
-        my_id = widx;
-      }
-    }
+  slot_keys(score, bias, avail, key);
+  if (p.num_expert_group > 1) {
+    GroupedScratch g(smem, p.num_experts, p.num_expert_group);
+    stage_keys(key, avail, lane, 0, g.key);
+    sync_warp();
+    pick_groups(p, lane, g.key, g.group, g.allowed);
+    sync_warp();
+    mask_to_groups<kPerLane>(p, lane, 0, g.allowed, avail);
+    sync_warp();  // the scratch may be reused by the caller
   }
-  out_weight = finalize_weight(my_weight, selected_sum, p.renormalize, p.topk, p.routed_scaling_factor);
-  out_id = my_id;
+  uint64_t my_rank;
+  float my_score, selected_sum;
+  select_rounds(key, score, avail, p.topk, lane, 0, my_rank, my_score, selected_sum);
+  out_weight = finalize_weight(my_score, selected_sum, p.renormalize, p.topk, p.routed_scaling_factor);
+  out_id = packed_index(my_rank);
 }
 
 // One token per 32-lane group, kGroupsPerBlock groups per block.
