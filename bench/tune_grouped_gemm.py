@@ -120,6 +120,8 @@ def main():
                 best.append(dict(shape=name, T=T, topk=k, E=E, N=N, K=K, block_size=bs, rows=T * k, best=c_best,
                                  best_us=tuned[c_best], heuristic_us=times.get(-1, float("nan")),
                                  speedup=times.get(-1, float("nan")) / tuned[c_best]))
+        del ws, a  # the next shape's weights (up to --max-weight-gib) must not coexist with these
+        torch.cuda.empty_cache()
     table = markdown_table(best, [("shape", "shape", ""), ("T", "T", "d"), ("block_size", "block", "d"),
                                   ("best", "best config", "d"), ("best_us", "best µs", ".2f"),
                                   ("heuristic_us", "heuristic µs", ".2f"), ("speedup", "best / heuristic", ".2f")])

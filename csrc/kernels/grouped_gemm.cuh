@@ -129,7 +129,7 @@ MOE_DEVICE MOE_FORCEINLINE void cp_async_commit() {
 template <int kPending>
 MOE_DEVICE MOE_FORCEINLINE void cp_async_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 #endif
 }
 
