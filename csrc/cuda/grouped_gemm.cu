@@ -27,7 +27,10 @@ using gg::MmaConfig;
 //   4   64   64   64   2x2     4      73,728     block_size 64, few CTAs
 //   5  128  128   32   2x4     4      81,920     block_size 128
 //   6  128  128   64   2x4     3     110,592     block_size 128 (prefill)
-//   7   64  128   32   2x2     4      61,440     block_size 64, two CTAs a multiprocessor
+//   7   64  128   32   2x2     4      61,440     block_size 64, three CTAs a multiprocessor
+//   8   64  128   64   2x4     4     110,592     block_size 64, 8 warps (fewer registers each)
+//   9  128  128   64   2x2     3     110,592     block_size 128, 4 warps of 64 x 64
+//  10   32   64  128   1x4     4     104,448     block_size 32, few CTAs
 using Cfg0 = MmaConfig<16, 64, 128, 1, 4, 4>;
 using Cfg1 = MmaConfig<16, 128, 64, 1, 4, 4>;
 using Cfg2 = MmaConfig<32, 128, 64, 1, 4, 4>;
@@ -36,9 +39,14 @@ using Cfg4 = MmaConfig<64, 64, 64, 2, 2, 4>;
 using Cfg5 = MmaConfig<128, 128, 32, 2, 4, 4>;
 using Cfg6 = MmaConfig<128, 128, 64, 2, 4, 3>;
 using Cfg7 = MmaConfig<64, 128, 32, 2, 2, 4>;
-constexpr int kNumConfigs = 8;
-constexpr int kConfigBM[kNumConfigs] = {16, 16, 32, 64, 64, 128, 128, 64};
-constexpr int kConfigBN[kNumConfigs] = {64, 128, 128, 128, 64, 128, 128, 128};
+using Cfg8 = MmaConfig<64, 128, 64, 2, 4, 4>;
+using Cfg9 = MmaConfig<128, 128, 64, 2, 2, 3>;
+using Cfg10 = MmaConfig<32, 64, 128, 1, 4, 4>;
+constexpr int kNumConfigs = 11;
+constexpr int kConfigBM[kNumConfigs] = {Cfg0::BM, Cfg1::BM, Cfg2::BM, Cfg3::BM, Cfg4::BM, Cfg5::BM,
+                                        Cfg6::BM, Cfg7::BM, Cfg8::BM, Cfg9::BM, Cfg10::BM};
+constexpr int kConfigBN[kNumConfigs] = {Cfg0::BN, Cfg1::BN, Cfg2::BN, Cfg3::BN, Cfg4::BN, Cfg5::BN,
+                                        Cfg6::BN, Cfg7::BN, Cfg8::BN, Cfg9::BN, Cfg10::BN};
 // K % 8 != 0 (rows not 16-byte aligned) always takes this config: one extra instance per dtype
 // instead of a second copy of the table, for a shape no production model has.
 constexpr int kUnalignedConfig = 1;
@@ -51,7 +59,7 @@ struct HeuristicRow {
 };
 constexpr HeuristicRow kHeuristic[] = {
     {16, 1, 0},
-    {32, 2, 0},
+    {32, 2, 10},
     {64, 3, 4},
     {INT_MAX, 6, 3},
 };
@@ -91,6 +99,7 @@ cudaError_t launch_mma(GroupedGemmParams p, int64_t num_blocks, cudaStream_t str
   if (tiles > INT_MAX || ceil_div64(p.N, Cfg::BN) > 65535) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(ceil_div64(p.N, Cfg::BN)));
   constexpr int smem = Cfg::template smem_bytes<T>();
+  static_assert(smem <= 227 * 1024, "over the sm_90 per-block shared memory limit");
   auto kernel = grouped_gemm_mma_kernel<T, Cfg, kAligned>;
   const cudaError_t err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
@@ -112,6 +121,9 @@ cudaError_t launch_mma_config(int cfg, bool aligned, const GroupedGemmParams& p,
     case 5: return launch_mma<T, Cfg5, true>(p, num_blocks, stream);
     case 6: return launch_mma<T, Cfg6, true>(p, num_blocks, stream);
     case 7: return launch_mma<T, Cfg7, true>(p, num_blocks, stream);
+    case 8: return launch_mma<T, Cfg8, true>(p, num_blocks, stream);
+    case 9: return launch_mma<T, Cfg9, true>(p, num_blocks, stream);
+    case 10: return launch_mma<T, Cfg10, true>(p, num_blocks, stream);
   }
   return cudaErrorInvalidValue;
 }
