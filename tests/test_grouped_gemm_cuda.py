@@ -294,3 +294,17 @@ def test_cuda_graph_replay(monkeypatch, zero):
         assert torch.equal(out.cpu(), eager.cpu())
         want = ref.moe_grouped_gemm_ref(a, w, s, e, n, topk, tw)
         assert rel_l2(out.cpu(), want) < 1e-2
+
+
+@pytest.mark.parametrize("zero", ["memset", "flags"])
+def test_degenerate_shapes(monkeypatch, zero):
+    """K = 0 (every product is 0), no local experts (w [0, N, K]: every row zero), N = 0."""
+    monkeypatch.setenv(ZERO_ENV, zero)
+    a, w, s, e, n, topk, tw = make_case(9, 2, 4, 24, 0, 16, torch.bfloat16, "random", True)
+    out = run_and_check(a, w, s, e, n, topk, tw)
+    assert (out == 0).all()
+    a, w, s, e, n, topk, tw = make_case(9, 2, 4, 24, 32, 16, torch.bfloat16, "random", True)
+    out = run_and_check(a, w[:0].contiguous(), s, e, n, topk, tw)
+    assert (out == 0).all()
+    out = moe_ext.moe_grouped_gemm(a.cuda(), w[:, :0].contiguous().cuda(), s.cuda(), e.cuda(), n.cuda(), topk)
+    assert out.shape == (9 * topk, 0)

@@ -84,6 +84,11 @@ MOE_DEVICE MOE_FORCEINLINE int setup_tile_rows(const GroupedGemmParams& p, int* 
   return __syncthreads_or(any) ? e : -1;
 }
 
+// The routed weight of output row id (1 without weights or for a skipped row).
+MOE_DEVICE MOE_FORCEINLINE float row_scale(const GroupedGemmParams& p, int id) {
+  return (p.topk_weights != nullptr && id >= 0) ? p.topk_weights[id] : 1.0f;
+}
+
 #if MOE_GG_HAS_MMA
 template <typename T>
 MOE_DEVICE MOE_FORCEINLINE void store2(T* p, float x, float y);
@@ -96,12 +101,11 @@ MOE_DEVICE MOE_FORCEINLINE void store2<__half>(__half* p, float x, float y) {
   *reinterpret_cast<__half2*>(p) = __floats2half2_rn(x, y);
 }
 
-// Writes columns col and col + 1 (each only if < N) of output row id, scaled by its routed weight.
+// Writes columns col and col + 1 (each only if < N) of output row id (skipped when -1), times s.
 template <typename T>
-MOE_DEVICE MOE_FORCEINLINE void store_pair(const GroupedGemmParams& p, int id, int col, float x, float y,
+MOE_DEVICE MOE_FORCEINLINE void store_pair(const GroupedGemmParams& p, int id, float s, int col, float x, float y,
                                            bool paired) {
   if (id < 0 || col >= p.N) return;
-  const float s = p.topk_weights != nullptr ? p.topk_weights[id] : 1.0f;
   T* o = static_cast<T*>(p.out) + int64_t(id) * p.N + col;
   if (paired) {  // N even: col even, so col + 1 < N and the pair is 4-byte aligned
     store2<T>(o, x * s, y * s);
@@ -300,11 +304,12 @@ __global__ void __launch_bounds__(Cfg::kThreads) grouped_gemm_mma_kernel(const G
   for (int mi = 0; mi < Cfg::MI; ++mi) {
     const int r = wm + mi * 16 + lane / 4;
     const int id_lo = s_id[r], id_hi = s_id[r + 8];
+    const float s_lo = gg::row_scale(p, id_lo), s_hi = gg::row_scale(p, id_hi);
 #pragma unroll
     for (int ni = 0; ni < Cfg::NI; ++ni) {
       const int col = n0 + wn + ni * 8 + (lane % 4) * 2;
-      gg::store_pair<T>(p, id_lo, col, acc[mi][ni][0], acc[mi][ni][1], paired);
-      gg::store_pair<T>(p, id_hi, col, acc[mi][ni][2], acc[mi][ni][3], paired);
+      gg::store_pair<T>(p, id_lo, s_lo, col, acc[mi][ni][0], acc[mi][ni][1], paired);
+      gg::store_pair<T>(p, id_hi, s_hi, col, acc[mi][ni][2], acc[mi][ni][3], paired);
     }
   }
 #endif
@@ -352,7 +357,7 @@ __global__ void __launch_bounds__(gg::kSimtThreads) grouped_gemm_simt_kernel(con
   for (int i = 0; i < 2; ++i) {
     const int id = s_id[ty * 2 + i];
     if (id < 0) continue;
-    const float s = p.topk_weights != nullptr ? p.topk_weights[id] : 1.0f;
+    const float s = gg::row_scale(p, id);
     T* o = static_cast<T*>(p.out) + int64_t(id) * p.N;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
