@@ -138,8 +138,24 @@ def main():
     table = markdown_table(best, [("shape", "shape", ""), ("T", "T", "d"), ("block_size", "block", "d"),
                                   ("best", "best config", "d"), ("best_us", "best µs", ".2f"),
                                   ("heuristic_us", "heuristic µs", ".2f"), ("speedup", "heuristic µs / best µs", ".2f")])
+    # Per block size, the config with the least total time over all shapes that ran every config:
+    # a starting point for kHeuristic's `many` column (its `few` column wants the decode shapes alone).
+    suggested = {}
+    for bs in sorted({r["block_size"] for r in rows}):
+        totals, count = {}, {}
+        for r in rows:
+            if r["block_size"] == bs and r["config"] >= 0:
+                totals[r["config"]] = totals.get(r["config"], 0.0) + r["us"]
+                count[r["config"]] = count.get(r["config"], 0) + 1
+        full = {c: t for c, t in totals.items() if count[c] == max(count.values())}
+        if full:
+            suggested[bs] = min(full, key=full.get)
+            print(f"block_size {bs}: least total time with config {suggested[bs]} "
+                  f"({full[suggested[bs]]:.1f} µs over {count[suggested[bs]]} shapes)")
+    table += "\n\nLeast total time per block size: " + ", ".join(f"{b}: config {c}" for b, c in suggested.items())
     print(table)
-    path = write_results("tune-grouped-gemm", dict(dtype=args.dtype, configs=n_cfg, best=best), rows, table)
+    path = write_results("tune-grouped-gemm", dict(dtype=args.dtype, configs=n_cfg, best=best, suggested=suggested),
+                         rows, table)
     print(f"wrote {path}.json / .md")
 
 
