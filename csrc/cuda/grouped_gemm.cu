@@ -47,8 +47,9 @@ constexpr int kConfigBM[kNumConfigs] = {Cfg0::BM, Cfg1::BM, Cfg2::BM, Cfg3::BM, 
                                         Cfg6::BM, Cfg7::BM, Cfg8::BM, Cfg9::BM, Cfg10::BM};
 constexpr int kConfigBN[kNumConfigs] = {Cfg0::BN, Cfg1::BN, Cfg2::BN, Cfg3::BN, Cfg4::BN, Cfg5::BN,
                                         Cfg6::BN, Cfg7::BN, Cfg8::BN, Cfg9::BN, Cfg10::BN};
-// K % 8 != 0 (rows not 16-byte aligned) always takes this config: one extra instance per dtype
-// instead of a second copy of the table, for a shape no production model has.
+// K % 8 != 0 or a base not 16-byte aligned (rows not 16-byte aligned: guarded scalar loads) always
+// takes this config: one extra instance per dtype instead of a second copy of the table, for shapes
+// no production model has.
 constexpr int kUnalignedConfig = 1;
 
 // The heuristic: the first row whose max_block_size >= block_size gives two candidates; `many`

@@ -8,8 +8,9 @@
 //
 // Tensor-core path (bf16/fp16, sm_80+): a STAGES-deep cp.async pipeline streams the gathered A rows
 // [BM, BK] and the weight tile [BN, BK] (w[e] is [N, K] row-major, which is the "col" B operand of
-// mma.m16n8k16 as stored) into shared memory padded by 8 elements a row (row strides of 16 bytes mod
-// 128: ldmatrix and the 16-byte stores hit distinct banks). Warps tile the CTA as WARPS_M x WARPS_N,
+// mma.m16n8k16 as stored) into shared memory padded by 8 elements a row (a row stride of an odd
+// number of 16-byte units: the 8 rows one ldmatrix phase reads, or one store phase writes, fall in
+// distinct bank groups). Warps tile the CTA as WARPS_M x WARPS_N,
 // each computing WM x WN with fp32 accumulators. Out-of-range rows, columns and K are zero-filled
 // (cp.async src-size 0) so they add nothing. When K % 8 != 0 (or a base is not 16-byte aligned)
 // rows are not 16-byte aligned: the same pipeline then loads with guarded scalar reads.
