@@ -1,0 +1,163 @@
+"""Times every config of the grouped-GEMM launcher's table (csrc/cuda/grouped_gemm.cu) on given
+shapes and reports the fastest, to refill the table's heuristic by hand.
+
+Each config is forced through MOE_EXT_GROUPED_GEMM_CONFIG (read by the adapter on every call);
+config -1 is the current heuristic. Routing is random top-k, aligned by moe_ext's own op. Times are
+CUDA-graph replays (median µs per call) with weights rotated over more than L2 holds where they
+fit in memory; TFLOP/s counts 2 * (T*k) * N * K, GB/s the weights of the experts hit plus A and out.
+
+    python bench/tune_grouped_gemm.py                       # both GEMMs of each model in models.py
+    python bench/tune_grouped_gemm.py --shape 512,8,64,1536,2048 --tokens 1 16 --block-size 16 64
+
+Writes results/<device>-tune-grouped-gemm.{json,md}: every timing, and per shape the best config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import moe_ext  # noqa: E402
+from common import markdown_table, time_graph, write_results  # noqa: E402
+from moe_ext.models import MODELS  # noqa: E402
+
+ENV = "MOE_EXT_GROUPED_GEMM_CONFIG"
+
+
+def num_configs() -> int:
+    """The table's size, from the adapter's message for an out-of-range index."""
+    a = torch.zeros(1, 16, device="cuda", dtype=torch.bfloat16)
+    w = torch.zeros(1, 16, 16, device="cuda", dtype=torch.bfloat16)
+    s, e, n = moe_ext.moe_align_block_size(torch.zeros(1, 1, dtype=torch.int32, device="cuda"), 1, 16)
+    os.environ[ENV] = "1000000"
+    try:
+        moe_ext.moe_grouped_gemm(a, w, s, e, n, 1)
+    except ValueError as err:
+        return int(re.search(r"\[-1, (\d+)\)", str(err)).group(1))
+    finally:
+        os.environ.pop(ENV, None)
+    raise RuntimeError("the adapter accepted an out-of-range config")
+
+
+def shapes_from_models(tokens):
+    """(name, T, topk, E, N, K, second) for both GEMMs of each model layer; second: the op runs as
+    fused_moe's second GEMM (a is [T * topk, K], op topk 1), else as its first (a is [T, K])."""
+    out = []
+    for cfg in MODELS.values():
+        for T in tokens:
+            out.append((f"{cfg.name} w13", T, cfg.topk, cfg.num_experts, 2 * cfg.intermediate_size,
+                        cfg.hidden_size, False))
+            out.append((f"{cfg.name} w2", T, cfg.topk, cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, True))
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 128, 1024, 4096])
+    p.add_argument("--shape", action="append", default=[], help="T,topk,E,N,K (repeatable); replaces --models")
+    p.add_argument("--block-size", type=int, nargs="+", default=None,
+                   help="default: moe_ext.choose_block_size for each shape")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--max-weight-gib", type=float, default=24.0, help="skip shapes whose weights exceed this")
+    args = p.parse_args()
+    dtype = getattr(torch, args.dtype)
+    esize = torch.empty((), dtype=dtype).element_size()
+    n_cfg = num_configs()
+    if args.shape:
+        shapes = []
+        for s in args.shape:
+            T, k, E, N, K = (int(x) for x in s.split(","))
+            shapes.append((s, T, k, E, N, K, False))
+    else:
+        shapes = shapes_from_models(args.tokens)
+
+    rows, best = [], []
+    for name, T, k, E, N, K, second in shapes:
+        if E * N * K * esize > args.max_weight_gib * 2**30:
+            print(f"skip {name} T={T}: weights over --max-weight-gib")
+            continue
+        g = torch.Generator(device="cuda").manual_seed(T + N + K)
+        a = torch.randn(T * k if second else T, K, device="cuda", dtype=dtype, generator=g)
+        op_topk = 1 if second else k
+        # Rotate weight copies so each call streams its experts from HBM, not L2 (as many as fit).
+        w_bytes = E * N * K * esize
+        copies = max(1, min(4, int((args.max_weight_gib * 2**30) // max(w_bytes, 1)), -(-(256 << 20) // w_bytes)))
+        ws = [torch.randn(E, N, K, device="cuda", dtype=dtype, generator=g) / K**0.5 for _ in range(copies)]
+        ids = torch.rand(T, E, device="cuda", generator=g).topk(k, dim=1).indices.to(torch.int32)
+        tw = torch.rand(T, k, device="cuda", generator=g)
+        hit = int(ids.unique().numel())
+        flops = 2 * T * k * N * K
+        nbytes = (hit * N * K + a.numel() + T * k * N) * esize
+        for bs in args.block_size or [moe_ext.choose_block_size(T, k, E)]:
+            s, e, n = moe_ext.moe_align_block_size(ids, E, bs)
+            times = {}
+            baseline = None
+            for cfg in range(-1, n_cfg):
+                os.environ[ENV] = str(cfg)
+                # Every config must give the heuristic's answer bit for bit (same k-order of mma
+                # steps); a config that does not is reported and never chosen.
+                got = moe_ext.moe_grouped_gemm(a, ws[0], s, e, n, op_topk, tw)
+                if baseline is None:
+                    baseline = got
+                elif not torch.equal(got, baseline):
+                    print(f"  config {cfg}: output differs from the heuristic's; skipped")
+                    os.environ.pop(ENV, None)
+                    continue
+                state = {"i": 0}
+
+                def call():
+                    state["i"] = (state["i"] + 1) % len(ws)
+                    return moe_ext.moe_grouped_gemm(a, ws[state["i"]], s, e, n, op_topk, tw)
+
+                try:
+                    us = time_graph(call, calls_per_graph=max(1, len(ws)), replays=30)
+                except RuntimeError as err:  # a config the launcher refuses for this shape
+                    print(f"  config {cfg}: {err}")
+                    continue
+                finally:
+                    os.environ.pop(ENV, None)
+                times[cfg] = us
+                rows.append(dict(shape=name, T=T, topk=k, E=E, N=N, K=K, block_size=bs, config=cfg, us=us,
+                                 tflops=flops / us / 1e6, gbs=nbytes / us / 1e3))
+                print(f"{name} T={T} bs={bs} config {cfg:2d}: {us:9.2f} us  {flops / us / 1e6:7.1f} TFLOP/s  "
+                      f"{nbytes / us / 1e3:7.0f} GB/s")
+            tuned = {c: t for c, t in times.items() if c >= 0}
+            if tuned:
+                c_best = min(tuned, key=tuned.get)
+                best.append(dict(shape=name, T=T, topk=k, E=E, N=N, K=K, block_size=bs, rows=T * k, best=c_best,
+                                 best_us=tuned[c_best], heuristic_us=times.get(-1, float("nan")),
+                                 speedup=times.get(-1, float("nan")) / tuned[c_best]))
+        del ws, a  # the next shape's weights (up to --max-weight-gib) must not coexist with these
+        torch.cuda.empty_cache()
+    table = markdown_table(best, [("shape", "shape", ""), ("T", "T", "d"), ("block_size", "block", "d"),
+                                  ("best", "best config", "d"), ("best_us", "best µs", ".2f"),
+                                  ("heuristic_us", "heuristic µs", ".2f"), ("speedup", "heuristic µs / best µs", ".2f")])
+    # Per block size, the config with the least total time over all shapes that ran every config:
+    # a starting point for kHeuristic's `many` column (its `few` column wants the decode shapes alone).
+    suggested = {}
+    for bs in sorted({r["block_size"] for r in rows}):
+        totals, count = {}, {}
+        for r in rows:
+            if r["block_size"] == bs and r["config"] >= 0:
+                totals[r["config"]] = totals.get(r["config"], 0.0) + r["us"]
+                count[r["config"]] = count.get(r["config"], 0) + 1
+        full = {c: t for c, t in totals.items() if count[c] == max(count.values())}
+        if full:
+            suggested[bs] = min(full, key=full.get)
+            print(f"block_size {bs}: least total time with config {suggested[bs]} "
+                  f"({full[suggested[bs]]:.1f} µs over {count[suggested[bs]]} shapes)")
+    table += "\n\nLeast total time per block size: " + ", ".join(f"{b}: config {c}" for b, c in suggested.items())
+    print(table)
+    path = write_results("tune-grouped-gemm", dict(dtype=args.dtype, configs=n_cfg, best=best, suggested=suggested),
+                         rows, table)
+    print(f"wrote {path}.json / .md")
+
+
+if __name__ == "__main__":
+    main()

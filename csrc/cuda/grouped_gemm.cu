@@ -1,0 +1,197 @@
+// Launcher of the grouped expert GEMM: the config table, the shape heuristic over it, and the
+// zeroing of rows no valid block writes.
+#include <algorithm>
+#include <atomic>
+#include <climits>
+
+#include "../kernels/grouped_gemm.cuh"
+#include "dispatch.cuh"
+#include "grouped_gemm.h"
+
+namespace moe_ext::cuda {
+namespace {
+
+int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+#if MOE_GG_HAS_MMA
+using gg::MmaConfig;
+
+// The tensor-core configs. Index = `config` (MOE_EXT_GROUPED_GEMM_CONFIG forces one; the tuner
+// bench/tune_grouped_gemm.py times them all). Shared memory is for 16-bit types, 8 elements of
+// padding a row:
+//  idx  BM   BN   BK  warps  stages  smem bytes  meant for
+//   0   16   64  128   1x4     4      87,040     decode with few N-tiles x blocks (more CTAs)
+//   1   16  128   64   1x4     4      82,944     decode
+//   2   32  128   64   1x4     4      92,160     block_size 32
+//   3   64  128   64   2x2     4     110,592     block_size 64 (prefill)
+//   4   64   64   64   2x2     4      73,728     block_size 64, few CTAs
+//   5  128  128   32   2x4     4      81,920     block_size 128
+//   6  128  128   64   2x4     3     110,592     block_size 128 (prefill)
+//   7   64  128   32   2x2     4      61,440     block_size 64, three CTAs a multiprocessor
+//   8   64  128   64   2x4     4     110,592     block_size 64, 8 warps (fewer registers each)
+//   9  128  128   64   2x2     3     110,592     block_size 128, 4 warps of 64 x 64
+//  10   32   64  128   1x4     4     104,448     block_size 32, few CTAs
+using Cfg0 = MmaConfig<16, 64, 128, 1, 4, 4>;
+using Cfg1 = MmaConfig<16, 128, 64, 1, 4, 4>;
+using Cfg2 = MmaConfig<32, 128, 64, 1, 4, 4>;
+using Cfg3 = MmaConfig<64, 128, 64, 2, 2, 4>;
+using Cfg4 = MmaConfig<64, 64, 64, 2, 2, 4>;
+using Cfg5 = MmaConfig<128, 128, 32, 2, 4, 4>;
+using Cfg6 = MmaConfig<128, 128, 64, 2, 4, 3>;
+using Cfg7 = MmaConfig<64, 128, 32, 2, 2, 4>;
+using Cfg8 = MmaConfig<64, 128, 64, 2, 4, 4>;
+using Cfg9 = MmaConfig<128, 128, 64, 2, 2, 3>;
+using Cfg10 = MmaConfig<32, 64, 128, 1, 4, 4>;
+constexpr int kNumConfigs = 11;
+constexpr int kConfigBM[kNumConfigs] = {Cfg0::BM, Cfg1::BM, Cfg2::BM, Cfg3::BM, Cfg4::BM, Cfg5::BM,
+                                        Cfg6::BM, Cfg7::BM, Cfg8::BM, Cfg9::BM, Cfg10::BM};
+constexpr int kConfigBN[kNumConfigs] = {Cfg0::BN, Cfg1::BN, Cfg2::BN, Cfg3::BN, Cfg4::BN, Cfg5::BN,
+                                        Cfg6::BN, Cfg7::BN, Cfg8::BN, Cfg9::BN, Cfg10::BN};
+// K % 8 != 0 or a base not 16-byte aligned (rows not 16-byte aligned: guarded scalar loads) always
+// takes this config: one extra instance per dtype instead of a second copy of the table, for shapes
+// no production model has.
+constexpr int kUnalignedConfig = 1;
+
+// The heuristic: the first row whose max_block_size >= block_size gives two candidates; `many`
+// is taken when its estimated CTA count fills the GPU (>= one per multiprocessor), else `few`
+// (smaller tiles, more CTAs: decode with few experts hit and small N, e.g. Mixtral's w2 at T=1).
+struct HeuristicRow {
+  int max_block_size, many, few;
+};
+constexpr HeuristicRow kHeuristic[] = {
+    {16, 1, 0},
+    {32, 2, 10},
+    {64, 3, 4},
+    {INT_MAX, 6, 3},
+};
+
+// CTAs that do work, estimated from shapes alone (num_tokens_post_padded stays on the device): at
+// most one partial block per expert hit on top of the full blocks.
+int64_t estimated_ctas(int cfg, int64_t rows, int64_t E, int64_t N, int64_t num_blocks, int64_t block_size) {
+  const int64_t blocks = std::min(num_blocks, ceil_div64(rows, block_size) + std::min(E, rows));
+  return blocks * ceil_div64(block_size, kConfigBM[cfg]) * ceil_div64(N, kConfigBN[cfg]);
+}
+
+int choose_config(int64_t rows, int64_t E, int64_t N, int64_t num_blocks, int64_t block_size, int num_sms) {
+  for (const auto& row : kHeuristic) {
+    if (block_size > row.max_block_size) continue;
+    return estimated_ctas(row.many, rows, E, N, num_blocks, block_size) >= num_sms ? row.many : row.few;
+  }
+  return 1;
+}
+
+// Opts the kernel in to more than 48 KiB of dynamic shared memory, once per device.
+template <typename Kernel>
+cudaError_t allow_smem(Kernel kernel, int bytes) {
+  static std::atomic<bool> done[64];
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if (bytes <= 48 * 1024 || done[dev & 63].load(std::memory_order_relaxed)) return cudaSuccess;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err == cudaSuccess) done[dev & 63].store(true, std::memory_order_relaxed);
+  return err;
+}
+
+template <typename T, typename Cfg, bool kAligned>
+cudaError_t launch_mma(GroupedGemmParams p, int64_t num_blocks, cudaStream_t stream) {
+  p.tiles_per_block = gg::ceil_div(p.block_size, Cfg::BM);
+  const int64_t tiles = num_blocks * p.tiles_per_block;
+  if (tiles > INT_MAX || ceil_div64(p.N, Cfg::BN) > 65535) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(ceil_div64(p.N, Cfg::BN)));
+  constexpr int smem = Cfg::template smem_bytes<T>();
+  static_assert(smem <= 227 * 1024, "over the sm_90 per-block shared memory limit");
+  auto kernel = grouped_gemm_mma_kernel<T, Cfg, kAligned>;
+  const cudaError_t err = allow_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, Cfg::kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_mma_config(int cfg, bool aligned, const GroupedGemmParams& p, int64_t num_blocks,
+                              cudaStream_t stream) {
+  if (!aligned) return launch_mma<T, Cfg1, false>(p, num_blocks, stream);
+  static_assert(kUnalignedConfig == 1, "the unaligned instance above must match kUnalignedConfig");
+  switch (cfg) {
+    case 0: return launch_mma<T, Cfg0, true>(p, num_blocks, stream);
+    case 1: return launch_mma<T, Cfg1, true>(p, num_blocks, stream);
+    case 2: return launch_mma<T, Cfg2, true>(p, num_blocks, stream);
+    case 3: return launch_mma<T, Cfg3, true>(p, num_blocks, stream);
+    case 4: return launch_mma<T, Cfg4, true>(p, num_blocks, stream);
+    case 5: return launch_mma<T, Cfg5, true>(p, num_blocks, stream);
+    case 6: return launch_mma<T, Cfg6, true>(p, num_blocks, stream);
+    case 7: return launch_mma<T, Cfg7, true>(p, num_blocks, stream);
+    case 8: return launch_mma<T, Cfg8, true>(p, num_blocks, stream);
+    case 9: return launch_mma<T, Cfg9, true>(p, num_blocks, stream);
+    case 10: return launch_mma<T, Cfg10, true>(p, num_blocks, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+#else
+constexpr int kNumConfigs = 0;
+#endif  // MOE_GG_HAS_MMA
+
+template <typename T>
+cudaError_t launch_simt(GroupedGemmParams p, int64_t num_blocks, cudaStream_t stream) {
+  p.tiles_per_block = gg::ceil_div(p.block_size, gg::kSimtBM);
+  const int64_t tiles = num_blocks * p.tiles_per_block;
+  if (tiles > INT_MAX || ceil_div64(p.N, gg::kSimtBN) > 65535) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(ceil_div64(p.N, gg::kSimtBN)));
+  grouped_gemm_simt_kernel<T><<<grid, gg::kSimtThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % kVecBytes == 0; }
+
+}  // namespace
+
+int grouped_gemm_num_configs() { return kNumConfigs; }
+
+cudaError_t moe_grouped_gemm(DType dtype, const void* a, const void* w, const int32_t* sorted_ids,
+                             const int32_t* expert_ids, const int32_t* num_post_padded, const float* topk_weights,
+                             void* out, uint8_t* covered, int64_t M, int64_t topk, int64_t N, int64_t K, int64_t E,
+                             int64_t num_blocks, int64_t block_size, int config, bool tensor_cores, int num_sms,
+                             cudaStream_t stream) {
+  const int64_t rows = M * topk;
+  if (rows == 0 || N == 0) return cudaSuccess;
+  if (config >= kNumConfigs || rows > INT_MAX || N > INT_MAX || K > INT_MAX || block_size > INT_MAX)
+    return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    if (num_blocks > 0) {
+      const GroupedGemmParams p{a, w, sorted_ids, expert_ids, num_post_padded, topk_weights, out, covered,
+                                static_cast<int>(rows), static_cast<int>(topk), static_cast<int>(N),
+                                static_cast<int>(K), static_cast<int>(E), static_cast<int>(block_size), 1};
+      cudaError_t err;
+      if constexpr (std::is_same_v<T, float>) {
+        err = launch_simt<T>(p, num_blocks, stream);
+      } else {
+#if MOE_GG_HAS_MMA
+        if (tensor_cores) {
+          const int cfg = config >= 0 ? config : choose_config(rows, E, N, num_blocks, block_size, num_sms);
+          err = launch_mma_config<T>(cfg, K % 8 == 0 && aligned16(a) && aligned16(w), p, num_blocks, stream);
+        } else {
+          err = launch_simt<T>(p, num_blocks, stream);
+        }
+#else
+        err = launch_simt<T>(p, num_blocks, stream);
+#endif
+      }
+      if (err != cudaSuccess) return err;
+    }
+    if (covered == nullptr) return cudaSuccess;
+    // Second pass over the rows (a flag byte each), writing zeros only where no block wrote.
+    constexpr int kThreads = 256;
+    const int64_t grid = std::max<int64_t>(1, std::min<int64_t>(ceil_div64(rows, kThreads / kWarpSize),
+                                                                int64_t(num_sms) * 8));
+    if (N % Vec<T>::kSize == 0 && aligned16(out)) {
+      zero_uncovered_rows_kernel<T, true><<<grid, kThreads, 0, stream>>>(covered, static_cast<T*>(out), rows, N);
+    } else {
+      zero_uncovered_rows_kernel<T, false><<<grid, kThreads, 0, stream>>>(covered, static_cast<T*>(out), rows, N);
+    }
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace moe_ext::cuda

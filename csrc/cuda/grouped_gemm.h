@@ -1,0 +1,28 @@
+// Torch-free launcher of the grouped expert GEMM (kernels in csrc/kernels/grouped_gemm.cuh), called
+// by the g++-compiled adapter csrc/cuda/grouped_gemm_cuda.cpp.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../kernels/dtype.h"
+
+namespace moe_ext::cuda {
+
+// Entries in the launcher's tensor-core config table; `config` below is an index into it, or -1
+// for the launcher's own choice.
+int grouped_gemm_num_configs();
+
+// a: [M, K]; w: [E, N, K] (a's dtype); sorted_ids: [num_blocks * block_size]; expert_ids:
+// [num_blocks]; num_post_padded: [1] (device, never read on the host); topk_weights: [M * topk]
+// fp32 or null; out: [M * topk, N]. covered: null when out was zeroed beforehand, else
+// [M * topk] uint8 zeroed beforehand: the launch then also zeroes every row no valid block writes.
+// tensor_cores: the device is sm_80+ (bf16/fp16 then take the mma path).
+cudaError_t moe_grouped_gemm(DType dtype, const void* a, const void* w, const int32_t* sorted_ids,
+                             const int32_t* expert_ids, const int32_t* num_post_padded, const float* topk_weights,
+                             void* out, uint8_t* covered, int64_t M, int64_t topk, int64_t N, int64_t K, int64_t E,
+                             int64_t num_blocks, int64_t block_size, int config, bool tensor_cores, int num_sms,
+                             cudaStream_t stream);
+
+}  // namespace moe_ext::cuda

@@ -1,0 +1,101 @@
+// CUDA adapter of the grouped expert GEMM: validate, allocate through PyTorch, choose how unwritten
+// rows get their zeros, launch on the current stream under a device guard.
+//
+// Environment (read on every call, so a tuner or a test can switch within one process):
+//   MOE_EXT_GROUPED_GEMM_CONFIG  index into the launcher's config table (csrc/cuda/grouped_gemm.cu),
+//                                -1 or unset for its heuristic.
+//   MOE_EXT_GROUPED_GEMM_ZERO    "memset" (zeroed output) or "flags" (covered-row flags and a zero
+//                                pass); unset: memset up to kZeroFillMaxBytes of output, flags above.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#include "../core/validate.h"
+#include "adapter_utils.h"
+#include "grouped_gemm.h"
+
+namespace moe_ext {
+namespace {
+
+// Output size up to which zeroing all of it first (one memset, ~1.5 us at 4 MiB on an H100) is
+// cheaper than the flags path (a memset of M * topk bytes plus a kernel that reads them and zeroes
+// only the rows no block wrote, typically a few percent of the output).
+constexpr int64_t kZeroFillMaxBytes = int64_t{4} << 20;
+
+// Largest N any instance's grid can cover (65535 N-tiles of at least 64 columns).
+constexpr int64_t kMaxN = int64_t{65535} * 64;
+
+int config_override() {
+  const char* s = std::getenv("MOE_EXT_GROUPED_GEMM_CONFIG");
+  if (s == nullptr || *s == '\0') return -1;
+  char* end = nullptr;
+  const long v = std::strtol(s, &end, 10);
+  const int n = cuda::grouped_gemm_num_configs();
+  MOE_CHECK_VALUE(*end == '\0' && v >= -1 && v < n,
+                  "moe_ext.moe_grouped_gemm: MOE_EXT_GROUPED_GEMM_CONFIG must be an integer in [-1, ", n,
+                  "), got \"", s, "\"");
+  return static_cast<int>(v);
+}
+
+bool zero_fill_output(int64_t out_bytes) {
+  const char* s = std::getenv("MOE_EXT_GROUPED_GEMM_ZERO");
+  if (s == nullptr || *s == '\0') return out_bytes <= kZeroFillMaxBytes;
+  MOE_CHECK_VALUE(std::strcmp(s, "memset") == 0 || std::strcmp(s, "flags") == 0,
+                  "moe_ext.moe_grouped_gemm: MOE_EXT_GROUPED_GEMM_ZERO must be \"memset\" or \"flags\", got \"",
+                  s, "\"");
+  return std::strcmp(s, "memset") == 0;
+}
+
+// Whether a device has mma.sync bf16/fp16 tensor cores (sm_80+), read once per device.
+bool has_tensor_cores(c10::DeviceIndex device) {
+  static int cache[64] = {};
+  int& major = cache[device & 63];
+  if (major == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major >= 8;
+}
+
+}  // namespace
+
+// a: [M, K]; w: [E, N, K]; sorted_token_ids: [num_blocks * block_size] int32; expert_ids:
+// [num_blocks] int32; num_tokens_post_padded: [1] int32; topk_weights: optional fp32 with M * topk
+// elements. Returns [M * topk, N] in a's dtype.
+at::Tensor moe_grouped_gemm_cuda(const at::Tensor& a, const at::Tensor& w, const at::Tensor& sorted_token_ids,
+                                 const at::Tensor& expert_ids, const at::Tensor& num_tokens_post_padded,
+                                 int64_t topk, const std::optional<at::Tensor>& topk_weights) {
+  check_grouped_gemm_args(a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, topk, topk_weights);
+  const int64_t M = a.size(0), K = a.size(1), E = w.size(0), N = w.size(1);
+  const int64_t rows = M * topk;
+  const int64_t num_blocks = expert_ids.numel();
+  const int64_t P = sorted_token_ids.numel();
+  MOE_CHECK_VALUE(P < (int64_t{1} << 31), "moe_ext.moe_grouped_gemm: sorted_token_ids has ", P,
+                  " elements, more than int32 indices address");
+  MOE_CHECK_VALUE(N <= kMaxN, "moe_ext.moe_grouped_gemm: w.size(1) (N) must be at most ", kMaxN, ", got ", N);
+  MOE_CHECK_VALUE(K < (int64_t{1} << 31), "moe_ext.moe_grouped_gemm: a.size(1) (K) must be below 2^31, got ", K);
+  const int config = config_override();
+  const c10::cuda::CUDAGuard guard(a.device());
+
+  const bool zero_fill = zero_fill_output(rows * N * static_cast<int64_t>(a.element_size()));
+  auto out = zero_fill ? at::zeros({rows, N}, a.options()) : at::empty({rows, N}, a.options());
+  if (rows == 0 || N == 0) return out;
+  at::Tensor covered;  // [rows] uint8, set for each row a valid block writes
+  if (!zero_fill) covered = at::zeros({rows}, a.options().dtype(at::kByte));
+  const float* tw = topk_weights.has_value() ? topk_weights->const_data_ptr<float>() : nullptr;
+  C10_CUDA_CHECK(cuda::moe_grouped_gemm(
+      to_dtype(a.scalar_type()), a.const_data_ptr(), w.const_data_ptr(), sorted_token_ids.const_data_ptr<int32_t>(),
+      expert_ids.const_data_ptr<int32_t>(), num_tokens_post_padded.const_data_ptr<int32_t>(), tw, out.data_ptr(),
+      zero_fill ? nullptr : covered.data_ptr<uint8_t>(), M, topk, N, K, E, num_blocks,
+      num_blocks == 0 ? 0 : P / num_blocks, config, has_tensor_cores(a.device().index()),
+      num_sms(a.device().index()), c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(moe_ext, CUDA, m) { m.impl("moe_grouped_gemm", &moe_grouped_gemm_cuda); }
+
+}  // namespace moe_ext

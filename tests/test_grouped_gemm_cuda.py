@@ -1,0 +1,310 @@
+"""The CUDA grouped expert GEMM (csrc/kernels/grouped_gemm.cuh) against the fp32 reference.
+
+Shapes exercise the tile edges (K and N not multiples of the tile, K % 8 != 0 for the unaligned
+load path), every block size, empty experts, one expert with many blocks, experts of -1 (expert
+parallelism and blocks marked -1), dropped ids, T = 0; both ways of zeroing unwritten rows; every
+config of the launcher's table (forced through MOE_EXT_GROUPED_GEMM_CONFIG); CUDA-graph replay.
+Low-precision tolerance: relative L2 error <= 1e-2 against the fp32 reference and at most twice
+the error of PyTorch's own eager product in that dtype on the same inputs.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import moe_ext
+from moe_ext import reference as ref
+
+from conftest import HAS_CUDA, nbytes, poison_allocator, rel_l2, require_kernel
+
+pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
+
+CONFIG_ENV = "MOE_EXT_GROUPED_GEMM_CONFIG"
+ZERO_ENV = "MOE_EXT_GROUPED_GEMM_ZERO"
+
+SHAPES = [
+    # T, topk, E, N, K
+    (0, 2, 4, 32, 64),       # no tokens
+    (1, 1, 1, 16, 16),
+    (3, 2, 8, 77, 111),      # K % 8 != 0: unaligned loads; N not a multiple of 8
+    (17, 4, 8, 130, 200),    # N, K past the tile, K % 8 == 0
+    (16, 8, 64, 96, 128),    # most experts empty
+    (64, 6, 16, 256, 264),   # K one 8-chunk past a 64 tile
+    (40, 2, 4, 520, 72),     # several N-tiles, a partial last one
+]
+
+
+def make_ids(T, topk, E, g, mode):
+    """topk_ids [T, topk] int32. modes: random (distinct per token), one_expert (every slot on expert
+    E - 1, i.e. T * topk rows of one expert when topk == 1 -- otherwise repeats are allowed here:
+    the GEMM does not care), dropped (a third of the slots -1: ids the alignment drops)."""
+    if T == 0:
+        return torch.empty(0, topk, dtype=torch.int32)
+    if mode == "random":
+        ids = torch.stack([torch.randperm(E, generator=g)[:topk] for _ in range(T)])
+    elif mode == "one_expert":
+        ids = torch.full((T, topk), E - 1)
+    elif mode == "dropped":
+        ids = torch.randint(0, E, (T, topk), generator=g)
+        ids[torch.rand(T, topk, generator=g) < 0.33] = -1
+    return ids.to(torch.int32)
+
+
+def routed_pairs(sorted_ids, expert_ids, ntpp, rows, E):
+    """(ids, experts) of the slots the op must compute: within num_tokens_post_padded, a real id, a
+    valid expert (the contract's selection, as moe_grouped_gemm_ref applies it)."""
+    if expert_ids.numel() == 0 or rows == 0:
+        return sorted_ids[:0].long(), expert_ids[:0].long()
+    bs = sorted_ids.numel() // expert_ids.numel()
+    valid = min(max(int(ntpp.item()), 0), sorted_ids.numel())
+    ids = sorted_ids[:valid].long()
+    experts = expert_ids.long().repeat_interleave(bs)[:valid]
+    keep = (ids >= 0) & (ids < rows) & (experts >= 0) & (experts < E)
+    return ids[keep], experts[keep]
+
+
+def grouped_gemm_eager_lowp(a, w, sorted_ids, expert_ids, ntpp, topk, tw):
+    """PyTorch's own product in a's dtype (per expert a @ w[e].T, cuBLAS on CUDA), the weight applied
+    in fp32 to the rounded product: the error bar for the kernel."""
+    rows, N = a.shape[0] * topk, w.shape[1]
+    out = torch.zeros(rows, N, dtype=torch.float32, device=a.device)
+    ids, experts = routed_pairs(sorted_ids, expert_ids, ntpp, rows, w.shape[0])
+    for e in torch.unique(experts).tolist():
+        sel = ids[experts == e]
+        y = (a[sel // topk] @ w[e].t()).float()
+        if tw is not None:
+            y = y * tw.flatten()[sel].unsqueeze(1)
+        out[sel] = y.to(a.dtype).float()
+    return out
+
+
+def covered_rows(sorted_ids, expert_ids, ntpp, rows, E):
+    """Bool [rows]: the rows some block of a valid expert names (all others must be exactly 0)."""
+    cov = torch.zeros(rows, dtype=torch.bool)
+    cov[routed_pairs(sorted_ids, expert_ids, ntpp, rows, E)[0]] = True
+    return cov
+
+
+def run_and_check(a, w, sorted_ids, expert_ids, ntpp, topk, tw, dtype=None):
+    """Runs the CUDA op on CPU-built inputs and checks it against the fp32 reference (and the eager
+    low-precision product); returns the output on the CPU."""
+    dtype = dtype or a.dtype
+    rows, N = a.shape[0] * topk, w.shape[1]
+    want = ref.moe_grouped_gemm_ref(a, w, sorted_ids, expert_ids, ntpp, topk, tw)
+    dev = [t.cuda() for t in (a, w, sorted_ids, expert_ids, ntpp)]
+    tw_dev = None if tw is None else tw.cuda()
+    poison_allocator("cuda", [nbytes((rows, N), dtype)])
+    out = moe_ext.moe_grouped_gemm(*dev, topk, tw_dev)
+    assert out.shape == (rows, N) and out.dtype == dtype and out.device.type == "cuda"
+    out = out.cpu()
+    cov = covered_rows(sorted_ids, expert_ids, ntpp, rows, w.shape[0])
+    assert (out[~cov] == 0).all(), f"{int((out[~cov] != 0).any(dim=1).sum())} uncovered rows not zero"
+    assert torch.isfinite(out.float()).all(), "non-finite output (unwritten poisoned rows?)"
+    if rows == 0 or N == 0:
+        return out
+    if dtype == torch.float32:
+        err = rel_l2(out, want)
+        assert err < 1e-5, err
+    else:
+        err = rel_l2(out, want)
+        err_lowp = rel_l2(grouped_gemm_eager_lowp(*dev, topk, tw_dev).cpu(), want)
+        assert err <= 1e-2 and err <= 2 * err_lowp + 1e-6, (err, err_lowp)
+    return out
+
+
+def make_case(T, topk, E, N, K, block_size, dtype, mode, weighted, seed=0, expert_map=None, E_local=None):
+    g = torch.Generator().manual_seed(seed + T * 7 + N + K + block_size)
+    ids = make_ids(T, topk, E, g, mode)
+    sorted_ids, expert_ids, ntpp = ref.moe_align_block_size_ref(ids, E, block_size, expert_map)
+    E_w = E if E_local is None else E_local
+    a = torch.randn(T, K, generator=g).to(dtype)
+    w = (torch.randn(E_w, N, K, generator=g) / K**0.5).to(dtype)
+    tw = torch.rand(T, topk, generator=g) if weighted else None
+    return a, w, sorted_ids, expert_ids, ntpp, topk, tw
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    monkeypatch.delenv(ZERO_ENV, raising=False)
+    require_kernel("moe_grouped_gemm", "cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("T,topk,E,N,K", SHAPES)
+@pytest.mark.parametrize("block_size", [16, 32, 64, 128])
+@pytest.mark.parametrize("mode", ["random", "one_expert", "dropped"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("zero", ["memset", "flags"])
+def test_shapes(monkeypatch, dtype, T, topk, E, N, K, block_size, mode, weighted, zero):
+    if mode == "random" and topk > E:
+        pytest.skip("topk > E")
+    monkeypatch.setenv(ZERO_ENV, zero)
+    run_and_check(*make_case(T, topk, E, N, K, block_size, dtype, mode, weighted))
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 8, 24, 48, 96, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("zero", ["memset", "flags"])
+def test_other_block_sizes(monkeypatch, block_size, dtype, zero):
+    """Block sizes off the 16/32/64/128 grid: tiles larger than a block (rows masked) or several
+    tiles a block."""
+    monkeypatch.setenv(ZERO_ENV, zero)
+    run_and_check(*make_case(37, 4, 8, 144, 160, block_size, dtype, "dropped", True))
+
+
+@pytest.mark.parametrize("block_size", [16, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_one_expert_many_blocks(dtype, block_size):
+    """2000 rows on one expert: many consecutive blocks of one expert, a partial last block."""
+    run_and_check(*make_case(1000, 2, 8, 256, 512, block_size, dtype, "one_expert", True))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_large(dtype, weighted):
+    """A prefill-sized layer (auto zero mode: the flags path at this size)."""
+    run_and_check(*make_case(512, 8, 64, 1536, 2048, 64, dtype, "random", weighted))
+
+
+@pytest.mark.parametrize("T", [1, 4])
+def test_decode_shapes(T):
+    """Decode: few tokens, N large (the heuristic's few-CTA configs)."""
+    run_and_check(*make_case(T, 8, 64, 4096, 512, 16, torch.bfloat16, "random", True))
+    run_and_check(*make_case(T, 2, 8, 1024, 1024, 16, torch.bfloat16, "random", True))
+
+
+@pytest.mark.parametrize("zero", ["memset", "flags"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_expert_map_and_minus_one_blocks(monkeypatch, zero, dtype):
+    """Experts off this rank (expert_map -1: absent from the blocks), a block marked -1, ids past
+    num_tokens_post_padded: all those rows zero, all others as the reference."""
+    monkeypatch.setenv(ZERO_ENV, zero)
+    E, E_local = 16, 8
+    expert_map = torch.full((E,), -1, dtype=torch.int32)
+    expert_map[E // 2:] = torch.arange(E_local, dtype=torch.int32)
+    a, w, sorted_ids, expert_ids, ntpp, topk, tw = make_case(300, 4, E, 136, 192, 16, dtype, "random", True,
+                                                             expert_map=expert_map, E_local=E_local)
+    out = run_and_check(a, w, sorted_ids, expert_ids, ntpp, topk, tw)
+    ids = sorted_ids[sorted_ids < a.shape[0] * topk].long()
+    off_rank = torch.ones(a.shape[0] * topk, dtype=torch.bool)
+    off_rank[ids] = False
+    assert off_rank.any() and (out[off_rank] == 0).all()
+    expert_ids2 = expert_ids.clone()
+    expert_ids2[0] = -1
+    expert_ids2[3] = E_local  # out of range: treated as -1
+    run_and_check(a, w, sorted_ids, expert_ids2, ntpp, topk, tw)
+    # A smaller num_tokens_post_padded: the blocks past it do not run.
+    run_and_check(a, w, sorted_ids, expert_ids, ntpp - 3 * 16, topk, tw)
+
+
+def test_bad_sorted_ids():
+    """Sentinels, negative and out-of-range ids in sorted_token_ids are skipped, never read."""
+    a, w, sorted_ids, expert_ids, ntpp, topk, tw = make_case(20, 2, 4, 64, 64, 16, torch.bfloat16, "random", True)
+    sorted_ids = sorted_ids.clone()
+    sorted_ids[1] = -5
+    sorted_ids[2] = 1 << 30
+    run_and_check(a, w, sorted_ids, expert_ids, ntpp, topk, tw)
+
+
+def num_configs() -> int:
+    """Size of the launcher's config table, from the message of an out-of-range override."""
+    import os
+    a, w, s, e, n, topk, _ = make_case(2, 1, 2, 16, 16, 16, torch.bfloat16, "random", False)
+    os.environ[CONFIG_ENV] = "100000"
+    try:
+        with pytest.raises(ValueError, match=CONFIG_ENV) as info:
+            moe_ext.moe_grouped_gemm(*(t.cuda() for t in (a, w, s, e, n)), topk)
+    finally:
+        del os.environ[CONFIG_ENV]
+    return int(re.search(r"\[-1, (\d+)\)", str(info.value)).group(1))
+
+
+@pytest.mark.parametrize("shape,block_size", [((17, 4, 8, 130, 200), 16), ((64, 8, 16, 384, 256), 64),
+                                              ((100, 2, 4, 200, 136), 128)])
+def test_every_config_agrees(monkeypatch, shape, block_size):
+    """Each config of the table gives the reference's answer; all agree bit for bit (each output's
+    k-order of mma steps is the same in every config)."""
+    n = num_configs()
+    assert n >= 1
+    case = make_case(*shape, block_size, torch.bfloat16, "random", True)
+    outs = []
+    for cfg in range(-1, n):
+        monkeypatch.setenv(CONFIG_ENV, str(cfg))
+        outs.append(run_and_check(*case))
+    for cfg, o in enumerate(outs[1:]):
+        assert torch.equal(o, outs[0]), f"config {cfg} differs from the heuristic's choice"
+
+
+def test_bad_env(monkeypatch):
+    a, w, s, e, n, topk, _ = make_case(2, 1, 2, 16, 16, 16, torch.bfloat16, "random", False)
+    args = [t.cuda() for t in (a, w, s, e, n)]
+    monkeypatch.setenv(CONFIG_ENV, "x")
+    with pytest.raises(ValueError, match=CONFIG_ENV):
+        moe_ext.moe_grouped_gemm(*args, topk)
+    monkeypatch.delenv(CONFIG_ENV)
+    monkeypatch.setenv(ZERO_ENV, "nope")
+    with pytest.raises(ValueError, match=ZERO_ENV):
+        moe_ext.moe_grouped_gemm(*args, topk)
+
+
+def test_unaligned_base():
+    """a and w at odd element offsets (contiguous views): the guarded-load path, still correct."""
+    a, w, s, e, n, topk, tw = make_case(33, 2, 4, 96, 128, 16, torch.bfloat16, "random", True)
+    a_buf = torch.empty(a.numel() + 1, dtype=a.dtype)
+    a_buf[1:] = a.flatten()
+    w_buf = torch.empty(w.numel() + 1, dtype=w.dtype)
+    w_buf[1:] = w.flatten()
+    a_off = a_buf.cuda()[1:].view(a.shape)
+    w_off = w_buf.cuda()[1:].view(w.shape)
+    want = ref.moe_grouped_gemm_ref(a, w, s, e, n, topk, tw)
+    out = moe_ext.moe_grouped_gemm(a_off, w_off, s.cuda(), e.cuda(), n.cuda(), topk, tw.cuda())
+    assert rel_l2(out.cpu(), want) < 1e-2
+
+
+@pytest.mark.parametrize("zero", ["memset", "flags"])
+def test_cuda_graph_replay(monkeypatch, zero):
+    """Captured once, replayed on new routing of the same shapes: num_tokens_post_padded is read on
+    the device only, so the replay follows the new routing."""
+    monkeypatch.setenv(ZERO_ENV, zero)
+    T, topk, E, N, K, bs = 24, 4, 8, 200, 136, 16
+    cases = [make_case(T, topk, E, N, K, bs, torch.bfloat16, mode, True, seed=s)
+             for s, mode in enumerate(["random", "dropped", "one_expert"])]
+    static = [t.cuda().clone() for t in (cases[0][:5] + (cases[0][6],))]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        moe_ext.moe_grouped_gemm(*static[:5], topk, static[5])
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = moe_ext.moe_grouped_gemm(*static[:5], topk, static[5])
+    for case in cases[1:] + cases[:1]:
+        a, w, s, e, n, _, tw = case
+        if s.numel() != static[2].numel():  # the padded length depends only on T * topk, E, bs
+            pytest.fail("padded lengths differ")
+        for dst, src in zip(static, (a, w, s, e, n, tw)):
+            dst.copy_(src)
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = moe_ext.moe_grouped_gemm(*(t.cuda() for t in (a, w, s, e, n)), topk, tw.cuda())
+        assert torch.equal(out.cpu(), eager.cpu())
+        want = ref.moe_grouped_gemm_ref(a, w, s, e, n, topk, tw)
+        assert rel_l2(out.cpu(), want) < 1e-2
+
+
+@pytest.mark.parametrize("zero", ["memset", "flags"])
+def test_degenerate_shapes(monkeypatch, zero):
+    """K = 0 (every product is 0), no local experts (w [0, N, K]: every row zero), N = 0."""
+    monkeypatch.setenv(ZERO_ENV, zero)
+    a, w, s, e, n, topk, tw = make_case(9, 2, 4, 24, 0, 16, torch.bfloat16, "random", True)
+    out = run_and_check(a, w, s, e, n, topk, tw)
+    assert (out == 0).all()
+    a, w, s, e, n, topk, tw = make_case(9, 2, 4, 24, 32, 16, torch.bfloat16, "random", True)
+    out = run_and_check(a, w[:0].contiguous(), s, e, n, topk, tw)
+    assert (out == 0).all()
+    out = moe_ext.moe_grouped_gemm(a.cuda(), w[:, :0].contiguous().cuda(), s.cuda(), e.cuda(), n.cuda(), topk)
+    assert out.shape == (9 * topk, 0)
