@@ -26,5 +26,5 @@ if [ "${SANITIZE:-0}" = 1 ]; then bash tests/sanitizer/run.sh "$OUT/sanitizer"; 
 for b in "$@"; do
   (cd bench && python3 "$b" 2>&1 | tee "$OUT/$(basename "$b" .py).log")
 done
-cp bench/results/* "$RES"/ 2>/dev/null || true
+find bench/results -type f -newer "$OUT/gpu.txt" -exec cp {} "$RES"/ \;  # only what this run wrote
 tar -czf "$RES/logs.tgz" -C "$(dirname "$OUT")" "$(basename "$OUT")"
