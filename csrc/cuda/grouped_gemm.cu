@@ -80,10 +80,11 @@ int choose_config(int64_t rows, int64_t E, int64_t N, int64_t num_blocks, int64_
   return 1;
 }
 
-// Opts the kernel in to more than 48 KiB of dynamic shared memory, once per device.
+// Opts the kernel in to more than 48 KiB of dynamic shared memory, once per device. `done` must be
+// the kernel's own flags (every instance has the same function-pointer type, so a static here
+// would be shared by all of them).
 template <typename Kernel>
-cudaError_t allow_smem(Kernel kernel, int bytes) {
-  static std::atomic<bool> done[64];
+cudaError_t allow_smem(Kernel kernel, int bytes, std::atomic<bool> (&done)[64]) {
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
@@ -102,7 +103,8 @@ cudaError_t launch_mma(GroupedGemmParams p, int64_t num_blocks, cudaStream_t str
   constexpr int smem = Cfg::template smem_bytes<T>();
   static_assert(smem <= 227 * 1024, "over the sm_90 per-block shared memory limit");
   auto kernel = grouped_gemm_mma_kernel<T, Cfg, kAligned>;
-  const cudaError_t err = allow_smem(kernel, smem);
+  static std::atomic<bool> smem_allowed[64];
+  const cudaError_t err = allow_smem(kernel, smem, smem_allowed);
   if (err != cudaSuccess) return err;
   kernel<<<grid, Cfg::kThreads, smem, stream>>>(p);
   return cudaGetLastError();

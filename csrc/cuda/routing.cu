@@ -38,8 +38,6 @@ bool align_single_launch(int64_t numel, int E) {
 constexpr int64_t kMaxBlockSmem = 160 * 1024;
 constexpr int64_t kAlignRowsMaxIds = 16 * 1024;
 
-// The router alone takes the fused kernel's several-warps-per-token gating up to this many tokens.
-constexpr int kGateMultiWarpMaxTokens = 16;
 
 bool align_rows_launch(int64_t num_tokens, int topk, int E) {
   const int64_t numel = num_tokens * topk;
@@ -61,37 +59,21 @@ int align_chunk(int64_t numel) {
   return static_cast<int>(std::min<int64_t>(kAlignMaxChunk, std::max<int64_t>(256, (per_sm + 255) / 256 * 256)));
 }
 
-// Warps per token of the fused kernel: up to 8, while the block stays within 1024 threads and
-// every warp has experts.
-int fused_warps_per_token(int E, int num_tokens) {
-  const int rows = (E + kWarpSize - 1) / kWarpSize, tokens = std::max(num_tokens, 1);
-  int W = 1;
-  while (W < kFusedMaxWarpsPerToken && 2 * W * tokens <= kFusedMaxTokens && W < rows) W *= 2;
-  return W;
-}
-
-size_t fused_smem(const GatingParams& p, int num_tokens) {
-  return static_cast<size_t>(
-      fused_smem_bytes(p.num_experts, p.num_expert_group, fused_warps_per_token(p.num_experts, num_tokens), p.topk,
-                       num_tokens));
-}
-
-// The fused kernel; gating only when `sorted` is null.
+// The fused kernel (csrc/kernels/fused_routing.cuh).
 cudaError_t fused_launch(DType dtype, const void* logits, int64_t row_stride, int num_tokens, const GatingParams& p,
                          int block_size, const int32_t* expert_map, int64_t max_padded, float* weights, int32_t* ids,
                          int32_t* sorted, int32_t* expert_ids, int32_t* num_post_padded, cudaStream_t stream) {
-  const int E = p.num_experts, rows = (E + kWarpSize - 1) / kWarpSize;
-  const int W = fused_warps_per_token(E, num_tokens);
-  const size_t smem = fused_smem(p, num_tokens);
-  const int threads = std::max(std::max(num_tokens, 1) * W, kFusedMinWarps) * kWarpSize;
+  const int E = p.num_experts;
+  const size_t smem = static_cast<size_t>(fused_smem_bytes(E, p.num_expert_group, num_tokens));
+  const int block_shift = (block_size & (block_size - 1)) == 0 ? __builtin_ctz(static_cast<unsigned>(block_size)) : -1;
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    return dispatch_per_lane((rows + W - 1) / W * kWarpSize, [&](auto per_lane) {
+    return dispatch_per_lane(E, [&](auto per_lane) {
       const auto kernel = fused_gating_align_kernel<T, decltype(per_lane)::value>;
       if (const cudaError_t err = allow_smem(kernel, smem); err != cudaSuccess) return err;
-      kernel<<<1, threads, smem, stream>>>(static_cast<const T*>(logits), row_stride, num_tokens, p, W, block_size,
-                                           expert_map, static_cast<int>(max_padded), weights, ids, sorted, expert_ids,
-                                           num_post_padded);
+      kernel<<<1, fused_threads(E, num_tokens), smem, stream>>>(
+          static_cast<const T*>(logits), row_stride, num_tokens, p, block_size, block_shift, expert_map,
+          static_cast<int>(max_padded), weights, ids, sorted, expert_ids, num_post_padded);
       return cudaGetLastError();
     });
   });
@@ -102,11 +84,6 @@ cudaError_t fused_launch(DType dtype, const void* logits, int64_t row_stride, in
 cudaError_t topk_gating(DType dtype, const void* logits, int64_t row_stride, int num_tokens, const GatingParams& p,
                         float* weights, int32_t* ids, cudaStream_t stream) {
   if (num_tokens == 0) return cudaSuccess;
-  // At decode the fused kernel's gating spreads each token over several warps.
-  if (num_tokens <= kGateMultiWarpMaxTokens && fused_warps_per_token(p.num_experts, num_tokens) > 1 &&
-      fused_smem(p, num_tokens) <= static_cast<size_t>(kMaxBlockSmem))
-    return fused_launch(dtype, logits, row_stride, num_tokens, p, 1, nullptr, 0, weights, ids, nullptr, nullptr,
-                        nullptr, stream);
   const int blocks = (num_tokens + kGateGroupsPerBlock - 1) / kGateGroupsPerBlock;
   const int smem = p.num_expert_group > 1 ? kGateGroupsPerBlock * grouped_smem_bytes(p.num_experts, p.num_expert_group) : 0;
   return dispatch_dtype(dtype, [&](auto tag) {
@@ -170,7 +147,7 @@ cudaError_t fused_topk_align(DType dtype, const void* logits, int64_t row_stride
                              float* weights, int32_t* ids, int32_t* sorted, int32_t* expert_ids,
                              int32_t* num_post_padded, cudaStream_t stream) {
   if (num_tokens > kFusedMaxTokens) return cudaErrorInvalidValue;
-  if (fused_smem(p, num_tokens) > static_cast<size_t>(kMaxBlockSmem)) {  // too much scratch: the two kernels
+  if (fused_smem_bytes(p.num_experts, p.num_expert_group, num_tokens) > kMaxBlockSmem) {  // the two kernels
     if (const cudaError_t err = topk_gating(dtype, logits, row_stride, num_tokens, p, weights, ids, stream);
         err != cudaSuccess)
       return err;

@@ -205,8 +205,8 @@ MOE_DEVICE MOE_FORCEINLINE void slot_keys(const float (&score)[kPerLane], const 
   for (int j = 0; j < kPerLane; ++j) key[j] = (avail >> j & 1) ? selection_key(score[j], bias[j]) : -INFINITY;
 }
 
-// topk rounds of warp arg-max over this warp's available slots (experts lane + 32 * (row0 + j)).
-// Lane r < min(topk, candidates) returns round r's winner, packed, and its score; other lanes 0.
+// topk rounds of warp arg-max over this warp's available slots (experts lane + 32 * (row0 + j); at
+// least topk of them). Lane r < topk returns round r's winner, packed, and its score; other lanes 0.
 // Every lane returns the sum of the winners' scores in round order.
 template <int kPerLane>
 MOE_DEVICE MOE_FORCEINLINE void select_rounds(const float (&key)[kPerLane], float (&score)[kPerLane], uint32_t avail,
@@ -223,7 +223,7 @@ MOE_DEVICE MOE_FORCEINLINE void select_rounds(const float (&key)[kPerLane], floa
     for (int r = 0; r < topk; ++r) {
       const uint64_t winner = group_argmax(rank[0]);
       const float w = shfl(score[0], packed_index(winner) % kGateLanes, kGateLanes);
-      if (rank[0] == winner && winner != 0) {  // the winner lane pops its list head
+      if (rank[0] == winner) {  // the winner lane pops its list head
 #pragma unroll
         for (int j = 0; j + 1 < kPerLane; ++j) {
           rank[j] = rank[j + 1];
@@ -231,10 +231,10 @@ MOE_DEVICE MOE_FORCEINLINE void select_rounds(const float (&key)[kPerLane], floa
         }
         rank[kPerLane - 1] = 0;
       }
-      if (winner != 0) selected_sum += w;  // round order, as on the CPU
+      selected_sum += w;  // round order, as on the CPU
       if (lane == r) {
         my_rank = winner;
-        my_score = winner != 0 ? w : 0.0f;
+        my_score = w;
       }
     }
   } else {
@@ -246,13 +246,13 @@ MOE_DEVICE MOE_FORCEINLINE void select_rounds(const float (&key)[kPerLane], floa
       float mine = 0.0f;  // the winner's score, on its owner lane; taken out of the running
 #pragma unroll
       for (int j = 0; j < kPerLane; ++j) {
-        if (rank[j] == winner && winner != 0) {
+        if (rank[j] == winner) {
           mine = score[j];
           rank[j] = 0;
         }
       }
       const float w = shfl(mine, packed_index(winner) % kGateLanes, kGateLanes);
-      if (winner != 0) selected_sum += w;
+      selected_sum += w;
       if (lane == r) {
         my_rank = winner;
         my_score = w;
