@@ -224,7 +224,7 @@ __global__ void __launch_bounds__(1024) moe_align_small_kernel(
     const int32_t* __restrict__ ids, int numel, int E, int block_size, const int32_t* __restrict__ expert_map,
     int max_padded, int32_t* __restrict__ sorted, int32_t* __restrict__ expert_ids,
     int32_t* __restrict__ num_post_padded) {
-  extern __shared__ __align__(8) int align_smem[];
+  extern __shared__ __align__(16) int align_smem[];
   long long* packed = reinterpret_cast<long long*>(align_smem);
   long long* scratch = packed + E;
   int* counts = reinterpret_cast<int*>(scratch + kWarpSize + 1);
@@ -359,7 +359,7 @@ __global__ void __launch_bounds__(1024) moe_align_rows_kernel(
 __global__ void moe_align_count_kernel(const int32_t* __restrict__ ids, int numel, int chunk, int E,
                                        const int32_t* __restrict__ expert_map, int max_padded,
                                        int32_t* __restrict__ sorted, int32_t* __restrict__ workspace) {
-  extern __shared__ int align_smem[];
+  extern __shared__ __align__(16) int align_smem[];
   for (int s = threadIdx.x; s < E; s += blockDim.x) align_smem[s] = 0;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < max_padded; i += int64_t(gridDim.x) * blockDim.x)
     sorted[i] = numel;
@@ -378,7 +378,7 @@ __global__ void moe_align_count_kernel(const int32_t* __restrict__ ids, int nume
 __global__ void moe_align_scan_kernel(int num_chunks, int E, int block_size, const int32_t* __restrict__ expert_map,
                                       int max_padded, int32_t* __restrict__ workspace, int32_t* __restrict__ expert_ids,
                                       int32_t* __restrict__ num_post_padded) {
-  extern __shared__ int align_smem[];
+  extern __shared__ __align__(16) int align_smem[];
   int* offsets = align_smem;
   int* scratch = offsets + E + 1;
   for (int s = threadIdx.x; s < E; s += blockDim.x) {
@@ -405,7 +405,7 @@ __global__ void moe_align_scan_kernel(int num_chunks, int E, int block_size, con
 __global__ void moe_align_scatter_kernel(const int32_t* __restrict__ ids, int numel, int chunk, int E,
                                          const int32_t* __restrict__ expert_map, const int32_t* __restrict__ workspace,
                                          int32_t* __restrict__ sorted) {
-  extern __shared__ int align_smem[];
+  extern __shared__ __align__(16) int align_smem[];
   const int num_warps = blockDim.x / kWarpSize;
   int* counts = align_smem;
   for (int i = threadIdx.x; i < num_warps * E; i += blockDim.x) counts[i] = 0;

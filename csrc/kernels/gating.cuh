@@ -7,10 +7,9 @@
 // CPU's kReduceLanes tree, so ids and weights are bit-identical to the CPU kernel's.
 //
 // Selection orders candidates by ranks_before (key desc, index asc) through (key, index) packed in
-// one 64-bit integer. Up to 8 slots a lane, each lane first sorts its slots (a bitonic network,
-// registers only); then each of the topk rounds is one warp arg-max over the lanes' list heads (two
-// warp max-reductions) and the winner lane shifts its list: the round's critical path no longer
-// scans the lane's slots. Wider lanes (E > 256) scan their slots each round instead.
+// one 64-bit integer: each of the topk rounds is a lane max over its slots and one warp arg-max
+// (two warp max-reductions). (Sorting each lane's slots first, so a round only pops a list head,
+// measured 0.1-0.2 us slower at decode: bench/NOTES.md.)
 // Grouped top-k stages the keys in shared memory; 32 / G lanes score each group together (sum of
 // the group's two best keys, merged across the lanes by shuffles), topk_group arg-max rounds pick
 // the groups, and slots outside them leave the running.
@@ -73,38 +72,12 @@ MOE_DEVICE MOE_FORCEINLINE float group_max(float x) {
 // group flags [G] bytes.
 MOE_HOST_DEVICE MOE_FORCEINLINE int grouped_smem_bytes(int E, int G) { return (E + G) * 4 + ((G + 3) / 4) * 4; }
 
-// Sorts a lane's slots by packed rank, descending, carrying each slot's score along (bitonic
-// network over N, a power of two; fully unrolled, so everything stays in registers).
-template <int N>
-MOE_DEVICE MOE_FORCEINLINE void sort_slots_desc(uint64_t (&rank)[N], float (&score)[N]) {
-#pragma unroll
-  for (int size = 2; size <= N; size *= 2) {
-#pragma unroll
-    for (int stride = size / 2; stride > 0; stride /= 2) {
-#pragma unroll
-      for (int i = 0; i < N; ++i) {
-        const int j = i ^ stride;
-        if (j > i) {
-          const uint64_t ri = rank[i], rj = rank[j];
-          const float si = score[i], sj = score[j];
-          const bool swap = (i & size) == 0 ? ri < rj : ri > rj;
-          rank[i] = swap ? rj : ri;
-          rank[j] = swap ? ri : rj;
-          score[i] = swap ? sj : si;
-          score[j] = swap ? si : sj;
-        }
-      }
-    }
-  }
-}
-
-// Grouped top-k, step 1: stage this lane's keys in s_key [E] (slot j is expert lane + 32 * (row0 + j)).
+// Grouped top-k, step 1: stage this lane's keys in s_key [E] (slot j is expert lane + 32 * j).
 template <int kPerLane>
-MOE_DEVICE MOE_FORCEINLINE void stage_keys(const float (&key)[kPerLane], uint32_t avail, int lane, int row0,
-                                           float* s_key) {
+MOE_DEVICE MOE_FORCEINLINE void stage_keys(const float (&key)[kPerLane], uint32_t avail, int lane, float* s_key) {
 #pragma unroll
   for (int j = 0; j < kPerLane; ++j)
-    if (avail >> j & 1) s_key[lane + (row0 + j) * kGateLanes] = key[j];
+    if (avail >> j & 1) s_key[lane + j * kGateLanes] = key[j];
 }
 
 // Grouped top-k, step 2 (one warp, after every key is staged): group scores and the topk_group
@@ -154,14 +127,14 @@ MOE_DEVICE MOE_FORCEINLINE void pick_groups(const GatingParams& p, int lane, con
 
 // Grouped top-k, step 3 (after step 2 is visible): slots outside the chosen groups leave the running.
 template <int kPerLane>
-MOE_DEVICE MOE_FORCEINLINE void mask_to_groups(const GatingParams& p, int lane, int row0,
+MOE_DEVICE MOE_FORCEINLINE void mask_to_groups(const GatingParams& p, int lane,
                                                const unsigned char* s_allowed, uint32_t& avail) {
   // Group of expert i: floor((i + 0.5) / group_size) in fp32 is exact for E <= 1024 (the product's
   // error, under G * 2^-22, stays below the 0.5 / group_size margin to the next integer).
   const float inv_group = 1.0f / static_cast<float>(p.num_experts / p.num_expert_group);
 #pragma unroll
   for (int j = 0; j < kPerLane; ++j) {
-    const int g = static_cast<int>((static_cast<float>(lane + (row0 + j) * kGateLanes) + 0.5f) * inv_group);
+    const int g = static_cast<int>((static_cast<float>(lane + j * kGateLanes) + 0.5f) * inv_group);
     if ((avail >> j & 1) && !s_allowed[g]) avail &= ~(1u << j);
   }
 }
@@ -175,24 +148,24 @@ struct GroupedScratch {
       : key(reinterpret_cast<float*>(smem)), group(key + E), allowed(reinterpret_cast<unsigned char*>(group + G)) {}
 };
 
-// Loads slot j = expert lane + 32 * (row0 + j): the sanitized logit, the correction bias (0 without
+// Loads slot j = expert lane + 32 * j: the sanitized logit, the correction bias (0 without
 // one) and the avail bit (expert < E). Every load is unconditional (clamped index) so all of them are
 // in flight at once.
 template <typename T, int kPerLane>
-MOE_DEVICE MOE_FORCEINLINE void load_slots(const T* __restrict__ row, const GatingParams& p, int lane, int row0,
+MOE_DEVICE MOE_FORCEINLINE void load_slots(const T* __restrict__ row, const GatingParams& p, int lane,
                                            float (&logit)[kPerLane], float (&bias)[kPerLane], uint32_t& avail) {
   const int E = p.num_experts;
   avail = 0;
 #pragma unroll
   for (int j = 0; j < kPerLane; ++j) {
-    const int i = lane + (row0 + j) * kGateLanes;
+    const int i = lane + j * kGateLanes;
     const float x = to_float(row[i < E ? i : E - 1]);
     logit[j] = i < E ? sanitize_logit(x) : -INFINITY;
     avail |= (i < E ? 1u : 0u) << j;
   }
 #pragma unroll
   for (int j = 0; j < kPerLane; ++j) {
-    const int i = lane + (row0 + j) * kGateLanes;
+    const int i = lane + j * kGateLanes;
     bias[j] = p.bias ? p.bias[i < E ? i : E - 1] : 0.0f;
   }
 }
@@ -205,58 +178,37 @@ MOE_DEVICE MOE_FORCEINLINE void slot_keys(const float (&score)[kPerLane], const 
   for (int j = 0; j < kPerLane; ++j) key[j] = (avail >> j & 1) ? selection_key(score[j], bias[j]) : -INFINITY;
 }
 
-// topk rounds of warp arg-max over this warp's available slots (experts lane + 32 * (row0 + j); at
+// topk rounds of warp arg-max over this warp's available slots (experts lane + 32 * j; at
 // least topk of them). Lane r < topk returns round r's winner, packed, and its score; other lanes 0.
 // Every lane returns the sum of the winners' scores in round order.
 template <int kPerLane>
-MOE_DEVICE MOE_FORCEINLINE void select_rounds(const float (&key)[kPerLane], float (&score)[kPerLane], uint32_t avail,
-                                              int topk, int lane, int row0, uint64_t& my_rank, float& my_score,
+MOE_DEVICE MOE_FORCEINLINE void select_rounds(const float (&key)[kPerLane], const float (&score)[kPerLane], uint32_t avail,
+                                              int topk, int lane, uint64_t& my_rank, float& my_score,
                                               float& selected_sum) {
   uint64_t rank[kPerLane];  // rank[j] packs slot j's (key, expert); 0 once taken or never available
 #pragma unroll
-  for (int j = 0; j < kPerLane; ++j) rank[j] = (avail >> j & 1) ? pack_rank(key[j], lane + (row0 + j) * kGateLanes) : 0;
+  for (int j = 0; j < kPerLane; ++j) rank[j] = (avail >> j & 1) ? pack_rank(key[j], lane + j * kGateLanes) : 0;
   my_rank = 0;
   my_score = 0.0f;
   selected_sum = 0.0f;
-  if constexpr (kPerLane <= 8) {
-    sort_slots_desc(rank, score);
-    for (int r = 0; r < topk; ++r) {
-      const uint64_t winner = group_argmax(rank[0]);
-      const float w = shfl(score[0], packed_index(winner) % kGateLanes, kGateLanes);
-      if (rank[0] == winner) {  // the winner lane pops its list head
+  for (int r = 0; r < topk; ++r) {
+    uint64_t best = 0;
 #pragma unroll
-        for (int j = 0; j + 1 < kPerLane; ++j) {
-          rank[j] = rank[j + 1];
-          score[j] = score[j + 1];
-        }
-        rank[kPerLane - 1] = 0;
-      }
-      selected_sum += w;  // round order, as on the CPU
-      if (lane == r) {
-        my_rank = winner;
-        my_score = w;
+    for (int j = 0; j < kPerLane; ++j) best = rank[j] > best ? rank[j] : best;
+    const uint64_t winner = group_argmax(best);
+    float mine = 0.0f;  // the winner's score, on its owner lane; taken out of the running
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      if (rank[j] == winner) {
+        mine = score[j];
+        rank[j] = 0;
       }
     }
-  } else {
-    for (int r = 0; r < topk; ++r) {
-      uint64_t best = 0;
-#pragma unroll
-      for (int j = 0; j < kPerLane; ++j) best = rank[j] > best ? rank[j] : best;
-      const uint64_t winner = group_argmax(best);
-      float mine = 0.0f;  // the winner's score, on its owner lane; taken out of the running
-#pragma unroll
-      for (int j = 0; j < kPerLane; ++j) {
-        if (rank[j] == winner) {
-          mine = score[j];
-          rank[j] = 0;
-        }
-      }
-      const float w = shfl(mine, packed_index(winner) % kGateLanes, kGateLanes);
-      selected_sum += w;
-      if (lane == r) {
-        my_rank = winner;
-        my_score = w;
-      }
+    const float w = shfl(mine, packed_index(winner) % kGateLanes, kGateLanes);
+    selected_sum += w;  // round order, as on the CPU
+    if (lane == r) {
+      my_rank = winner;
+      my_score = w;
     }
   }
 }
@@ -269,7 +221,7 @@ MOE_DEVICE MOE_FORCEINLINE void gate_token(const T* __restrict__ row, const Gati
                                            float& out_weight, int& out_id) {
   float score[kPerLane], bias[kPerLane], key[kPerLane];
   uint32_t avail;  // bit j: slot j holds an expert that may still be chosen
-  load_slots<T, kPerLane>(row, p, lane, 0, score, bias, avail);
+  load_slots<T, kPerLane>(row, p, lane, score, bias, avail);
   if (p.scoring == ScoringFunc::kSoftmax) {
     float lane_max = -INFINITY;
 #pragma unroll
@@ -293,16 +245,16 @@ MOE_DEVICE MOE_FORCEINLINE void gate_token(const T* __restrict__ row, const Gati
   slot_keys(score, bias, avail, key);
   if (p.num_expert_group > 1) {
     GroupedScratch g(smem, p.num_experts, p.num_expert_group);
-    stage_keys(key, avail, lane, 0, g.key);
+    stage_keys(key, avail, lane, g.key);
     sync_warp();
     pick_groups(p, lane, g.key, g.group, g.allowed);
     sync_warp();
-    mask_to_groups<kPerLane>(p, lane, 0, g.allowed, avail);
+    mask_to_groups<kPerLane>(p, lane, g.allowed, avail);
     sync_warp();  // the scratch may be reused by the caller
   }
   uint64_t my_rank;
   float my_score, selected_sum;
-  select_rounds(key, score, avail, p.topk, lane, 0, my_rank, my_score, selected_sum);
+  select_rounds(key, score, avail, p.topk, lane, my_rank, my_score, selected_sum);
   out_weight = finalize_weight(my_score, selected_sum, p.renormalize, p.topk, p.routed_scaling_factor);
   out_id = packed_index(my_rank);
 }
