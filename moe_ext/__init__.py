@@ -25,7 +25,7 @@ def _load_library() -> str:
 LIBRARY_PATH = _load_library()
 
 from . import ops  # noqa: E402
-from .fused_moe import FUSED_ROUTING_MAX_TOKENS, choose_block_size, fused_moe, route  # noqa: E402
+from .fused_moe import choose_block_size, fused_moe, fused_routing_threshold, route  # noqa: E402
 from .layer import MoE  # noqa: E402
 from .ops import (  # noqa: E402
     fused_topk_align,
@@ -43,7 +43,7 @@ def has_kernel(op: str, device: str = "cuda") -> bool:
 
 
 __all__ = [
-    "FUSED_ROUTING_MAX_TOKENS",
+    "fused_routing_threshold",
     "MoE",
     "choose_block_size",
     "fused_moe",

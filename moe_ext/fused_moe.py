@@ -10,10 +10,19 @@ import torch
 
 from . import ops
 
-# Token counts up to this use the fused gating + alignment op (one CUDA kernel for decode); larger
-# counts use the separate router and alignment ops. Under torch.compile with a dynamic token count
-# this comparison is the one guard the choice adds.
-FUSED_ROUTING_MAX_TOKENS = 16
+# Token counts up to the threshold use the fused gating + alignment op (one CUDA kernel for decode);
+# larger counts use the separate router and alignment ops. The thresholds are the crossovers
+# measured on an H100 (bench/results/h100-80gb-hbm3-fused-routing.md, graph replay): the fused
+# kernel is ahead through T = 24 at E = 128 (GPT-OSS) and through T = 12 at E = 256 (DeepSeek
+# shapes, softmax and grouped; tied or behind from T = 16). E is a static dimension, so under
+# torch.compile with a dynamic token count the comparison is the one guard the choice adds.
+FUSED_ROUTING_MAX_TOKENS_SMALL_E = 24  # E <= 128
+FUSED_ROUTING_MAX_TOKENS_LARGE_E = 12  # E > 128
+
+
+def fused_routing_threshold(num_experts: int) -> int:
+    """Most tokens routed by the fused gating + alignment op for this expert count."""
+    return FUSED_ROUTING_MAX_TOKENS_SMALL_E if num_experts <= 128 else FUSED_ROUTING_MAX_TOKENS_LARGE_E
 
 
 def choose_block_size(num_tokens: int, topk: int, num_experts: int) -> int:
@@ -45,14 +54,14 @@ def route(
     routed_scaling_factor: float = 1.0,
     expert_map: torch.Tensor | None = None,
 ):
-    """Gating + alignment: the fused op for T <= FUSED_ROUTING_MAX_TOKENS, else the separate ops.
+    """Gating + alignment: the fused op for T <= fused_routing_threshold(E), else the separate ops.
 
     Returns (topk_weights, topk_ids, sorted_token_ids, expert_ids, num_tokens_post_padded).
     """
     routing = dict(scoring_func=scoring_func, renormalize=renormalize, correction_bias=correction_bias,
                    num_expert_group=num_expert_group, topk_group=topk_group,
                    routed_scaling_factor=routed_scaling_factor)
-    if router_logits.shape[0] <= FUSED_ROUTING_MAX_TOKENS:
+    if router_logits.shape[0] <= fused_routing_threshold(router_logits.shape[1]):
         return ops.fused_topk_align(router_logits, topk, block_size, expert_map=expert_map, **routing)
     weights, ids = ops.topk_gating(router_logits, topk, **routing)
     aligned = ops.moe_align_block_size(ids, router_logits.shape[1], block_size, expert_map)

@@ -88,7 +88,8 @@ def test_fused_moe_expert_map(device, T):
 def test_fused_moe_paths_agree(device):
     """The fused routing path (T <= threshold) and the separate ops give the same layer output."""
     require_all(device)
-    x, w13, w2, logits, topk, routing = make_layer("qwen3", moe_ext.FUSED_ROUTING_MAX_TOKENS, torch.bfloat16, device)
+    T = moe_ext.fused_routing_threshold(STYLES["qwen3"]["E"])
+    x, w13, w2, logits, topk, routing = make_layer("qwen3", T, torch.bfloat16, device)
     out_fused = moe_ext.fused_moe(x, w13, w2, logits, topk, **routing)
     two = lambda t: torch.cat([t, t])  # noqa: E731  (2T rows: over the threshold, separate ops)
     out_sep = moe_ext.fused_moe(two(x), w13, w2, two(logits), topk, block_size=16, **routing)
