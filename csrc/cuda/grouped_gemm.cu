@@ -31,6 +31,7 @@ using gg::MmaConfig;
 //   8   64  128   64   2x4     4     110,592     block_size 64, 8 warps (fewer registers each)
 //   9  128  128   64   2x2     3     110,592     block_size 128, 4 warps of 64 x 64
 //  10   32   64  128   1x4     4     104,448     block_size 32, few CTAs
+//  11   16   32  128   1x2     4      52,224     decode with few CTAs: 2 warps, up to 4 CTAs a multiprocessor
 using Cfg0 = MmaConfig<16, 64, 128, 1, 4, 4>;
 using Cfg1 = MmaConfig<16, 128, 64, 1, 4, 4>;
 using Cfg2 = MmaConfig<32, 128, 64, 1, 4, 4>;
@@ -42,18 +43,19 @@ using Cfg7 = MmaConfig<64, 128, 32, 2, 2, 4>;
 using Cfg8 = MmaConfig<64, 128, 64, 2, 4, 4>;
 using Cfg9 = MmaConfig<128, 128, 64, 2, 2, 3>;
 using Cfg10 = MmaConfig<32, 64, 128, 1, 4, 4>;
-constexpr int kNumConfigs = 11;
+using Cfg11 = MmaConfig<16, 32, 128, 1, 2, 4>;
+constexpr int kNumConfigs = 12;
 constexpr int kConfigBM[kNumConfigs] = {Cfg0::BM, Cfg1::BM, Cfg2::BM, Cfg3::BM, Cfg4::BM, Cfg5::BM,
-                                        Cfg6::BM, Cfg7::BM, Cfg8::BM, Cfg9::BM, Cfg10::BM};
+                                        Cfg6::BM, Cfg7::BM, Cfg8::BM, Cfg9::BM, Cfg10::BM, Cfg11::BM};
 constexpr int kConfigBN[kNumConfigs] = {Cfg0::BN, Cfg1::BN, Cfg2::BN, Cfg3::BN, Cfg4::BN, Cfg5::BN,
-                                        Cfg6::BN, Cfg7::BN, Cfg8::BN, Cfg9::BN, Cfg10::BN};
+                                        Cfg6::BN, Cfg7::BN, Cfg8::BN, Cfg9::BN, Cfg10::BN, Cfg11::BN};
 // K % 8 != 0 or a base not 16-byte aligned (rows not 16-byte aligned: guarded scalar loads) always
 // takes this config: one extra instance per dtype instead of a second copy of the table, for shapes
 // no production model has.
 constexpr int kUnalignedConfig = 1;
 
 // The heuristic: the first row whose max_block_size >= block_size gives two candidates; `many`
-// is taken when its estimated CTA count fills the GPU (>= one per multiprocessor), else `few`
+// is taken when its estimated CTA count fills the GPU (>= two per multiprocessor), else `few`
 // (smaller tiles, more CTAs: decode with few experts hit and small N, e.g. Mixtral's w2 at T=1).
 struct HeuristicRow {
   int max_block_size, many, few;
@@ -61,9 +63,11 @@ struct HeuristicRow {
 // From bench/tune_grouped_gemm.py on one H100 (results/h100-80gb-hbm3-tune-grouped-gemm.md, the
 // four models' two GEMMs at T = 1, 16, 1024, and Qwen3 / GPT-OSS at T = 4096 with blocks of 64 and
 // 128): config 0 is fastest or within 6% at block size 16 (decode), 8 has the least total time at
-// 32, 3 at 64, 9 at 128.
+// 32, 3 at 64, 9 at 128. Config 11 (a quarter of config 0's columns, 2 warps) is for decode shapes
+// whose config-0 grid leaves multiprocessors with one CTA and others with two (e.g. Qwen3's w13 at
+// T=1: 8 blocks x 24 N-tiles = 192 CTAs on 132 multiprocessors).
 constexpr HeuristicRow kHeuristic[] = {
-    {16, 0, 0},
+    {16, 0, 11},
     {32, 8, 10},
     {64, 3, 4},
     {128, 9, 6},
@@ -80,7 +84,7 @@ int64_t estimated_ctas(int cfg, int64_t rows, int64_t E, int64_t N, int64_t num_
 int choose_config(int64_t rows, int64_t E, int64_t N, int64_t num_blocks, int64_t block_size, int num_sms) {
   for (const auto& row : kHeuristic) {
     if (block_size > row.max_block_size) continue;
-    return estimated_ctas(row.many, rows, E, N, num_blocks, block_size) >= num_sms ? row.many : row.few;
+    return estimated_ctas(row.many, rows, E, N, num_blocks, block_size) >= 2 * num_sms ? row.many : row.few;
   }
   return 1;
 }
@@ -132,6 +136,7 @@ cudaError_t launch_mma_config(int cfg, bool aligned, const GroupedGemmParams& p,
     case 8: return launch_mma<T, Cfg8, true>(p, num_blocks, stream);
     case 9: return launch_mma<T, Cfg9, true>(p, num_blocks, stream);
     case 10: return launch_mma<T, Cfg10, true>(p, num_blocks, stream);
+    case 11: return launch_mma<T, Cfg11, true>(p, num_blocks, stream);
   }
   return cudaErrorInvalidValue;
 }
