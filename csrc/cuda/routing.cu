@@ -1,5 +1,5 @@
-// Launchers for router top-k gating and block alignment (kernels in csrc/kernels/gating.cuh and
-// csrc/kernels/align.cuh).
+// Launchers for router top-k gating, block alignment and the fused decode routing (kernels in
+// csrc/kernels/gating.cuh, align.cuh and fused_routing.cuh).
 #include <algorithm>
 #include <type_traits>
 
@@ -38,7 +38,6 @@ bool align_single_launch(int64_t numel, int E) {
 // tied at 4096 and lost at 8192 (15.9 against 11.5 us), its cost growing with the ids of one block.
 constexpr int64_t kMaxBlockSmem = 160 * 1024;
 constexpr int64_t kAlignRowsMaxIds = 4096;
-
 
 bool align_rows_launch(int64_t num_tokens, int topk, int E) {
   const int64_t numel = num_tokens * topk;
