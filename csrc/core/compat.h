@@ -125,6 +125,18 @@ MOE_DEVICE MOE_FORCEINLINE unsigned warp_max_u32(unsigned v) {
 #endif
 }
 
+// Inclusive prefix sum over the warp's lanes (every lane must call).
+template <typename T>
+MOE_DEVICE MOE_FORCEINLINE T warp_inclusive_scan(T v) {
+  const int lane = lane_id();
+#pragma unroll
+  for (int d = 1; d < kWarpSize; d *= 2) {
+    const T o = shfl_up(v, d);
+    if (lane >= d) v += o;
+  }
+  return v;
+}
+
 MOE_DEVICE MOE_FORCEINLINE void sync_warp() {
 #if !defined(__HIP_PLATFORM_AMD__)
   __syncwarp();

@@ -1,9 +1,13 @@
-// Launch-side switches from runtime values to template instances (nvcc only).
+// Launch-side helpers (nvcc only): switches from runtime values to template instances, and the
+// dynamic shared-memory opt-in.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstddef>
 
 #include "../kernels/dtype.h"
 
@@ -19,6 +23,25 @@ cudaError_t dispatch_dtype(DType dtype, F&& f) {
     case DType::kBFloat16: return f(__nv_bfloat16{});
   }
   return cudaErrorInvalidValue;
+}
+
+// Opts kKernel in to `bytes` of dynamic shared memory when that is over the default 48 KiB. The
+// grant is remembered per kernel instance (the template argument: every instance of one kernel has
+// the same function-pointer type, so a cache keyed on the type would be shared) and device, so the
+// driver is called once, not on every launch. It is a function attribute, not a stream operation:
+// allowed while a graph is being captured.
+template <auto kKernel>
+cudaError_t allow_dynamic_smem(size_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  static std::atomic<size_t> granted[64];
+  int dev = 0;
+  if (const cudaError_t err = cudaGetDevice(&dev); err != cudaSuccess) return err;
+  std::atomic<size_t>& g = granted[dev & 63];
+  if (bytes <= g.load(std::memory_order_relaxed)) return cudaSuccess;
+  const cudaError_t err =
+      cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (err == cudaSuccess) g.store(bytes, std::memory_order_relaxed);
+  return err;
 }
 
 }  // namespace moe_ext::cuda

@@ -1,7 +1,6 @@
 // Launcher of the grouped expert GEMM: the config table, the shape heuristic over it, and the
 // zeroing of rows no valid block writes.
 #include <algorithm>
-#include <atomic>
 #include <climits>
 
 #include "../kernels/grouped_gemm.cuh"
@@ -89,20 +88,6 @@ int choose_config(int64_t rows, int64_t E, int64_t N, int64_t num_blocks, int64_
   return 1;
 }
 
-// Opts the kernel in to more than 48 KiB of dynamic shared memory, once per device. `done` must be
-// the kernel's own flags (every instance has the same function-pointer type, so a static here
-// would be shared by all of them).
-template <typename Kernel>
-cudaError_t allow_smem(Kernel kernel, int bytes, std::atomic<bool> (&done)[64]) {
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  if (bytes <= 48 * 1024 || done[dev & 63].load(std::memory_order_relaxed)) return cudaSuccess;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  if (err == cudaSuccess) done[dev & 63].store(true, std::memory_order_relaxed);
-  return err;
-}
-
 template <typename T, typename Cfg, bool kAligned>
 cudaError_t launch_mma(GroupedGemmParams p, int64_t num_blocks, cudaStream_t stream) {
   p.tiles_per_block = gg::ceil_div(p.block_size, Cfg::BM);
@@ -111,11 +96,9 @@ cudaError_t launch_mma(GroupedGemmParams p, int64_t num_blocks, cudaStream_t str
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(ceil_div64(p.N, Cfg::BN)));
   constexpr int smem = Cfg::template smem_bytes<T>();
   static_assert(smem <= 227 * 1024, "over the sm_90 per-block shared memory limit");
-  auto kernel = grouped_gemm_mma_kernel<T, Cfg, kAligned>;
-  static std::atomic<bool> smem_allowed[64];
-  const cudaError_t err = allow_smem(kernel, smem, smem_allowed);
+  const cudaError_t err = allow_dynamic_smem<grouped_gemm_mma_kernel<T, Cfg, kAligned>>(smem);
   if (err != cudaSuccess) return err;
-  kernel<<<grid, Cfg::kThreads, smem, stream>>>(p);
+  grouped_gemm_mma_kernel<T, Cfg, kAligned><<<grid, Cfg::kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 

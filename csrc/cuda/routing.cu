@@ -45,14 +45,6 @@ bool align_rows_launch(int64_t num_tokens, int topk, int E) {
          align_rows_smem_bytes(E, static_cast<int>(num_tokens), numel) <= kMaxBlockSmem;
 }
 
-// Dynamic shared memory above the default 48 KiB needs the kernel's opt-in (a function attribute,
-// not a stream operation, so it is allowed while a graph is being captured).
-template <typename Kernel>
-cudaError_t allow_smem(Kernel kernel, size_t bytes) {
-  if (bytes <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
-}
-
 // Ids per block on the multi-block path: about one chunk per multiprocessor, 256 to 4096 ids.
 int align_chunk(int64_t numel) {
   const int64_t per_sm = (numel + 131) / 132;
@@ -69,8 +61,8 @@ cudaError_t fused_launch(DType dtype, const void* logits, int64_t row_stride, in
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     return dispatch_per_lane(E, [&](auto per_lane) {
-      const auto kernel = fused_gating_align_kernel<T, decltype(per_lane)::value>;
-      if (const cudaError_t err = allow_smem(kernel, smem); err != cudaSuccess) return err;
+      constexpr auto kernel = fused_gating_align_kernel<T, decltype(per_lane)::value>;
+      if (const cudaError_t err = allow_dynamic_smem<kernel>(smem); err != cudaSuccess) return err;
       kernel<<<1, fused_threads(E, num_tokens), smem, stream>>>(
           static_cast<const T*>(logits), row_stride, num_tokens, p, block_size, block_shift, expert_map,
           static_cast<int>(max_padded), weights, ids, sorted, expert_ids, num_post_padded);
@@ -121,7 +113,7 @@ cudaError_t moe_align(const int32_t* ids, int64_t num_tokens, int topk, int num_
   }
   if (align_rows_launch(num_tokens, topk, E)) {
     const size_t smem = static_cast<size_t>(align_rows_smem_bytes(E, static_cast<int>(num_tokens), numel));
-    if (const cudaError_t err = allow_smem(moe_align_rows_kernel, smem); err != cudaSuccess) return err;
+    if (const cudaError_t err = allow_dynamic_smem<moe_align_rows_kernel>(smem); err != cudaSuccess) return err;
     moe_align_rows_kernel<<<1, 1024, smem, stream>>>(ids, static_cast<int>(num_tokens), topk, E, block_size, expert_map,
                                                      static_cast<int>(max_padded), sorted, expert_ids, num_post_padded);
     return cudaGetLastError();

@@ -45,25 +45,14 @@ MOE_DEVICE T block_exclusive_scan(T* vals, int n, T* scratch) {
   const int begin = min(n, tid * per), end = min(n, begin + per);
   T local = 0;
   for (int i = begin; i < end; ++i) local += vals[i];
-  // Inclusive warp scan of the per-thread sums.
   const int lane = lane_id(), warp = tid / kWarpSize;
-  T incl = local;
-#pragma unroll
-  for (int d = 1; d < kWarpSize; d *= 2) {
-    const T v = shfl_up(incl, d);
-    if (lane >= d) incl += v;
-  }
+  const T incl = warp_inclusive_scan(local);  // of the per-thread sums
   if (lane == kWarpSize - 1) scratch[warp] = incl;
   __syncthreads();
   const int num_warps = (nthreads + kWarpSize - 1) / kWarpSize;
   if (warp == 0) {
     const T w = lane < num_warps ? scratch[lane] : T(0);
-    T wincl = w;
-#pragma unroll
-    for (int d = 1; d < kWarpSize; d *= 2) {
-      const T v = shfl_up(wincl, d);
-      if (lane >= d) wincl += v;
-    }
+    const T wincl = warp_inclusive_scan(w);
     if (lane < num_warps) scratch[lane] = wincl - w;  // exclusive warp offsets
     if (lane == num_warps - 1) scratch[kWarpSize] = wincl;
   }
@@ -142,34 +131,38 @@ MOE_DEVICE MOE_FORCEINLINE void scatter_segments(const int32_t* __restrict__ ids
   }
 }
 
-// Turns counts[w * E + s] into cursors: base[s] + ids of slot s in warps before w.
-MOE_DEVICE MOE_FORCEINLINE void counts_to_cursors(int* counts, int E, const int32_t* __restrict__ base) {
-  const int num_warps = blockDim.x / kWarpSize;
-  for (int s = threadIdx.x; s < E; s += blockDim.x) {
-    int run = base[s];
-    for (int w0 = 0; w0 < num_warps; w0 += 8) {  // 8 loads in flight, then the running sum
-      int c[8];
+// Exclusive running sum down column s of a [rows, E] table, in place, starting from `run`; returns
+// the column's end. Loads go 8 rows at a time before the sums (one dependent load a row is slow).
+template <typename Int>
+MOE_DEVICE MOE_FORCEINLINE int column_exclusive_sum(Int* table, int rows, int E, int s, int run) {
+  for (int r0 = 0; r0 < rows; r0 += 8) {
+    int c[8];
 #pragma unroll
-      for (int k = 0; k < 8; ++k) c[k] = w0 + k < num_warps ? counts[(w0 + k) * E + s] : 0;
+    for (int k = 0; k < 8; ++k) c[k] = r0 + k < rows ? table[(r0 + k) * E + s] : 0;
 #pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        if (w0 + k < num_warps) counts[(w0 + k) * E + s] = run;
-        run += c[k];
-      }
+    for (int k = 0; k < 8; ++k) {
+      if (r0 + k < rows) table[(r0 + k) * E + s] = run;
+      run += c[k];
     }
   }
+  return run;
 }
 
-// Writes expert_ids for blocks [first, num_blocks) by stride, from offsets[0..E] (padded, in smem).
-MOE_DEVICE MOE_FORCEINLINE void write_expert_ids(const int* offsets, int E, int block_size, int num_blocks,
+// Turns counts[w * E + s] into cursors: base[s] + ids of slot s in warps before w.
+MOE_DEVICE MOE_FORCEINLINE void counts_to_cursors(int* counts, int E, const int32_t* __restrict__ base) {
+  for (int s = threadIdx.x; s < E; s += blockDim.x) column_exclusive_sum(counts, blockDim.x / kWarpSize, E, s, base[s]);
+}
+
+// Writes expert_ids for blocks [first, num_blocks) by stride, from exclusive padded offsets[0..E)
+// (in smem) and their total: a binary search a block, so a hot expert's many blocks spread over threads.
+MOE_DEVICE MOE_FORCEINLINE void write_expert_ids(const int* offsets, int total, int E, int block_size, int num_blocks,
                                                  const int32_t* __restrict__ expert_map, int32_t* __restrict__ expert_ids,
                                                  int first, int stride) {
-  const int total = offsets[E];
   for (int b = first; b < num_blocks; b += stride) {
     const int pos = b * block_size;
     int e = -1;
     if (pos < total) {
-      int lo = 0, hi = E;  // last e with offsets[e] <= pos
+      int lo = 0, hi = E - 1;  // last e with offsets[e] <= pos (pos < total: never past E - 1)
       while (lo < hi) {
         const int mid = (lo + hi + 1) / 2;
         if (offsets[mid] <= pos) lo = mid; else hi = mid - 1;
@@ -178,19 +171,6 @@ MOE_DEVICE MOE_FORCEINLINE void write_expert_ids(const int* offsets, int E, int 
     }
     expert_ids[b] = e;
   }
-}
-
-// Writes expert_ids from exclusive padded offsets[0..E) (in smem) and their total: each slot writes
-// its own blocks (a run spans few blocks at these sizes), blocks past the total get -1.
-MOE_DEVICE MOE_FORCEINLINE void write_expert_blocks(const int* offsets, int total, int E, int block_size,
-                                                    int num_blocks, const int32_t* __restrict__ expert_map,
-                                                    int32_t* __restrict__ expert_ids) {
-  for (int s = threadIdx.x; s < E; s += blockDim.x) {
-    const int end = (s + 1 < E ? offsets[s + 1] : total) / block_size;
-    const int32_t e = expert_map ? expert_map[s] : s;
-    for (int b = offsets[s] / block_size; b < end; ++b) expert_ids[b] = e;
-  }
-  for (int b = total / block_size + threadIdx.x; b < num_blocks; b += blockDim.x) expert_ids[b] = -1;
 }
 
 // Padded counts -> exclusive offsets in place (offsets[E] = total); writes num_tokens_post_padded.
@@ -212,12 +192,10 @@ MOE_DEVICE MOE_FORCEINLINE void pad_and_scan(int* offsets, int E, int block_size
 // at most T entries to compare against), which restores ascending order with no per-warp-round
 // work. One scan serves both the padded offsets (high 32 bits) and the unpadded run starts (low).
 // Shared: packed [E] int64 | scratch [kWarpSize + 1] int64 | counts [E] | cursor [E] | starts [E] |
-// offsets [E + 1] | stage [numel].
-// Ids per thread: the launcher sends at most 1024 ids to one block of up to 1024 threads.
-constexpr int kAlignSmallMaxPerThread = 1;
-
+// offsets [E] | stage [numel]. One id a thread: the launcher sends at most 1024 ids to a block of
+// at least that many threads.
 MOE_HOST_DEVICE MOE_FORCEINLINE int align_small_smem_ints(int E, int numel) {
-  return 2 * (E + kWarpSize + 1) + 4 * E + 1 + numel;
+  return 2 * (E + kWarpSize + 1) + 4 * E + numel;
 }
 
 __global__ void __launch_bounds__(1024) moe_align_small_kernel(
@@ -231,49 +209,37 @@ __global__ void __launch_bounds__(1024) moe_align_small_kernel(
   int* cursor = counts + E;
   int* starts = cursor + E;
   int* offsets = starts + E;
-  int* stage = offsets + E + 1;
+  int* stage = offsets + E;
   for (int s = threadIdx.x; s < E; s += blockDim.x) counts[s] = cursor[s] = 0;
   for (int i = threadIdx.x; i < max_padded; i += blockDim.x) sorted[i] = numel;  // sentinel
-  int slot[kAlignSmallMaxPerThread];
-#pragma unroll
-  for (int k = 0; k < kAlignSmallMaxPerThread; ++k) {
-    const int f = threadIdx.x + k * blockDim.x;
-    slot[k] = f < numel ? align_slot_device(ids[f], E, expert_map) : -1;
-  }
+  const int f = threadIdx.x;  // this thread's id
+  const int slot = f < numel ? align_slot_device(ids[f], E, expert_map) : -1;
   __syncthreads();
-#pragma unroll
-  for (int k = 0; k < kAlignSmallMaxPerThread; ++k)
-    if (slot[k] >= 0) atomicAdd(&counts[slot[k]], 1);
+  if (slot >= 0) atomicAdd(&counts[slot], 1);
   __syncthreads();
   for (int s = threadIdx.x; s < E; s += blockDim.x) {
     const int c = counts[s];
     packed[s] = (static_cast<long long>((c + block_size - 1) / block_size * block_size) << 32) | c;
   }
   __syncthreads();
-  const long long total = block_exclusive_scan(packed, E, scratch);
+  const long long packed_total = block_exclusive_scan(packed, E, scratch);  // ends with a barrier
+  const int total = static_cast<int>(packed_total >> 32);
   for (int s = threadIdx.x; s < E; s += blockDim.x) {
     offsets[s] = static_cast<int>(packed[s] >> 32);
     starts[s] = static_cast<int>(packed[s] & 0xFFFFFFFFll);
   }
-  if (threadIdx.x == 0) {
-    offsets[E] = static_cast<int>(total >> 32);
-    *num_post_padded = offsets[E];
-  }
+  if (threadIdx.x == 0) *num_post_padded = total;
   __syncthreads();
-  write_expert_ids(offsets, E, block_size, max_padded / block_size, expert_map, expert_ids, threadIdx.x, blockDim.x);
-#pragma unroll
-  for (int k = 0; k < kAlignSmallMaxPerThread; ++k)
-    if (slot[k] >= 0) stage[starts[slot[k]] + atomicAdd(&cursor[slot[k]], 1)] = threadIdx.x + k * blockDim.x;
+  write_expert_ids(offsets, total, E, block_size, max_padded / block_size, expert_map, expert_ids, threadIdx.x,
+                   blockDim.x);
+  if (slot >= 0) stage[starts[slot] + atomicAdd(&cursor[slot], 1)] = f;
   __syncthreads();  // the unordered runs are complete
-#pragma unroll
-  for (int k = 0; k < kAlignSmallMaxPerThread; ++k) {
-    if (slot[k] < 0) continue;
-    const int f = threadIdx.x + k * blockDim.x;
-    const int* run = stage + starts[slot[k]];
-    const int n = counts[slot[k]];
+  if (slot >= 0) {
+    const int* run = stage + starts[slot];
+    const int n = counts[slot];
     int rank = 0;
     for (int q = 0; q < n; ++q) rank += run[q] < f;
-    sorted[offsets[slot[k]] + rank] = f;
+    sorted[offsets[slot] + rank] = f;
   }
 }
 
@@ -352,7 +318,7 @@ __global__ void __launch_bounds__(1024) moe_align_rows_kernel(
     }
     sorted[offsets[s] + rank] = f;
   }
-  write_expert_blocks(offsets, total, E, block_size, max_padded / block_size, expert_map, expert_ids);
+  write_expert_ids(offsets, total, E, block_size, max_padded / block_size, expert_map, expert_ids, tid, nthreads);
 }
 
 // Multi-block step 1: chunk c's per-expert counts -> workspace[c * E + s]; also fills the sentinel.
@@ -381,24 +347,12 @@ __global__ void moe_align_scan_kernel(int num_chunks, int E, int block_size, con
   extern __shared__ __align__(16) int align_smem[];
   int* offsets = align_smem;
   int* scratch = offsets + E + 1;
-  for (int s = threadIdx.x; s < E; s += blockDim.x) {
-    int run = 0;
-    for (int c0 = 0; c0 < num_chunks; c0 += 8) {  // 8 loads in flight, then the running sum
-      int v[8];
-#pragma unroll
-      for (int k = 0; k < 8; ++k) v[k] = c0 + k < num_chunks ? workspace[(c0 + k) * E + s] : 0;
-#pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        if (c0 + k < num_chunks) workspace[(c0 + k) * E + s] = run;
-        run += v[k];
-      }
-    }
-    offsets[s] = run;
-  }
+  for (int s = threadIdx.x; s < E; s += blockDim.x) offsets[s] = column_exclusive_sum(workspace, num_chunks, E, s, 0);
   __syncthreads();
   pad_and_scan(offsets, E, block_size, scratch, num_post_padded);
   for (int i = threadIdx.x; i < num_chunks * E; i += blockDim.x) workspace[i] += offsets[i % E];
-  write_expert_ids(offsets, E, block_size, max_padded / block_size, expert_map, expert_ids, threadIdx.x, blockDim.x);
+  write_expert_ids(offsets, offsets[E], E, block_size, max_padded / block_size, expert_map, expert_ids, threadIdx.x,
+                   blockDim.x);
 }
 
 // Multi-block step 3: chunk c scatters its ids from workspace[c * E + s]. Shared: counts [warps * E].

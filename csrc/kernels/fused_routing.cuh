@@ -87,12 +87,7 @@ __global__ void __launch_bounds__(1024) fused_gating_align_kernel(
   // Thread s owns expert s: its padded count, then an inclusive scan within the warp ...
   const int count = tid < E ? popcount(masks[tid]) : 0;
   const int padded = pad_to_blocks(count, block_size, block_shift);
-  int incl = padded;
-#pragma unroll
-  for (int d = 1; d < kWarpSize; d *= 2) {
-    const int v = shfl_up(incl, d);
-    if (lane >= d) incl += v;
-  }
+  const int incl = warp_inclusive_scan(padded);
   if (lane == kWarpSize - 1) warp_total[warp] = incl;
   __syncthreads();  // warp totals ready
   // ... plus the totals of the warps before (at most 32, read by every lane at once).
