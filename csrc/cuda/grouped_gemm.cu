@@ -103,8 +103,9 @@ int choose_config(const HeuristicRow (&heuristic)[kRows], const int (&bm)[kConfi
 //   2   64   64   64   2x2     4     110,592     block size 32 / 64 (prefill); config 3's bytes a stage
 //   3  128   64   64   2x4     3     110,592     block size 128 (prefill); 8 warps of 64 x 16 (x2 sets)
 // Not tuned on a GPU yet: the rows mirror the plain heuristic, halving BN where the fused tile
-// would otherwise double the stage (Qwen3's w13 at T=1: I = 768 over BN 32 gives config 11's 24
-// N-tiles of the plain op over 2I = 1536 at BN 64).
+// would otherwise double the stage. Qwen3's w13 at T=1 (I = 768, 8 blocks): config 1 gives 24
+// N-tiles of 2 x 32 weight rows, the CTA count and bytes of the plain op's config 0 over 2I = 1536,
+// but half the CTAs of the plain op's pick there (config 11: 48 N-tiles of 32 rows).
 using SiluCfg0 = MmaConfig<16, 64, 64, 1, 4, 4, true>;
 using SiluCfg1 = MmaConfig<16, 32, 128, 1, 2, 4, true>;
 using SiluCfg2 = MmaConfig<64, 64, 64, 2, 2, 4, true>;
