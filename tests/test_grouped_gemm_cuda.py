@@ -195,16 +195,16 @@ def test_bad_sorted_ids():
     run_and_check(a, w, sorted_ids, expert_ids, ntpp, topk, tw)
 
 
-def num_configs() -> int:
-    """Size of the launcher's config table, from the message of an out-of-range override."""
+def num_configs(env: str = CONFIG_ENV, op=moe_ext.moe_grouped_gemm) -> int:
+    """Size of the launcher's config table behind env (op's), from an out-of-range override's message."""
     import os
     a, w, s, e, n, topk, _ = make_case(2, 1, 2, 16, 16, 16, torch.bfloat16, "random", False)
-    os.environ[CONFIG_ENV] = "100000"
+    os.environ[env] = "100000"
     try:
-        with pytest.raises(ValueError, match=CONFIG_ENV) as info:
-            moe_ext.moe_grouped_gemm(*(t.cuda() for t in (a, w, s, e, n)), topk)
+        with pytest.raises(ValueError, match=env) as info:
+            op(*(t.cuda() for t in (a, w, s, e, n)), topk)
     finally:
-        del os.environ[CONFIG_ENV]
+        del os.environ[env]
     return int(re.search(r"\[-1, (\d+)\)", str(info.value)).group(1))
 
 
@@ -345,24 +345,12 @@ def test_silu_model_shapes(T, bs):
     run_silu_and_check(*make_silu_case(T, 8, 128, 768, 2048, bs, torch.bfloat16, "random"))
 
 
-def silu_num_configs() -> int:
-    a, w13, s, e, n, topk = make_silu_case(2, 1, 2, 16, 16, 16, torch.bfloat16, "random")
-    import os
-    os.environ[SILU_CONFIG_ENV] = "100000"
-    try:
-        with pytest.raises(ValueError, match=SILU_CONFIG_ENV) as info:
-            moe_ext.moe_grouped_gemm_silu(*(t.cuda() for t in (a, w13, s, e, n)), topk)
-    finally:
-        del os.environ[SILU_CONFIG_ENV]
-    return int(re.search(r"\[-1, (\d+)\)", str(info.value)).group(1))
-
-
 @pytest.mark.usefixtures("_silu_kernel")
 @pytest.mark.parametrize("shape,block_size", [((17, 4, 8, 130, 200), 16), ((64, 8, 16, 200, 256), 64),
                                               ((100, 2, 4, 77, 136), 128)])
 def test_silu_every_config_agrees(monkeypatch, shape, block_size):
     """Each SiLU config gives the reference's answer, all bit for bit the same."""
-    n = silu_num_configs()
+    n = num_configs(SILU_CONFIG_ENV, moe_ext.moe_grouped_gemm_silu)
     assert n >= 1
     case = make_silu_case(*shape, block_size, torch.bfloat16, "random")
     outs = []
