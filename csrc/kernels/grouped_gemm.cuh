@@ -17,14 +17,14 @@
 // SIMT path (fp32, and any target without mma): shared-memory tiles, fp32 FMA, same row logic.
 //
 // Epilogue: fp32 accumulator times the routed weight, one rounding to T, scattered to row id.
+// Rows never written (blocks of expert -1, ids the alignment dropped) are zeroed by the caller:
+// either the output starts zeroed, or `covered` flags (set here by the N-tile-0 CTAs) drive
+// zero_uncovered_rows_kernel afterwards.
 //
 // SiLU-and-mul variant (MmaConfig's kSiluMul; moe_grouped_gemm_silu): w is w13 [E, 2N, K] and the
 // output [rows, N] (N = I). A CTA's N-tile [n0, n0 + BN) loads 2*BN weight rows a stage, gate rows
 // n0.. and up rows N + n0.., into one [2*BN, BK] B tile, keeps two accumulator sets, and stores
 // silu(gate) * up computed from the fp32 accumulators (one rounding; no routed weight).
-// Rows never written (blocks of expert -1, ids the alignment dropped) are zeroed by the caller:
-// either the output starts zeroed, or `covered` flags (set here by the N-tile-0 CTAs) drive
-// zero_uncovered_rows_kernel afterwards.
 #pragma once
 
 #include <cstdint>
