@@ -3,6 +3,8 @@ shapes and routing, bf16, against the floor of what it must move or compute.
 
 Paths, each on the same inputs:
   moe_ext      moe_ext.fused_moe (torch.ops.moe_ext); skipped if an op lacks a kernel on the device.
+  moe_ext_unfused  the same with fuse_silu=False: moe_grouped_gemm + silu_and_mul for the first GEMM
+               (moe_ext fuses them through moe_grouped_gemm_silu for bf16 on CUDA).
   eager_ref    moe_ext.reference.fused_moe_ref with bf16 compute: PyTorch's loop over the hit experts.
   compile_ref  torch.compile(fused_moe_ref, dynamic=False) of the same, compiled once per (model, T).
   grouped_mm   torch ops: top-k routing, tokens sorted by expert, torch._grouped_mm over w13 with
@@ -51,8 +53,9 @@ from common import copy_bandwidth, markdown_table, time_events, time_graph, writ
 from moe_ext import reference as ref  # noqa: E402
 from moe_ext.models import MODELS  # noqa: E402
 
-PATHS = ["moe_ext", "eager_ref", "compile_ref", "grouped_mm"]
-OPS = ["topk_gating", "moe_align_block_size", "fused_topk_align", "silu_and_mul", "moe_grouped_gemm", "moe_combine"]
+PATHS = ["moe_ext", "moe_ext_unfused", "eager_ref", "compile_ref", "grouped_mm"]
+OPS = ["topk_gating", "moe_align_block_size", "fused_topk_align", "silu_and_mul", "moe_grouped_gemm", "moe_grouped_gemm_silu",
+       "moe_combine"]
 GRAPH_MAX_TOKENS = 16   # decode sizes, where the host's launch cost would hide the kernels
 TIME_BUDGET_S = 1.0     # per path and size: runs until about this much is spent, 3 runs at least
 MAX_WEIGHT_SETS = 4
@@ -306,11 +309,13 @@ def main():
         compiled = torch.compile(ref.fused_moe_ref, dynamic=False)
         runners = {
             "moe_ext": lambda x, w13, w2, lg: moe_ext.fused_moe(x, w13, w2, lg, k, **routing),
+            "moe_ext_unfused": lambda x, w13, w2, lg: moe_ext.fused_moe(x, w13, w2, lg, k, fuse_silu=False, **routing),
             "eager_ref": lambda x, w13, w2, lg: ref.fused_moe_ref(x, w13, w2, lg, k, compute_dtype=dtype, **routing),
             "compile_ref": lambda x, w13, w2, lg: compiled(x, w13, w2, lg, k, compute_dtype=dtype, **routing),
             "grouped_mm": lambda x, w13, w2, lg: grouped_mm_moe(x, w13, w2, lg, k, **routing),
         }
-        skip = {"moe_ext": f"skipped: no {device} kernel for {', '.join(missing)}"} if missing else {}
+        skip = {p: f"skipped: no {device} kernel for {', '.join(missing)}" for p in ("moe_ext", "moe_ext_unfused")
+                if missing}
         for T in tokens:
             x = torch.randn(T, H, dtype=dtype, device=device)
             logits = torch.randn(T, E, dtype=torch.float32, device=device)  # fp32, as moe_ext.MoE's router gives

@@ -8,8 +8,10 @@ fit in memory; TFLOP/s counts 2 * (T*k) * N * K, GB/s the weights of the experts
 
     python bench/tune_grouped_gemm.py                       # both GEMMs of each model in models.py
     python bench/tune_grouped_gemm.py --shape 512,8,64,1536,2048 --tokens 1 16 --block-size 16 64
+    python bench/tune_grouped_gemm.py --silu                # moe_grouped_gemm_silu's table, w13 GEMMs only
 
-Writes results/<device>-tune-grouped-gemm.{json,md}: every timing, and per shape the best config.
+Writes results/<device>-tune-grouped-gemm[-silu].{json,md}: every timing, and per shape the best config.
+With --silu, N is w13's 2I rows and the op writes [T*k, I] (MOE_EXT_GROUPED_GEMM_SILU_CONFIG).
 """
 
 from __future__ import annotations
@@ -28,20 +30,21 @@ from common import markdown_table, time_graph, write_results  # noqa: E402
 from moe_ext.models import MODELS  # noqa: E402
 
 ENV = "MOE_EXT_GROUPED_GEMM_CONFIG"
+SILU_ENV = "MOE_EXT_GROUPED_GEMM_SILU_CONFIG"
 
 
-def num_configs() -> int:
-    """The table's size, from the adapter's message for an out-of-range index."""
+def num_configs(env: str, op) -> int:
+    """The size of op's table (forced through env), from the adapter's message for an out-of-range index."""
     a = torch.zeros(1, 16, device="cuda", dtype=torch.bfloat16)
     w = torch.zeros(1, 16, 16, device="cuda", dtype=torch.bfloat16)
     s, e, n = moe_ext.moe_align_block_size(torch.zeros(1, 1, dtype=torch.int32, device="cuda"), 1, 16)
-    os.environ[ENV] = "1000000"
+    os.environ[env] = "1000000"
     try:
-        moe_ext.moe_grouped_gemm(a, w, s, e, n, 1)
+        op(a, w, s, e, n, 1)
     except ValueError as err:
         return int(re.search(r"\[-1, (\d+)\)", str(err)).group(1))
     finally:
-        os.environ.pop(ENV, None)
+        os.environ.pop(env, None)
     raise RuntimeError("the adapter accepted an out-of-range config")
 
 
@@ -65,10 +68,17 @@ def main():
                    help="default: moe_ext.choose_block_size for each shape")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--max-weight-gib", type=float, default=24.0, help="skip shapes whose weights exceed this")
+    p.add_argument("--silu", action="store_true", help="tune moe_grouped_gemm_silu (first GEMMs; N = 2I)")
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
     esize = torch.empty((), dtype=dtype).element_size()
-    n_cfg = num_configs()
+    env = SILU_ENV if args.silu else ENV
+    if args.silu:
+        def op(a, w, s, e, n, topk, tw):  # noqa: ARG001 - no routed weight in the fused first GEMM
+            return moe_ext.moe_grouped_gemm_silu(a, w, s, e, n, topk)
+    else:
+        op = moe_ext.moe_grouped_gemm
+    n_cfg = num_configs(env, op)
     if args.shape:
         shapes = []
         for s in args.shape:
@@ -76,6 +86,8 @@ def main():
             shapes.append((s, T, k, E, N, K, False))
     else:
         shapes = shapes_from_models(args.tokens)
+    if args.silu:
+        shapes = [sh for sh in shapes if not sh[-1]]
 
     rows, best = [], []
     for name, T, k, E, N, K, second in shapes:
@@ -93,27 +105,27 @@ def main():
         tw = torch.rand(T, k, device="cuda", generator=g)
         hit = int(ids.unique().numel())
         flops = 2 * T * k * N * K
-        nbytes = (hit * N * K + a.numel() + T * k * N) * esize
+        nbytes = (hit * N * K + a.numel() + T * k * (N // 2 if args.silu else N)) * esize
         for bs in args.block_size or [moe_ext.choose_block_size(T, k, E)]:
             s, e, n = moe_ext.moe_align_block_size(ids, E, bs)
             times = {}
-            baseline = moe_ext.moe_grouped_gemm(a, ws[0], s, e, n, op_topk, tw)  # the heuristic's answer
+            baseline = op(a, ws[0], s, e, n, op_topk, tw)  # the heuristic's answer
             # The heuristic (-1) is timed last: timed first, right after a shape's allocation, it
             # read up to 17% high on the H100 (bench/NOTES.md).
             for cfg in [*range(n_cfg), -1]:
-                os.environ[ENV] = str(cfg)
+                os.environ[env] = str(cfg)
                 # Every config must give the heuristic's answer bit for bit (same k-order of mma
                 # steps); a config that does not is reported and never chosen.
-                got = moe_ext.moe_grouped_gemm(a, ws[0], s, e, n, op_topk, tw)
+                got = op(a, ws[0], s, e, n, op_topk, tw)
                 if not torch.equal(got, baseline):
                     print(f"  config {cfg}: output differs from the heuristic's; skipped")
-                    os.environ.pop(ENV, None)
+                    os.environ.pop(env, None)
                     continue
                 state = {"i": 0}
 
                 def call():
                     state["i"] = (state["i"] + 1) % len(ws)
-                    return moe_ext.moe_grouped_gemm(a, ws[state["i"]], s, e, n, op_topk, tw)
+                    return op(a, ws[state["i"]], s, e, n, op_topk, tw)
 
                 try:
                     us = time_graph(call, calls_per_graph=max(1, len(ws)), replays=30)
@@ -121,7 +133,7 @@ def main():
                     print(f"  config {cfg}: {err}")
                     continue
                 finally:
-                    os.environ.pop(ENV, None)
+                    os.environ.pop(env, None)
                 times[cfg] = us
                 rows.append(dict(shape=name, T=T, topk=k, E=E, N=N, K=K, block_size=bs, config=cfg, us=us,
                                  tflops=flops / us / 1e6, gbs=nbytes / us / 1e3))
@@ -154,8 +166,8 @@ def main():
                   f"({full[suggested[bs]]:.1f} µs over {count[suggested[bs]]} shapes)")
     table += "\n\nLeast total time per block size: " + ", ".join(f"{b}: config {c}" for b, c in suggested.items())
     print(table)
-    path = write_results("tune-grouped-gemm", dict(dtype=args.dtype, configs=n_cfg, best=best, suggested=suggested),
-                         rows, table)
+    meta = dict(silu=args.silu, dtype=args.dtype, configs=n_cfg, best=best, suggested=suggested)
+    path = write_results("tune-grouped-gemm-silu" if args.silu else "tune-grouped-gemm", meta, rows, table)
     print(f"wrote {path}.json / .md")
 
 

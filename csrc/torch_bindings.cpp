@@ -34,6 +34,12 @@ TORCH_LIBRARY(moe_ext, m) {
       "moe_grouped_gemm(Tensor a, Tensor w, Tensor sorted_token_ids, Tensor expert_ids, "
       "Tensor num_tokens_post_padded, int topk, Tensor? topk_weights=None) -> Tensor");
 
+  // moe_grouped_gemm with w13 [E, 2I, K] fused with silu_and_mul: out[id] = silu(gate) * up, [M * topk, I],
+  // the gate and up products in fp32 and rounded once (no [M * topk, 2I] intermediate).
+  m.def(
+      "moe_grouped_gemm_silu(Tensor a, Tensor w13, Tensor sorted_token_ids, Tensor expert_ids, "
+      "Tensor num_tokens_post_padded, int topk) -> Tensor");
+
   // Top-k combine: [T, topk, H] -> [T, H], optionally weighted by topk_weights [T, topk], fp32 sum.
   m.def("moe_combine(Tensor x, Tensor? topk_weights=None) -> Tensor");
 }

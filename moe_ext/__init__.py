@@ -32,6 +32,7 @@ from .ops import (  # noqa: E402
     moe_align_block_size,
     moe_combine,
     moe_grouped_gemm,
+    moe_grouped_gemm_silu,
     silu_and_mul,
     topk_gating,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "moe_align_block_size",
     "moe_combine",
     "moe_grouped_gemm",
+    "moe_grouped_gemm_silu",
     "ops",
     "route",
     "silu_and_mul",

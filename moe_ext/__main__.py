@@ -19,7 +19,8 @@ import moe_ext
 from moe_ext import reference as ref
 from moe_ext.models import MODELS
 
-OPS = ["topk_gating", "moe_align_block_size", "fused_topk_align", "silu_and_mul", "moe_grouped_gemm", "moe_combine"]
+OPS = ["topk_gating", "moe_align_block_size", "fused_topk_align", "silu_and_mul", "moe_grouped_gemm",
+       "moe_grouped_gemm_silu", "moe_combine"]
 
 
 def best_device(requested: str | None) -> tuple[str, str]:

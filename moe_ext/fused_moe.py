@@ -41,6 +41,12 @@ def choose_block_size(num_tokens: int, topk: int, num_experts: int) -> int:
     return 128
 
 
+def use_fused_silu(hidden_states: torch.Tensor) -> bool:
+    """fused_moe's default for fuse_silu: the fused first GEMM where it is a tensor-core kernel of its
+    own (bf16/fp16 on CUDA); elsewhere the op would compose the same two ops, or (CPU) run slower."""
+    return hidden_states.is_cuda and hidden_states.dtype in (torch.bfloat16, torch.float16)
+
+
 def route(
     router_logits: torch.Tensor,
     topk: int,
@@ -83,6 +89,7 @@ def fused_moe(
     routed_scaling_factor: float = 1.0,
     expert_map: torch.Tensor | None = None,
     block_size: int | None = None,
+    fuse_silu: bool | None = None,
 ) -> torch.Tensor:
     """One MoE layer: route, then for each chosen expert silu(x W_gate^T) * (x W_up^T) W_down^T,
     weighted and summed over the k experts.
@@ -98,6 +105,9 @@ def fused_moe(
         expert_map: optional [E] int32, global -> local expert or -1 (expert parallelism: tokens
             routed to experts off this rank contribute nothing here).
         block_size: grouped-GEMM block rows; default from choose_block_size.
+        fuse_silu: the first grouped GEMM and SiLU-and-mul as one op (moe_grouped_gemm_silu: no
+            [T*k, 2I] intermediate, which is then not rounded to the dtype either) or as two.
+            None: fused for bf16/fp16 on CUDA (the tensor-core kernel), two ops otherwise.
 
     Returns:
         [T, H] in hidden_states' dtype.
@@ -124,7 +134,12 @@ def fused_moe(
         router_logits, topk, block_size, scoring_func=scoring_func, renormalize=renormalize,
         correction_bias=correction_bias, num_expert_group=num_expert_group, topk_group=topk_group,
         routed_scaling_factor=routed_scaling_factor, expert_map=expert_map)
-    h = ops.moe_grouped_gemm(hidden_states, w13, sorted_ids, expert_ids, num_post_padded, topk)  # [T*k, 2I]
-    h = ops.silu_and_mul(h)                                                                       # [T*k, I]
+    if fuse_silu is None:
+        fuse_silu = use_fused_silu(hidden_states)
+    if fuse_silu:
+        h = ops.moe_grouped_gemm_silu(hidden_states, w13, sorted_ids, expert_ids, num_post_padded, topk)  # [T*k, I]
+    else:
+        h = ops.moe_grouped_gemm(hidden_states, w13, sorted_ids, expert_ids, num_post_padded, topk)  # [T*k, 2I]
+        h = ops.silu_and_mul(h)                                                                       # [T*k, I]
     h = ops.moe_grouped_gemm(h, w2, sorted_ids, expert_ids, num_post_padded, 1, weights)         # [T*k, H]
     return ops.moe_combine(h.view(T, topk, H))                                                    # [T, H]

@@ -151,6 +151,19 @@ def moe_grouped_gemm_ref(
     return out
 
 
+def moe_grouped_gemm_silu_ref(
+    a: torch.Tensor,
+    w13: torch.Tensor,
+    sorted_token_ids: torch.Tensor,
+    expert_ids: torch.Tensor,
+    num_tokens_post_padded: torch.Tensor,
+    topk: int,
+) -> torch.Tensor:
+    """[M * topk, I] fp32: row id = silu(a[id // topk] @ w13[e, :I]^T) * (a[id // topk] @ w13[e, I:]^T)."""
+    gate, up = moe_grouped_gemm_ref(a, w13, sorted_token_ids, expert_ids, num_tokens_post_padded, topk).chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def moe_combine_ref(x: torch.Tensor, topk_weights: torch.Tensor | None = None) -> torch.Tensor:
     xf = x.float()
     if topk_weights is not None:

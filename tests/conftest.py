@@ -99,3 +99,67 @@ def assert_align_matches(out, topk_ids, num_experts, block_size, expert_map=None
     real = sorted_ids[:n][sorted_ids[:n] != numel]
     assert real.unique().numel() == real.numel()
     assert (sorted_ids[n:] == numel).all()
+
+
+# Grouped GEMM helpers (moe_grouped_gemm and moe_grouped_gemm_silu tests).
+
+
+def routed_pairs(sorted_ids, expert_ids, ntpp, rows, E):
+    """(ids, experts) of the slots the op must compute: within num_tokens_post_padded, a real id, a
+    valid expert (the contract's selection, as moe_grouped_gemm_ref applies it)."""
+    if expert_ids.numel() == 0 or rows == 0:
+        return sorted_ids[:0].long(), expert_ids[:0].long()
+    bs = sorted_ids.numel() // expert_ids.numel()
+    valid = min(max(int(ntpp.item()), 0), sorted_ids.numel())
+    ids = sorted_ids[:valid].long()
+    experts = expert_ids.long().repeat_interleave(bs)[:valid]
+    keep = (ids >= 0) & (ids < rows) & (experts >= 0) & (experts < E)
+    return ids[keep], experts[keep]
+
+
+def covered_rows(sorted_ids, expert_ids, ntpp, rows, E):
+    """Bool [rows]: the rows some block of a valid expert names (all others must be exactly 0)."""
+    cov = torch.zeros(rows, dtype=torch.bool)
+    cov[routed_pairs(sorted_ids, expert_ids, ntpp, rows, E)[0]] = True
+    return cov
+
+
+def grouped_gemm_silu_eager_lowp(a, w13, sorted_ids, expert_ids, ntpp, topk):
+    """The unfused path in PyTorch: per expert a @ w13[e].T in a's dtype (rounded), then SiLU-and-mul
+    in fp32 and one more rounding. Its error against the fp32 reference is the error bar."""
+    h = grouped_gemm_eager_2i(a, w13, sorted_ids, expert_ids, ntpp, topk)
+    return ref.silu_and_mul_ref(h).float()
+
+
+def grouped_gemm_eager_2i(a, w, sorted_ids, expert_ids, ntpp, topk):
+    """[M * topk, 2I] in a's dtype: per expert a @ w[e].T as PyTorch computes it in that dtype."""
+    out = torch.zeros(a.shape[0] * topk, w.shape[1], dtype=a.dtype, device=a.device)
+    ids, experts = routed_pairs(sorted_ids, expert_ids, ntpp, a.shape[0] * topk, w.shape[0])
+    for e in torch.unique(experts).tolist():
+        sel = ids[experts == e]
+        out[sel] = a[sel // topk] @ w[e].t()
+    return out
+
+
+def check_silu_gemm(out, a, w13, sorted_ids, expert_ids, ntpp, topk):
+    """out against the fp32 reference (on the CPU): shape, dtype, zero uncovered rows, and rel L2 <= 1e-2
+    and <= 2x the unfused eager error for bf16/fp16 (1e-5 for fp32). The eager error is PyTorch's
+    product on the inputs' own device (cuBLAS on CUDA)."""
+    on_device = (a, w13, sorted_ids, expert_ids, ntpp)
+    a, w13, sorted_ids, expert_ids, ntpp = (t.cpu() for t in on_device)
+    rows, I = a.shape[0] * topk, w13.shape[1] // 2
+    assert out.shape == (rows, I) and out.dtype == a.dtype
+    out = out.cpu().float()
+    want = ref.moe_grouped_gemm_silu_ref(a, w13, sorted_ids, expert_ids, ntpp, topk)
+    assert torch.isfinite(out).all(), "non-finite output (unwritten poisoned rows?)"
+    covered = covered_rows(sorted_ids, expert_ids, ntpp, rows, w13.shape[0])
+    assert (out[~covered] == 0).all(), "rows no block names must be zero"
+    if rows == 0 or I == 0 or not want.abs().max() > 0:
+        assert (out == want).all()
+        return
+    err = rel_l2(out, want)
+    if a.dtype == torch.float32:
+        assert err < 1e-5, err
+    else:
+        err_lowp = rel_l2(grouped_gemm_silu_eager_lowp(*on_device, topk).cpu(), want)
+        assert err <= 1e-2 and err <= 2 * err_lowp + 1e-6, (err, err_lowp)

@@ -104,6 +104,26 @@ def test_grouped_gemm_bad_input(device, mutate, match):
         moe_ext.moe_grouped_gemm(*args)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda a: a.__setitem__(1, a[1][:, :7].contiguous()), r"w13.size\(1\) must be even"),
+        (lambda a: a.__setitem__(1, a[1].to(torch.bfloat16)), "moe_grouped_gemm_silu: w13 must have a's dtype"),
+        (lambda a: a.__setitem__(1, a[1][:, :, :8].contiguous()), r"w13 must be \[E, N, K\]"),
+        (lambda a: a.__setitem__(1, a[1][0]), "w13 must be 3-D"),
+        (lambda a: a.__setitem__(2, a[2].long()), "moe_grouped_gemm_silu: sorted_token_ids must have dtype"),
+        (lambda a: a.__setitem__(5, 0), "moe_grouped_gemm_silu: topk must be >= 1"),
+    ],
+)
+def test_grouped_gemm_silu_bad_input(device, mutate, match):
+    require_kernel("moe_grouped_gemm_silu", device)
+    args = gemm_args(device)
+    mutate(args)
+    with pytest.raises(ERRORS, match=match):
+        moe_ext.moe_grouped_gemm_silu(*args)
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
 def test_mixed_devices():
     require_kernel("topk_gating", "cuda")
@@ -120,6 +140,11 @@ def test_mixed_devices():
         args[1] = args[1].cpu()
         with pytest.raises(ERRORS, match="w is on cpu"):
             moe_ext.moe_grouped_gemm(*args)
+    if moe_ext.has_kernel("moe_grouped_gemm_silu", "cuda"):
+        args = gemm_args("cuda")
+        args[1] = args[1].cpu()
+        with pytest.raises(ERRORS, match="w13 is on cpu"):
+            moe_ext.moe_grouped_gemm_silu(*args)
 
 
 def test_fused_moe_bad_input():
@@ -156,13 +181,15 @@ def opcheck_cases(device):
         ("silu_and_mul", (torch.randn(3, 2, 64, generator=g).to(device),)),
         ("moe_grouped_gemm", (a, w, sorted_ids, expert_ids, ntpp, topk, None)),
         ("moe_grouped_gemm", (a, w, sorted_ids, expert_ids, ntpp, topk, torch.rand(4, 2, device=device))),
+        ("moe_grouped_gemm_silu", (a, w, sorted_ids, expert_ids, ntpp, topk)),
+        ("moe_grouped_gemm_silu", (a.bfloat16(), w.bfloat16(), sorted_ids, expert_ids, ntpp, topk)),
         ("moe_combine", (torch.randn(4, 2, 24, generator=g).to(device), None)),
         ("moe_combine", (torch.randn(4, 2, 24, generator=g).to(device), torch.rand(4, 2, generator=g).to(device))),
     ]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", range(10))
+@pytest.mark.parametrize("case", range(12))
 def test_opcheck(device, case):
     name, args = opcheck_cases(device)[case]
     require_kernel(name, device)

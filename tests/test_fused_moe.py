@@ -11,7 +11,7 @@ from moe_ext import reference as ref
 from conftest import DEVICES, HAS_CUDA, rel_l2, require_kernel
 
 ALL_OPS = ["topk_gating", "moe_align_block_size", "fused_topk_align", "silu_and_mul", "moe_grouped_gemm",
-           "moe_combine"]
+           "moe_grouped_gemm_silu", "moe_combine"]
 
 # Small layers in each model's routing style (real shapes run in the demo and the benchmark).
 STYLES = {
@@ -82,6 +82,19 @@ def test_fused_moe_expert_map(device, T):
     x, w13, w2, logits, topk, routing = make_layer("deepseek", T, torch.bfloat16, device, 1, expert_map)
     out = moe_ext.fused_moe(x, w13, w2, logits, topk, expert_map=expert_map.to(device), **routing)
     check_against_reference(out, x, w13, w2, logits, topk, routing, expert_map)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("style", ["gpt-oss", "qwen3"])
+@pytest.mark.parametrize("T", [1, 17, 100])
+@pytest.mark.parametrize("fuse_silu", [False, True])
+def test_fused_moe_fuse_silu(device, dtype, style, T, fuse_silu):
+    """Both first-GEMM paths, forced (the default picks the fused op for bf16/fp16 on CUDA only)."""
+    require_all(device)
+    x, w13, w2, logits, topk, routing = make_layer(style, T, dtype, device, seed=T + 7)
+    out = moe_ext.fused_moe(x, w13, w2, logits, topk, fuse_silu=fuse_silu, **routing)
+    check_against_reference(out, x, w13, w2, logits, topk, routing)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -4,6 +4,8 @@ Shapes exercise the tile edges (K and N not multiples of the tile, K % 8 != 0 fo
 load path), every block size, empty experts, one expert with many blocks, experts of -1 (expert
 parallelism and blocks marked -1), dropped ids, T = 0; both ways of zeroing unwritten rows; every
 config of the launcher's table (forced through MOE_EXT_GROUPED_GEMM_CONFIG); CUDA-graph replay.
+The SiLU-and-mul variant (moe_grouped_gemm_silu) gets the same shapes (N read as I), its own config
+table (MOE_EXT_GROUPED_GEMM_SILU_CONFIG) and conftest.check_silu_gemm's tolerance.
 Low-precision tolerance: relative L2 error <= 1e-2 against the fp32 reference and at most twice
 the error of PyTorch's own eager product in that dtype on the same inputs.
 """
@@ -18,11 +20,13 @@ import torch
 import moe_ext
 from moe_ext import reference as ref
 
-from conftest import HAS_CUDA, nbytes, poison_allocator, rel_l2, require_kernel
+from conftest import (HAS_CUDA, check_silu_gemm, covered_rows, nbytes, poison_allocator, rel_l2, require_kernel,
+                      routed_pairs)
 
 pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
 
 CONFIG_ENV = "MOE_EXT_GROUPED_GEMM_CONFIG"
+SILU_CONFIG_ENV = "MOE_EXT_GROUPED_GEMM_SILU_CONFIG"
 ZERO_ENV = "MOE_EXT_GROUPED_GEMM_ZERO"
 
 SHAPES = [
@@ -53,19 +57,6 @@ def make_ids(T, topk, E, g, mode):
     return ids.to(torch.int32)
 
 
-def routed_pairs(sorted_ids, expert_ids, ntpp, rows, E):
-    """(ids, experts) of the slots the op must compute: within num_tokens_post_padded, a real id, a
-    valid expert (the contract's selection, as moe_grouped_gemm_ref applies it)."""
-    if expert_ids.numel() == 0 or rows == 0:
-        return sorted_ids[:0].long(), expert_ids[:0].long()
-    bs = sorted_ids.numel() // expert_ids.numel()
-    valid = min(max(int(ntpp.item()), 0), sorted_ids.numel())
-    ids = sorted_ids[:valid].long()
-    experts = expert_ids.long().repeat_interleave(bs)[:valid]
-    keep = (ids >= 0) & (ids < rows) & (experts >= 0) & (experts < E)
-    return ids[keep], experts[keep]
-
-
 def grouped_gemm_eager_lowp(a, w, sorted_ids, expert_ids, ntpp, topk, tw):
     """PyTorch's own product in a's dtype (per expert a @ w[e].T, cuBLAS on CUDA), the weight applied
     in fp32 to the rounded product: the error bar for the kernel."""
@@ -79,13 +70,6 @@ def grouped_gemm_eager_lowp(a, w, sorted_ids, expert_ids, ntpp, topk, tw):
             y = y * tw.flatten()[sel].unsqueeze(1)
         out[sel] = y.to(a.dtype).float()
     return out
-
-
-def covered_rows(sorted_ids, expert_ids, ntpp, rows, E):
-    """Bool [rows]: the rows some block of a valid expert names (all others must be exactly 0)."""
-    cov = torch.zeros(rows, dtype=torch.bool)
-    cov[routed_pairs(sorted_ids, expert_ids, ntpp, rows, E)[0]] = True
-    return cov
 
 
 def run_and_check(a, w, sorted_ids, expert_ids, ntpp, topk, tw, dtype=None):
@@ -129,6 +113,7 @@ def make_case(T, topk, E, N, K, block_size, dtype, mode, weighted, seed=0, exper
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
     monkeypatch.delenv(CONFIG_ENV, raising=False)
+    monkeypatch.delenv(SILU_CONFIG_ENV, raising=False)
     monkeypatch.delenv(ZERO_ENV, raising=False)
     require_kernel("moe_grouped_gemm", "cuda")
 
@@ -210,16 +195,16 @@ def test_bad_sorted_ids():
     run_and_check(a, w, sorted_ids, expert_ids, ntpp, topk, tw)
 
 
-def num_configs() -> int:
-    """Size of the launcher's config table, from the message of an out-of-range override."""
+def num_configs(env: str = CONFIG_ENV, op=moe_ext.moe_grouped_gemm) -> int:
+    """Size of the launcher's config table behind env (op's), from an out-of-range override's message."""
     import os
     a, w, s, e, n, topk, _ = make_case(2, 1, 2, 16, 16, 16, torch.bfloat16, "random", False)
-    os.environ[CONFIG_ENV] = "100000"
+    os.environ[env] = "100000"
     try:
-        with pytest.raises(ValueError, match=CONFIG_ENV) as info:
-            moe_ext.moe_grouped_gemm(*(t.cuda() for t in (a, w, s, e, n)), topk)
+        with pytest.raises(ValueError, match=env) as info:
+            op(*(t.cuda() for t in (a, w, s, e, n)), topk)
     finally:
-        del os.environ[CONFIG_ENV]
+        del os.environ[env]
     return int(re.search(r"\[-1, (\d+)\)", str(info.value)).group(1))
 
 
@@ -307,4 +292,121 @@ def test_degenerate_shapes(monkeypatch, zero):
     out = run_and_check(a, w[:0].contiguous(), s, e, n, topk, tw)
     assert (out == 0).all()
     out = moe_ext.moe_grouped_gemm(a.cuda(), w[:, :0].contiguous().cuda(), s.cuda(), e.cuda(), n.cuda(), topk)
+    assert out.shape == (9 * topk, 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# moe_grouped_gemm_silu
+
+
+def make_silu_case(T, topk, E, I, K, block_size, dtype, mode, seed=0):
+    """(a, w13 [E, 2I, K], sorted_ids, expert_ids, ntpp, topk) on the CPU."""
+    a, w13, s, e, n, topk, _ = make_case(T, topk, E, 2 * I, K, block_size, dtype, mode, False, seed=seed)
+    return a, w13, s, e, n, topk
+
+
+def run_silu_and_check(a, w13, s, e, n, topk):
+    """Runs the CUDA op on CPU-built inputs into a poisoned allocation, checks it; returns it on the CPU."""
+    poison_allocator("cuda", [nbytes((a.shape[0] * topk, w13.shape[1] // 2), a.dtype)])
+    dev = [t.cuda() for t in (a, w13, s, e, n)]
+    out = moe_ext.moe_grouped_gemm_silu(*dev, topk)
+    assert out.device.type == "cuda"
+    check_silu_gemm(out, *dev, topk)
+    return out.cpu()
+
+
+@pytest.fixture
+def _silu_kernel():
+    require_kernel("moe_grouped_gemm_silu", "cuda")
+
+
+@pytest.mark.usefixtures("_silu_kernel")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("T,topk,E,I,K", SHAPES)
+@pytest.mark.parametrize("block_size", [16, 32, 64, 128])
+@pytest.mark.parametrize("mode", ["random", "one_expert", "dropped"])
+@pytest.mark.parametrize("zero", ["memset", "flags"])
+def test_silu_shapes(monkeypatch, dtype, T, topk, E, I, K, block_size, mode, zero):
+    if mode == "random" and topk > E:
+        pytest.skip("topk > E")
+    monkeypatch.setenv(ZERO_ENV, zero)
+    run_silu_and_check(*make_silu_case(T, topk, E, I, K, block_size, dtype, mode))
+
+
+@pytest.mark.usefixtures("_silu_kernel")
+@pytest.mark.parametrize("block_size", [1, 24, 96, 256])
+def test_silu_other_block_sizes(block_size):
+    run_silu_and_check(*make_silu_case(37, 4, 8, 144, 160, block_size, torch.bfloat16, "dropped"))
+
+
+@pytest.mark.usefixtures("_silu_kernel")
+@pytest.mark.parametrize("T,bs", [(1, 16), (4, 16), (256, 64), (512, 128)])
+def test_silu_model_shapes(T, bs):
+    """Qwen3-30B-A3B's first GEMM (E 128, k 8, I 768, H 2048) at decode and prefill block sizes."""
+    run_silu_and_check(*make_silu_case(T, 8, 128, 768, 2048, bs, torch.bfloat16, "random"))
+
+
+@pytest.mark.usefixtures("_silu_kernel")
+@pytest.mark.parametrize("shape,block_size", [((17, 4, 8, 130, 200), 16), ((64, 8, 16, 200, 256), 64),
+                                              ((100, 2, 4, 77, 136), 128)])
+def test_silu_every_config_agrees(monkeypatch, shape, block_size):
+    """Each SiLU config gives the reference's answer, all bit for bit the same."""
+    n = num_configs(SILU_CONFIG_ENV, moe_ext.moe_grouped_gemm_silu)
+    assert n >= 1
+    case = make_silu_case(*shape, block_size, torch.bfloat16, "random")
+    outs = []
+    for cfg in range(-1, n):
+        monkeypatch.setenv(SILU_CONFIG_ENV, str(cfg))
+        outs.append(run_silu_and_check(*case))
+    for cfg, o in enumerate(outs[1:]):
+        assert torch.equal(o, outs[0]), f"SiLU config {cfg} differs from the heuristic's choice"
+
+
+@pytest.mark.usefixtures("_silu_kernel")
+def test_silu_unaligned_base():
+    """a and w13 at odd element offsets: the guarded-load instance."""
+    a, w13, s, e, n, topk = make_silu_case(33, 2, 4, 96, 128, 16, torch.bfloat16, "random")
+    bufs = [torch.empty(t.numel() + 1, dtype=t.dtype) for t in (a, w13)]
+    for b, t in zip(bufs, (a, w13)):
+        b[1:] = t.flatten()
+    a_off, w_off = (b.cuda()[1:].view(t.shape) for b, t in zip(bufs, (a, w13)))
+    out = moe_ext.moe_grouped_gemm_silu(a_off, w_off, s.cuda(), e.cuda(), n.cuda(), topk)
+    check_silu_gemm(out, a, w13, s, e, n, topk)
+
+
+@pytest.mark.usefixtures("_silu_kernel")
+@pytest.mark.parametrize("zero", ["memset", "flags"])
+def test_silu_cuda_graph_replay(monkeypatch, zero):
+    """Captured once, replayed on new routing of the same shapes: follows the new routing."""
+    monkeypatch.setenv(ZERO_ENV, zero)
+    cases = [make_silu_case(24, 4, 8, 100, 136, 16, torch.bfloat16, mode, seed=s)
+             for s, mode in enumerate(["random", "dropped", "one_expert"])]
+    static = [t.cuda().clone() for t in cases[0][:5]]
+    topk = cases[0][5]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        moe_ext.moe_grouped_gemm_silu(*static, topk)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = moe_ext.moe_grouped_gemm_silu(*static, topk)
+    for case in cases[1:] + cases[:1]:
+        for dst, src in zip(static, case[:5]):
+            dst.copy_(src)
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = moe_ext.moe_grouped_gemm_silu(*(t.cuda() for t in case[:5]), topk)
+        assert torch.equal(out.cpu(), eager.cpu())
+        check_silu_gemm(out, *case)
+
+
+@pytest.mark.usefixtures("_silu_kernel")
+def test_silu_degenerate_shapes():
+    """K = 0 (every output 0), no local experts, I = 0."""
+    a, w13, s, e, n, topk = make_silu_case(9, 2, 4, 24, 0, 16, torch.bfloat16, "random")
+    assert (run_silu_and_check(a, w13, s, e, n, topk) == 0).all()
+    a, w13, s, e, n, topk = make_silu_case(9, 2, 4, 24, 32, 16, torch.bfloat16, "random")
+    assert (run_silu_and_check(a, w13[:0].contiguous(), s, e, n, topk) == 0).all()
+    out = moe_ext.moe_grouped_gemm_silu(a.cuda(), w13[:, :0].contiguous().cuda(), s.cuda(), e.cuda(), n.cuda(), topk)
     assert out.shape == (9 * topk, 0)

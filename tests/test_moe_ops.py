@@ -8,7 +8,7 @@ import torch
 import moe_ext
 from moe_ext import reference as ref
 
-from conftest import DEVICES, nbytes, poison_allocator, rel_l2, require_kernel
+from conftest import DEVICES, check_silu_gemm, nbytes, poison_allocator, rel_l2, require_kernel
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Output rounding of one fp32 result into the dtype, plus fp32 accumulation-order slack.
@@ -146,3 +146,95 @@ def test_grouped_gemm_second_layer_and_expert_map(device):
     dropped[sorted_ids[:16][sorted_ids[:16] < T * k].long()] = True
     assert dropped.any() and (out2.cpu()[dropped] == 0).all()
     assert torch.equal(out2.cpu()[~dropped], out.cpu()[~dropped])
+
+
+# ------------------------------------------------------------------------------------------------
+# moe_grouped_gemm_silu
+
+
+SILU_CASES = [
+    # T, topk, E, I, K
+    (0, 2, 4, 32, 64),      # no tokens
+    (1, 1, 1, 16, 16),
+    (3, 2, 8, 77, 111),     # odd I, K % 8 != 0
+    (17, 4, 8, 77, 200),
+    (16, 8, 64, 48, 128),   # most experts empty
+    (40, 2, 4, 260, 72),    # several N-tiles, a partial last one
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,topk,E,I,K", SILU_CASES)
+@pytest.mark.parametrize("mode", ["random", "one_expert", "few_experts"])
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_grouped_gemm_silu(device, dtype, T, topk, E, I, K, mode, block_size):
+    require_kernel("moe_grouped_gemm_silu", device)
+    if mode == "random" and topk > E:
+        pytest.skip("topk > E")
+    g = torch.Generator().manual_seed(T * 5 + I + K)
+    _, (sorted_ids, expert_ids, ntpp) = make_routing(T, topk, E, block_size, g, mode)
+    a = torch.randn(T, K, generator=g).to(dtype)
+    w13 = (torch.randn(E, 2 * I, K, generator=g) / K**0.5).to(dtype)
+    args = [t.to(device) for t in (a, w13, sorted_ids, expert_ids, ntpp)]
+    poison_allocator(device, [nbytes((T * topk, I), dtype)])
+    out = moe_ext.moe_grouped_gemm_silu(*args, topk)
+    check_silu_gemm(out, *args, topk)
+    if mode == "one_expert" and T:
+        assert (out.view(T, topk, I)[:, 1:] == 0).all(), "padding rows must be zero"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grouped_gemm_silu_matches_two_ops(device, dtype):
+    """The fused op equals moe_grouped_gemm + silu_and_mul up to the intermediate rounding (fp32: the
+    same up to accumulation order), and is at least as close to the fp32 reference."""
+    require_kernel("moe_grouped_gemm_silu", device)
+    g = torch.Generator().manual_seed(1)
+    T, topk, E, I, K = 29, 4, 8, 96, 128
+    _, routing = make_routing(T, topk, E, 16, g)
+    a = torch.randn(T, K, generator=g).to(device=device, dtype=dtype)
+    w13 = (torch.randn(E, 2 * I, K, generator=g) / K**0.5).to(device=device, dtype=dtype)
+    routing = [t.to(device) for t in routing]
+    fused = moe_ext.moe_grouped_gemm_silu(a, w13, *routing, topk).float().cpu()
+    two = moe_ext.silu_and_mul(moe_ext.moe_grouped_gemm(a, w13, *routing, topk)).float().cpu()
+    want = ref.moe_grouped_gemm_silu_ref(a.cpu(), w13.cpu(), *(t.cpu() for t in routing), topk)
+    if dtype == torch.float32:
+        assert rel_l2(fused, two) < 1e-6
+    else:
+        assert rel_l2(fused, want) <= rel_l2(two, want) * 1.05 + 1e-6, (rel_l2(fused, want), rel_l2(two, want))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_grouped_gemm_silu_expert_map_and_minus_one_blocks(device, dtype):
+    """Experts off this rank (expert_map -1), a block marked -1, an expert id past E_local, and a
+    smaller num_tokens_post_padded: all rows no valid block names are zero, the rest as the reference."""
+    require_kernel("moe_grouped_gemm_silu", device)
+    g = torch.Generator().manual_seed(2)
+    T, k, E, I, K = 33, 4, 16, 40, 72
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(torch.int32)
+    expert_map = torch.full((E,), -1, dtype=torch.int32)
+    expert_map[E // 2:] = torch.arange(E // 2, dtype=torch.int32)
+    sorted_ids, expert_ids, ntpp = ref.moe_align_block_size_ref(ids, E, 16, expert_map)
+    a = torch.randn(T, K, generator=g).to(dtype)
+    w13 = (torch.randn(E // 2, 2 * I, K, generator=g) / K**0.5).to(dtype)
+    dev = lambda *ts: [t.to(device) for t in ts]  # noqa: E731
+    out = moe_ext.moe_grouped_gemm_silu(*dev(a, w13, sorted_ids, expert_ids, ntpp), k)
+    check_silu_gemm(out, a, w13, sorted_ids, expert_ids, ntpp, k)
+    off_rank = (expert_map.long()[ids.long()] < 0).flatten()
+    assert off_rank.any() and (out.cpu()[off_rank] == 0).all()
+    expert_ids2 = expert_ids.clone()
+    expert_ids2[0] = -1
+    expert_ids2[2] = E // 2  # out of range: treated as -1
+    out2 = moe_ext.moe_grouped_gemm_silu(*dev(a, w13, sorted_ids, expert_ids2, ntpp), k)
+    check_silu_gemm(out2, a, w13, sorted_ids, expert_ids2, ntpp, k)
+    dropped = torch.zeros(T * k, dtype=torch.bool)
+    for b in (0, 2):
+        blk = sorted_ids[16 * b:16 * (b + 1)]
+        dropped[blk[blk < T * k].long()] = True
+    assert dropped.any() and (out2.cpu()[dropped] == 0).all()
+    assert torch.equal(out2.cpu()[~dropped], out.cpu()[~dropped])
+    ntpp3 = ntpp - 2 * 16
+    check_silu_gemm(moe_ext.moe_grouped_gemm_silu(*dev(a, w13, sorted_ids, expert_ids, ntpp3), k),
+                    a, w13, sorted_ids, expert_ids, ntpp3, k)

@@ -185,39 +185,49 @@ inline void check_combine_args(const at::Tensor& x, const std::optional<at::Tens
 }
 
 // a: [M, K]; w: [E, N, K] of a's dtype; the alignment triple; topk >= 1; optional fp32 weights
-// with M * topk elements.
+// with M * topk elements. `op` and `w_name` name the op and its weight argument in the messages.
 inline void check_grouped_gemm_args(const at::Tensor& a, const at::Tensor& w,
                                     const at::Tensor& sorted_token_ids, const at::Tensor& expert_ids,
                                     const at::Tensor& num_tokens_post_padded, int64_t topk,
-                                    const std::optional<at::Tensor>& topk_weights) {
-  constexpr const char* op = "moe_grouped_gemm";
+                                    const std::optional<at::Tensor>& topk_weights,
+                                    const char* op = "moe_grouped_gemm", const char* w_name = "w") {
   const auto dev = a.device();
   check_arg(op, "a", a, 2, kFloatTypes, dev);
-  check_arg(op, "w", w, 3, kFloatTypes, dev);
-  MOE_CHECK_TYPE(w.scalar_type() == a.scalar_type(), "moe_ext.moe_grouped_gemm: w must have a's dtype ",
-                   a.scalar_type(), ", got ", w.scalar_type());
-  MOE_CHECK_VALUE(w.size(2) == a.size(1), "moe_ext.moe_grouped_gemm: w must be [E, N, K] with K = a.size(1) = ",
-                    a.size(1), ", got shape ", dims(w.sizes()));
+  check_arg(op, w_name, w, 3, kFloatTypes, dev);
+  MOE_CHECK_TYPE(w.scalar_type() == a.scalar_type(), "moe_ext.", op, ": ", w_name, " must have a's dtype ",
+                 a.scalar_type(), ", got ", w.scalar_type());
+  MOE_CHECK_VALUE(w.size(2) == a.size(1), "moe_ext.", op, ": ", w_name,
+                  " must be [E, N, K] with K = a.size(1) = ", a.size(1), ", got shape ", dims(w.sizes()));
   check_arg(op, "sorted_token_ids", sorted_token_ids, 1, {c10::ScalarType::Int}, dev);
   check_arg(op, "expert_ids", expert_ids, 1, {c10::ScalarType::Int}, dev);
   check_arg(op, "num_tokens_post_padded", num_tokens_post_padded, 1, {c10::ScalarType::Int}, dev);
-  MOE_CHECK_VALUE(num_tokens_post_padded.numel() == 1,
-                    "moe_ext.moe_grouped_gemm: num_tokens_post_padded must have 1 element, got ",
-                    num_tokens_post_padded.numel());
+  MOE_CHECK_VALUE(num_tokens_post_padded.numel() == 1, "moe_ext.", op,
+                  ": num_tokens_post_padded must have 1 element, got ", num_tokens_post_padded.numel());
   const int64_t num_blocks = expert_ids.numel();
   const int64_t P = sorted_token_ids.numel();
-  MOE_CHECK_VALUE((num_blocks == 0 && P == 0) || (num_blocks > 0 && P % num_blocks == 0),
-                    "moe_ext.moe_grouped_gemm: sorted_token_ids (", P,
-                    " elements) must hold a whole block_size per entry of expert_ids (", num_blocks, ")");
-  MOE_CHECK_VALUE(topk >= 1, "moe_ext.moe_grouped_gemm: topk must be >= 1, got ", topk);
-  MOE_CHECK_VALUE(a.size(0) * topk < (int64_t{1} << 31),
-                    "moe_ext.moe_grouped_gemm: a.size(0) * topk overflows int32 token indices");
+  MOE_CHECK_VALUE((num_blocks == 0 && P == 0) || (num_blocks > 0 && P % num_blocks == 0), "moe_ext.", op,
+                  ": sorted_token_ids (", P, " elements) must hold a whole block_size per entry of expert_ids (",
+                  num_blocks, ")");
+  MOE_CHECK_VALUE(topk >= 1, "moe_ext.", op, ": topk must be >= 1, got ", topk);
+  MOE_CHECK_VALUE(a.size(0) * topk < (int64_t{1} << 31), "moe_ext.", op,
+                  ": a.size(0) * topk overflows int32 token indices");
   if (topk_weights.has_value()) {
     check_arg(op, "topk_weights", *topk_weights, -1, {c10::ScalarType::Float}, dev);
-    MOE_CHECK_VALUE(topk_weights->numel() == a.size(0) * topk,
-                      "moe_ext.moe_grouped_gemm: topk_weights must have a.size(0) * topk = ", a.size(0) * topk,
-                      " elements, got shape ", dims(topk_weights->sizes()));
+    MOE_CHECK_VALUE(topk_weights->numel() == a.size(0) * topk, "moe_ext.", op,
+                    ": topk_weights must have a.size(0) * topk = ", a.size(0) * topk, " elements, got shape ",
+                    dims(topk_weights->sizes()));
   }
+}
+
+// moe_grouped_gemm_silu: as check_grouped_gemm_args, with w13 [E, 2I, K] (gate rows, then up rows).
+inline void check_grouped_gemm_silu_args(const at::Tensor& a, const at::Tensor& w13,
+                                         const at::Tensor& sorted_token_ids, const at::Tensor& expert_ids,
+                                         const at::Tensor& num_tokens_post_padded, int64_t topk) {
+  check_grouped_gemm_args(a, w13, sorted_token_ids, expert_ids, num_tokens_post_padded, topk, std::nullopt,
+                          "moe_grouped_gemm_silu", "w13");
+  MOE_CHECK_VALUE(w13.size(1) % 2 == 0,
+                  "moe_ext.moe_grouped_gemm_silu: w13.size(1) must be even (2I: gate rows, then up rows), "
+                  "got shape ", dims(w13.sizes()));
 }
 
 }  // namespace moe_ext

@@ -1,4 +1,5 @@
-// CPU adapters and kernels for SiLU-and-mul, the top-k combine and the grouped expert GEMM.
+// CPU adapters and kernels for SiLU-and-mul, the top-k combine and the grouped expert GEMM (plain
+// and with SiLU-and-mul fused).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -60,6 +61,39 @@ at::Tensor moe_combine_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
   return out;
 }
 
+namespace {
+
+// Calls fn(e, idx) for each run of consecutive blocks of one valid expert e (0 <= e < E), idx the
+// [n] int64 output rows its slots name (slot order; sentinels, ids outside [0, rows) and slots past
+// num_tokens_post_padded skipped; runs with no id skipped).
+template <typename Fn>
+void for_each_expert_run(const at::Tensor& sorted_token_ids, const at::Tensor& expert_ids,
+                         const at::Tensor& num_tokens_post_padded, int64_t rows, int64_t E, Fn&& fn) {
+  const int64_t num_blocks = expert_ids.numel();
+  const int64_t P = sorted_token_ids.numel();
+  if (num_blocks == 0 || rows == 0) return;
+  const int64_t block_size = P / num_blocks;
+  const int64_t valid = std::clamp<int64_t>(num_tokens_post_padded.const_data_ptr<int32_t>()[0], 0, P);
+  const int32_t* sorted = sorted_token_ids.const_data_ptr<int32_t>();
+  const int32_t* experts = expert_ids.const_data_ptr<int32_t>();
+  const int64_t used_blocks = (valid + block_size - 1) / block_size;
+  std::vector<int64_t> ids;
+  for (int64_t b0 = 0; b0 < used_blocks;) {
+    const int32_t e = experts[b0];
+    int64_t b1 = b0 + 1;
+    while (b1 < used_blocks && experts[b1] == e) ++b1;
+    if (e >= 0 && e < E) {
+      ids.clear();
+      for (int64_t i = b0 * block_size; i < std::min(valid, b1 * block_size); ++i)
+        if (sorted[i] >= 0 && sorted[i] < rows) ids.push_back(sorted[i]);
+      if (!ids.empty()) fn(e, at::tensor(ids, at::TensorOptions().dtype(at::kLong)));
+    }
+    b0 = b1;
+  }
+}
+
+}  // namespace
+
 // a: [M, K]; w: [E, N, K]; sorted_token_ids: [num_blocks * block_size] int32;
 // expert_ids: [num_blocks] int32; num_tokens_post_padded: [1] int32; topk_weights: optional fp32
 // with M * topk elements. Returns [M * topk, N] in a's dtype. Each run of blocks of one expert is
@@ -70,41 +104,38 @@ at::Tensor moe_grouped_gemm_cpu(const at::Tensor& a, const at::Tensor& w,
                                 const std::optional<at::Tensor>& topk_weights) {
   check_grouped_gemm_args(a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, topk,
                           topk_weights);
-  const int64_t M = a.size(0), N = w.size(1), E = w.size(0);
-  const int64_t rows = M * topk;
-  const int64_t num_blocks = expert_ids.numel();
-  const int64_t P = sorted_token_ids.numel();
-  auto out = at::zeros({rows, N}, a.options());
-  if (num_blocks == 0 || rows == 0) return out;
-  const int64_t block_size = P / num_blocks;
-  const int64_t valid = std::clamp<int64_t>(num_tokens_post_padded.const_data_ptr<int32_t>()[0], 0, P);
-  const int32_t* sorted = sorted_token_ids.const_data_ptr<int32_t>();
-  const int32_t* experts = expert_ids.const_data_ptr<int32_t>();
-  const int64_t used_blocks = (valid + block_size - 1) / block_size;
+  const int64_t rows = a.size(0) * topk;
+  auto out = at::zeros({rows, w.size(1)}, a.options());
   auto flat_weights = topk_weights.has_value() ? topk_weights->reshape({-1}) : at::Tensor();
+  for_each_expert_run(sorted_token_ids, expert_ids, num_tokens_post_padded, rows, w.size(0),
+                      [&](int64_t e, const at::Tensor& idx) {
+    // ATen's CPU GEMM accumulates bf16/fp16 products in fp32; converting the expert's whole
+    // weight matrix to fp32 first would cost more than the product at decode sizes. With
+    // topk_weights the low-precision product is rounded twice (before and after the weight).
+    auto y = at::matmul(a.index_select(0, at::floor_divide(idx, topk)), w.select(0, e).t());  // [n, N]
+    if (topk_weights.has_value())
+      y = y.to(at::kFloat).mul_(flat_weights.index_select(0, idx).unsqueeze(1)).to(a.scalar_type());
+    out.index_copy_(0, idx, y);
+  });
+  return out;
+}
 
-  std::vector<int64_t> ids;
-  for (int64_t b0 = 0; b0 < used_blocks;) {
-    const int32_t e = experts[b0];
-    int64_t b1 = b0 + 1;
-    while (b1 < used_blocks && experts[b1] == e) ++b1;
-    if (e >= 0 && e < E) {
-      ids.clear();
-      for (int64_t i = b0 * block_size; i < std::min(valid, b1 * block_size); ++i)
-        if (sorted[i] >= 0 && sorted[i] < rows) ids.push_back(sorted[i]);
-      if (!ids.empty()) {
-        auto idx = at::tensor(ids, at::TensorOptions().dtype(at::kLong));
-        // ATen's CPU GEMM accumulates bf16/fp16 products in fp32; converting the expert's whole
-        // weight matrix to fp32 first would cost more than the product at decode sizes. With
-        // topk_weights the low-precision product is rounded twice (before and after the weight).
-        auto y = at::matmul(a.index_select(0, at::floor_divide(idx, topk)), w.select(0, e).t());  // [n, N]
-        if (topk_weights.has_value())
-          y = y.to(at::kFloat).mul_(flat_weights.index_select(0, idx).unsqueeze(1)).to(a.scalar_type());
-        out.index_copy_(0, idx, y);
-      }
-    }
-    b0 = b1;
-  }
+// a: [M, K]; w13: [E, 2I, K] (gate rows, then up rows); the alignment triple as above. Returns
+// [M * topk, I] in a's dtype: silu(gate) * up from fp32 products, rounded once (the expert's w13 is
+// converted to fp32: slower than moe_grouped_gemm_cpu at decode sizes, but without its rounding of
+// the [n, 2I] product to a's dtype).
+at::Tensor moe_grouped_gemm_silu_cpu(const at::Tensor& a, const at::Tensor& w13,
+                                     const at::Tensor& sorted_token_ids, const at::Tensor& expert_ids,
+                                     const at::Tensor& num_tokens_post_padded, int64_t topk) {
+  check_grouped_gemm_silu_args(a, w13, sorted_token_ids, expert_ids, num_tokens_post_padded, topk);
+  const int64_t rows = a.size(0) * topk, I = w13.size(1) / 2;
+  auto out = at::zeros({rows, I}, a.options());
+  for_each_expert_run(sorted_token_ids, expert_ids, num_tokens_post_padded, rows, w13.size(0),
+                      [&](int64_t e, const at::Tensor& idx) {
+    auto h = at::matmul(a.index_select(0, at::floor_divide(idx, topk)).to(at::kFloat),
+                        w13.select(0, e).to(at::kFloat).t());  // [n, 2I] fp32
+    out.index_copy_(0, idx, (at::silu(h.narrow(1, 0, I)) * h.narrow(1, I, I)).to(a.scalar_type()));
+  });
   return out;
 }
 
@@ -112,6 +143,7 @@ TORCH_LIBRARY_IMPL(moe_ext, CPU, m) {
   m.impl("silu_and_mul", &silu_and_mul_cpu);
   m.impl("moe_combine", &moe_combine_cpu);
   m.impl("moe_grouped_gemm", &moe_grouped_gemm_cpu);
+  m.impl("moe_grouped_gemm_silu", &moe_grouped_gemm_silu_cpu);
 }
 
 }  // namespace moe_ext

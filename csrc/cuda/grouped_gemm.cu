@@ -1,5 +1,5 @@
-// Launcher of the grouped expert GEMM: the config table, the shape heuristic over it, and the
-// zeroing of rows no valid block writes.
+// Launcher of the grouped expert GEMM and of its SiLU-and-mul variant: the config tables, the shape
+// heuristics over them, and the zeroing of rows no valid block writes.
 #include <algorithm>
 #include <climits>
 
@@ -75,18 +75,49 @@ constexpr HeuristicRow kHeuristic[] = {
 
 // CTAs that do work, estimated from shapes alone (num_tokens_post_padded stays on the device): at
 // most one partial block per expert hit on top of the full blocks.
-int64_t estimated_ctas(int cfg, int64_t rows, int64_t E, int64_t N, int64_t num_blocks, int64_t block_size) {
+int64_t estimated_ctas(int bm, int bn, int64_t rows, int64_t E, int64_t N, int64_t num_blocks, int64_t block_size) {
   const int64_t blocks = std::min(num_blocks, ceil_div64(rows, block_size) + std::min(E, rows));
-  return blocks * ceil_div64(block_size, kConfigBM[cfg]) * ceil_div64(N, kConfigBN[cfg]);
+  return blocks * ceil_div64(block_size, bm) * ceil_div64(N, bn);
 }
 
-int choose_config(int64_t rows, int64_t E, int64_t N, int64_t num_blocks, int64_t block_size, int num_sms) {
-  for (const auto& row : kHeuristic) {
+// The first heuristic row that holds block_size, its `many` or `few` config (bm, bn: the table's
+// tile shapes); `fallback` past the last row.
+template <size_t kRows, size_t kConfigs>
+int choose_config(const HeuristicRow (&heuristic)[kRows], const int (&bm)[kConfigs], const int (&bn)[kConfigs],
+                  int fallback, int64_t rows, int64_t E, int64_t N, int64_t num_blocks, int64_t block_size,
+                  int num_sms) {
+  for (const auto& row : heuristic) {
     if (block_size > row.max_block_size) continue;
-    return estimated_ctas(row.many, rows, E, N, num_blocks, block_size) >= 2 * num_sms ? row.many : row.few;
+    const int64_t ctas = estimated_ctas(bm[row.many], bn[row.many], rows, E, N, num_blocks, block_size);
+    return ctas >= 2 * num_sms ? row.many : row.few;
   }
-  return 1;
+  return fallback;
 }
+
+// The SiLU-and-mul configs (moe_grouped_gemm_silu): BN output columns of [*, I] from 2 * BN rows of
+// w13 a stage, so a stage holds (BM + 2 * BN) rows. Shared memory for 16-bit types:
+//  idx  BM   BN   BK  warps  stages  smem bytes  meant for
+//   0   16   64   64   1x4     4      82,944     decode (block size 16), many CTAs; config 1's B tile
+//   1   16   32  128   1x2     4      87,040     decode, few CTAs; config 11 / config 0's bytes a stage
+//   2   64   64   64   2x2     4     110,592     block size 32 / 64 (prefill); config 3's bytes a stage
+//   3  128   64   64   2x4     3     110,592     block size 128 (prefill); 8 warps of 64 x 16 (x2 sets)
+// Not tuned on a GPU yet: the rows mirror the plain heuristic, halving BN where the fused tile
+// would otherwise double the stage. Qwen3's w13 at T=1 (I = 768, 8 blocks): config 1 gives 24
+// N-tiles of 2 x 32 weight rows, the CTA count and bytes of the plain op's config 0 over 2I = 1536,
+// but half the CTAs of the plain op's pick there (config 11: 48 N-tiles of 32 rows).
+using SiluCfg0 = MmaConfig<16, 64, 64, 1, 4, 4, true>;
+using SiluCfg1 = MmaConfig<16, 32, 128, 1, 2, 4, true>;
+using SiluCfg2 = MmaConfig<64, 64, 64, 2, 2, 4, true>;
+using SiluCfg3 = MmaConfig<128, 64, 64, 2, 4, 3, true>;
+constexpr int kNumSiluConfigs = 4;
+constexpr int kSiluConfigBM[kNumSiluConfigs] = {SiluCfg0::BM, SiluCfg1::BM, SiluCfg2::BM, SiluCfg3::BM};
+constexpr int kSiluConfigBN[kNumSiluConfigs] = {SiluCfg0::BN, SiluCfg1::BN, SiluCfg2::BN, SiluCfg3::BN};
+constexpr int kSiluUnalignedConfig = 0;
+constexpr HeuristicRow kSiluHeuristic[] = {
+    {16, 0, 1},
+    {64, 2, 0},
+    {INT_MAX, 3, 2},
+};
 
 template <typename T, typename Cfg, bool kAligned>
 cudaError_t launch_mma(GroupedGemmParams p, int64_t num_blocks, cudaStream_t stream) {
@@ -123,8 +154,23 @@ cudaError_t launch_mma_config(int cfg, bool aligned, const GroupedGemmParams& p,
   }
   return cudaErrorInvalidValue;
 }
+
+template <typename T>
+cudaError_t launch_silu_config(int cfg, bool aligned, const GroupedGemmParams& p, int64_t num_blocks,
+                               cudaStream_t stream) {
+  if (!aligned) return launch_mma<T, SiluCfg0, false>(p, num_blocks, stream);
+  static_assert(kSiluUnalignedConfig == 0, "the unaligned instance above must match kSiluUnalignedConfig");
+  switch (cfg) {
+    case 0: return launch_mma<T, SiluCfg0, true>(p, num_blocks, stream);
+    case 1: return launch_mma<T, SiluCfg1, true>(p, num_blocks, stream);
+    case 2: return launch_mma<T, SiluCfg2, true>(p, num_blocks, stream);
+    case 3: return launch_mma<T, SiluCfg3, true>(p, num_blocks, stream);
+  }
+  return cudaErrorInvalidValue;
+}
 #else
 constexpr int kNumConfigs = 0;
+constexpr int kNumSiluConfigs = 0;
 #endif  // MOE_GG_HAS_MMA
 
 template <typename T>
@@ -139,9 +185,25 @@ cudaError_t launch_simt(GroupedGemmParams p, int64_t num_blocks, cudaStream_t st
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % kVecBytes == 0; }
 
+// Second pass over the rows (a flag byte each), writing zeros only where no block wrote.
+template <typename T>
+cudaError_t zero_uncovered_rows(const uint8_t* covered, void* out, int64_t rows, int64_t N, int num_sms,
+                                cudaStream_t stream) {
+  constexpr int kThreads = 256;
+  const int64_t grid =
+      std::max<int64_t>(1, std::min<int64_t>(ceil_div64(rows, kThreads / kWarpSize), int64_t(num_sms) * 8));
+  if (N % Vec<T>::kSize == 0 && aligned16(out)) {
+    zero_uncovered_rows_kernel<T, true><<<grid, kThreads, 0, stream>>>(covered, static_cast<T*>(out), rows, N);
+  } else {
+    zero_uncovered_rows_kernel<T, false><<<grid, kThreads, 0, stream>>>(covered, static_cast<T*>(out), rows, N);
+  }
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 int grouped_gemm_num_configs() { return kNumConfigs; }
+int grouped_gemm_silu_num_configs() { return kNumSiluConfigs; }
 
 cudaError_t moe_grouped_gemm(DType dtype, const void* a, const void* w, const int32_t* sorted_ids,
                              const int32_t* expert_ids, const int32_t* num_post_padded, const float* topk_weights,
@@ -164,7 +226,9 @@ cudaError_t moe_grouped_gemm(DType dtype, const void* a, const void* w, const in
       } else {
 #if MOE_GG_HAS_MMA
         if (tensor_cores) {
-          const int cfg = config >= 0 ? config : choose_config(rows, E, N, num_blocks, block_size, num_sms);
+          const int cfg = config >= 0 ? config
+                                      : choose_config(kHeuristic, kConfigBM, kConfigBN, 1, rows, E, N, num_blocks,
+                                                      block_size, num_sms);
           err = launch_mma_config<T>(cfg, K % 8 == 0 && aligned16(a) && aligned16(w), p, num_blocks, stream);
         } else {
           err = launch_simt<T>(p, num_blocks, stream);
@@ -176,16 +240,42 @@ cudaError_t moe_grouped_gemm(DType dtype, const void* a, const void* w, const in
       if (err != cudaSuccess) return err;
     }
     if (covered == nullptr) return cudaSuccess;
-    // Second pass over the rows (a flag byte each), writing zeros only where no block wrote.
-    constexpr int kThreads = 256;
-    const int64_t grid = std::max<int64_t>(1, std::min<int64_t>(ceil_div64(rows, kThreads / kWarpSize),
-                                                                int64_t(num_sms) * 8));
-    if (N % Vec<T>::kSize == 0 && aligned16(out)) {
-      zero_uncovered_rows_kernel<T, true><<<grid, kThreads, 0, stream>>>(covered, static_cast<T*>(out), rows, N);
+    return zero_uncovered_rows<T>(covered, out, rows, N, num_sms, stream);
+  });
+}
+
+cudaError_t moe_grouped_gemm_silu(DType dtype, const void* a, const void* w13, const int32_t* sorted_ids,
+                                  const int32_t* expert_ids, const int32_t* num_post_padded, void* out,
+                                  uint8_t* covered, int64_t M, int64_t topk, int64_t I, int64_t K, int64_t E,
+                                  int64_t num_blocks, int64_t block_size, int config, int num_sms,
+                                  cudaStream_t stream) {
+  const int64_t rows = M * topk;
+  if (rows == 0 || I == 0) return cudaSuccess;
+  if (config >= kNumSiluConfigs || rows > INT_MAX || 2 * I > INT_MAX || K > INT_MAX || block_size > INT_MAX)
+    return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    if constexpr (std::is_same_v<T, float>) {
+      return cudaErrorInvalidValue;  // no fp32 tensor-core path: the adapter composes the two ops
     } else {
-      zero_uncovered_rows_kernel<T, false><<<grid, kThreads, 0, stream>>>(covered, static_cast<T*>(out), rows, N);
+#if MOE_GG_HAS_MMA
+      if (num_blocks > 0) {
+        const GroupedGemmParams p{a, w13, sorted_ids, expert_ids, num_post_padded, nullptr, out, covered,
+                                  static_cast<int>(rows), static_cast<int>(topk), static_cast<int>(I),
+                                  static_cast<int>(K), static_cast<int>(E), static_cast<int>(block_size), 1};
+        const int cfg = config >= 0 ? config
+                                    : choose_config(kSiluHeuristic, kSiluConfigBM, kSiluConfigBN, 0, rows, E, I,
+                                                    num_blocks, block_size, num_sms);
+        const cudaError_t err =
+            launch_silu_config<T>(cfg, K % 8 == 0 && aligned16(a) && aligned16(w13), p, num_blocks, stream);
+        if (err != cudaSuccess) return err;
+      }
+      if (covered == nullptr) return cudaSuccess;
+      return zero_uncovered_rows<T>(covered, out, rows, I, num_sms, stream);
+#else
+      return cudaErrorInvalidValue;
+#endif
     }
-    return cudaGetLastError();
   });
 }
 

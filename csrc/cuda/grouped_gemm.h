@@ -13,6 +13,8 @@ namespace moe_ext::cuda {
 // Entries in the launcher's tensor-core config table; `config` below is an index into it, or -1
 // for the launcher's own choice.
 int grouped_gemm_num_configs();
+// Entries in the SiLU-and-mul variant's config table (0 without tensor cores in the build).
+int grouped_gemm_silu_num_configs();
 
 // a: [M, K]; w: [E, N, K] (a's dtype); sorted_ids: [num_blocks * block_size]; expert_ids:
 // [num_blocks]; num_post_padded: [1] (device, never read on the host); topk_weights: [M * topk]
@@ -24,5 +26,15 @@ cudaError_t moe_grouped_gemm(DType dtype, const void* a, const void* w, const in
                              void* out, uint8_t* covered, int64_t M, int64_t topk, int64_t N, int64_t K, int64_t E,
                              int64_t num_blocks, int64_t block_size, int config, bool tensor_cores, int num_sms,
                              cudaStream_t stream);
+
+// out[id] = silu(a[id // topk] @ w13[e][:I]^T) * (a[id // topk] @ w13[e][I:]^T), both products in
+// fp32, one rounding. w13: [E, 2I, K]; out: [M * topk, I]; the rest as moe_grouped_gemm. bf16 and
+// fp16 on sm_80+ only (tensor cores; cudaErrorInvalidValue otherwise: the caller composes
+// moe_grouped_gemm and silu_and_mul there).
+cudaError_t moe_grouped_gemm_silu(DType dtype, const void* a, const void* w13, const int32_t* sorted_ids,
+                                  const int32_t* expert_ids, const int32_t* num_post_padded, void* out,
+                                  uint8_t* covered, int64_t M, int64_t topk, int64_t I, int64_t K, int64_t E,
+                                  int64_t num_blocks, int64_t block_size, int config, int num_sms,
+                                  cudaStream_t stream);
 
 }  // namespace moe_ext::cuda

@@ -1,9 +1,11 @@
-// CUDA adapter of the grouped expert GEMM: validate, allocate through PyTorch, choose how unwritten
-// rows get their zeros, launch on the current stream under a device guard.
+// CUDA adapter of the grouped expert GEMM and of its SiLU-and-mul variant: validate, allocate
+// through PyTorch, choose how unwritten rows get their zeros, launch on the current stream under a
+// device guard.
 //
 // Environment (read on every call, so a tuner or a test can switch within one process):
 //   MOE_EXT_GROUPED_GEMM_CONFIG  index into the launcher's config table (csrc/cuda/grouped_gemm.cu),
 //                                -1 or unset for its heuristic.
+//   MOE_EXT_GROUPED_GEMM_SILU_CONFIG  the same for moe_grouped_gemm_silu's table.
 //   MOE_EXT_GROUPED_GEMM_ZERO    "memset" (zeroed output) or "flags" (covered-row flags and a zero
 //                                pass); unset: memset up to kZeroFillMaxBytes of output, flags above.
 #include <ATen/core/Tensor.h>
@@ -29,28 +31,45 @@ namespace {
 // only the rows no block wrote, typically a few percent of the output).
 constexpr int64_t kZeroFillMaxBytes = int64_t{4} << 20;
 
-// Largest N any instance's grid can cover (65535 N-tiles of at least 64 columns).
+// Largest N the grid covers: 65535 N-tiles of the heuristic's narrowest tile (64 columns; 32 for
+// the SiLU-and-mul variant, whose few-CTA decode config is 32 wide).
 constexpr int64_t kMaxN = int64_t{65535} * 64;
+constexpr int64_t kMaxSiluI = int64_t{65535} * 32;
 
-int config_override() {
-  const char* s = std::getenv("MOE_EXT_GROUPED_GEMM_CONFIG");
+// The config index from environment variable `env` (n configs), -1 when unset.
+int config_override(const char* op, const char* env, int n) {
+  const char* s = std::getenv(env);
   if (s == nullptr || *s == '\0') return -1;
   char* end = nullptr;
   const long v = std::strtol(s, &end, 10);
-  const int n = cuda::grouped_gemm_num_configs();
-  MOE_CHECK_VALUE(*end == '\0' && v >= -1 && v < n,
-                  "moe_ext.moe_grouped_gemm: MOE_EXT_GROUPED_GEMM_CONFIG must be an integer in [-1, ", n,
+  MOE_CHECK_VALUE(*end == '\0' && v >= -1 && v < n, "moe_ext.", op, ": ", env, " must be an integer in [-1, ", n,
                   "), got \"", s, "\"");
   return static_cast<int>(v);
 }
 
-bool zero_fill_output(int64_t out_bytes) {
+bool zero_fill_output(const char* op, int64_t out_bytes) {
   const char* s = std::getenv("MOE_EXT_GROUPED_GEMM_ZERO");
   if (s == nullptr || *s == '\0') return out_bytes <= kZeroFillMaxBytes;
-  MOE_CHECK_VALUE(std::strcmp(s, "memset") == 0 || std::strcmp(s, "flags") == 0,
-                  "moe_ext.moe_grouped_gemm: MOE_EXT_GROUPED_GEMM_ZERO must be \"memset\" or \"flags\", got \"",
-                  s, "\"");
+  MOE_CHECK_VALUE(std::strcmp(s, "memset") == 0 || std::strcmp(s, "flags") == 0, "moe_ext.", op,
+                  ": MOE_EXT_GROUPED_GEMM_ZERO must be \"memset\" or \"flags\", got \"", s, "\"");
   return std::strcmp(s, "memset") == 0;
+}
+
+// Limits of the launcher's int32 indexing and grid (N: output columns).
+void check_launch_limits(const char* op, const at::Tensor& sorted_token_ids, int64_t N, int64_t max_n, int64_t K) {
+  const int64_t P = sorted_token_ids.numel();
+  MOE_CHECK_VALUE(P < (int64_t{1} << 31), "moe_ext.", op, ": sorted_token_ids has ", P,
+                  " elements, more than int32 indices address");
+  MOE_CHECK_VALUE(N <= max_n, "moe_ext.", op, ": the output's columns (N) must be at most ", max_n, ", got ", N);
+  MOE_CHECK_VALUE(K < (int64_t{1} << 31), "moe_ext.", op, ": a.size(1) (K) must be below 2^31, got ", K);
+}
+
+// The output [rows, N] in a's dtype, zero-filled, or with `covered` [rows] uint8 zeroed for the
+// launcher's flags path (then covered is defined and out is left uninitialized).
+at::Tensor alloc_output(const char* op, const at::Tensor& a, int64_t rows, int64_t N, at::Tensor& covered) {
+  const bool zero_fill = zero_fill_output(op, rows * N * static_cast<int64_t>(a.element_size()));
+  if (!zero_fill && rows > 0 && N > 0) covered = at::zeros({rows}, a.options().dtype(at::kByte));
+  return zero_fill ? at::zeros({rows, N}, a.options()) : at::empty({rows, N}, a.options());
 }
 
 // Whether a device has mma.sync bf16/fp16 tensor cores (sm_80+), read once per device.
@@ -69,33 +88,65 @@ bool has_tensor_cores(c10::DeviceIndex device) {
 at::Tensor moe_grouped_gemm_cuda(const at::Tensor& a, const at::Tensor& w, const at::Tensor& sorted_token_ids,
                                  const at::Tensor& expert_ids, const at::Tensor& num_tokens_post_padded,
                                  int64_t topk, const std::optional<at::Tensor>& topk_weights) {
+  constexpr const char* op = "moe_grouped_gemm";
   check_grouped_gemm_args(a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, topk, topk_weights);
   const int64_t M = a.size(0), K = a.size(1), E = w.size(0), N = w.size(1);
   const int64_t rows = M * topk;
   const int64_t num_blocks = expert_ids.numel();
-  const int64_t P = sorted_token_ids.numel();
-  MOE_CHECK_VALUE(P < (int64_t{1} << 31), "moe_ext.moe_grouped_gemm: sorted_token_ids has ", P,
-                  " elements, more than int32 indices address");
-  MOE_CHECK_VALUE(N <= kMaxN, "moe_ext.moe_grouped_gemm: w.size(1) (N) must be at most ", kMaxN, ", got ", N);
-  MOE_CHECK_VALUE(K < (int64_t{1} << 31), "moe_ext.moe_grouped_gemm: a.size(1) (K) must be below 2^31, got ", K);
-  const int config = config_override();
+  check_launch_limits(op, sorted_token_ids, N, kMaxN, K);
+  const int config = config_override(op, "MOE_EXT_GROUPED_GEMM_CONFIG", cuda::grouped_gemm_num_configs());
   const c10::cuda::CUDAGuard guard(a.device());
 
-  const bool zero_fill = zero_fill_output(rows * N * static_cast<int64_t>(a.element_size()));
-  auto out = zero_fill ? at::zeros({rows, N}, a.options()) : at::empty({rows, N}, a.options());
+  at::Tensor covered;  // [rows] uint8, set for each row a valid block writes (flags path only)
+  auto out = alloc_output(op, a, rows, N, covered);
   if (rows == 0 || N == 0) return out;
-  at::Tensor covered;  // [rows] uint8, set for each row a valid block writes
-  if (!zero_fill) covered = at::zeros({rows}, a.options().dtype(at::kByte));
   const float* tw = topk_weights.has_value() ? topk_weights->const_data_ptr<float>() : nullptr;
   C10_CUDA_CHECK(cuda::moe_grouped_gemm(
       to_dtype(a.scalar_type()), a.const_data_ptr(), w.const_data_ptr(), sorted_token_ids.const_data_ptr<int32_t>(),
       expert_ids.const_data_ptr<int32_t>(), num_tokens_post_padded.const_data_ptr<int32_t>(), tw, out.data_ptr(),
-      zero_fill ? nullptr : covered.data_ptr<uint8_t>(), M, topk, N, K, E, num_blocks,
-      num_blocks == 0 ? 0 : P / num_blocks, config, has_tensor_cores(a.device().index()),
+      covered.defined() ? covered.data_ptr<uint8_t>() : nullptr, M, topk, N, K, E, num_blocks,
+      num_blocks == 0 ? 0 : sorted_token_ids.numel() / num_blocks, config, has_tensor_cores(a.device().index()),
       num_sms(a.device().index()), c10::cuda::getCurrentCUDAStream()));
   return out;
 }
 
-TORCH_LIBRARY_IMPL(moe_ext, CUDA, m) { m.impl("moe_grouped_gemm", &moe_grouped_gemm_cuda); }
+at::Tensor silu_and_mul_cuda(const at::Tensor& x);  // csrc/cuda/activation_cuda.cpp
+
+// a: [M, K]; w13: [E, 2I, K] (gate rows, then up rows); the alignment triple as above. Returns
+// [M * topk, I] in a's dtype.
+at::Tensor moe_grouped_gemm_silu_cuda(const at::Tensor& a, const at::Tensor& w13, const at::Tensor& sorted_token_ids,
+                                      const at::Tensor& expert_ids, const at::Tensor& num_tokens_post_padded,
+                                      int64_t topk) {
+  constexpr const char* op = "moe_grouped_gemm_silu";
+  check_grouped_gemm_silu_args(a, w13, sorted_token_ids, expert_ids, num_tokens_post_padded, topk);
+  const int64_t M = a.size(0), K = a.size(1), E = w13.size(0), I = w13.size(1) / 2;
+  const int64_t rows = M * topk;
+  const int64_t num_blocks = expert_ids.numel();
+  check_launch_limits(op, sorted_token_ids, I, kMaxSiluI, K);
+  const int config = config_override(op, "MOE_EXT_GROUPED_GEMM_SILU_CONFIG", cuda::grouped_gemm_silu_num_configs());
+  const c10::cuda::CUDAGuard guard(a.device());
+  if (a.scalar_type() == at::kFloat || !has_tensor_cores(a.device().index())) {
+    // No fused kernel off the tensor-core path: compose the two ops. fp32 loses nothing by it; bf16
+    // and fp16 before sm_80 round the [M * topk, 2I] intermediate as the unfused layer does.
+    return silu_and_mul_cuda(
+        moe_grouped_gemm_cuda(a, w13, sorted_token_ids, expert_ids, num_tokens_post_padded, topk, std::nullopt));
+  }
+
+  at::Tensor covered;  // [rows] uint8, set for each row a valid block writes (flags path only)
+  auto out = alloc_output(op, a, rows, I, covered);
+  if (rows == 0 || I == 0) return out;
+  C10_CUDA_CHECK(cuda::moe_grouped_gemm_silu(
+      to_dtype(a.scalar_type()), a.const_data_ptr(), w13.const_data_ptr(), sorted_token_ids.const_data_ptr<int32_t>(),
+      expert_ids.const_data_ptr<int32_t>(), num_tokens_post_padded.const_data_ptr<int32_t>(), out.data_ptr(),
+      covered.defined() ? covered.data_ptr<uint8_t>() : nullptr, M, topk, I, K, E, num_blocks,
+      num_blocks == 0 ? 0 : sorted_token_ids.numel() / num_blocks, config, num_sms(a.device().index()),
+      c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(moe_ext, CUDA, m) {
+  m.impl("moe_grouped_gemm", &moe_grouped_gemm_cuda);
+  m.impl("moe_grouped_gemm_silu", &moe_grouped_gemm_silu_cuda);
+}
 
 }  // namespace moe_ext

@@ -20,11 +20,17 @@
 // Rows never written (blocks of expert -1, ids the alignment dropped) are zeroed by the caller:
 // either the output starts zeroed, or `covered` flags (set here by the N-tile-0 CTAs) drive
 // zero_uncovered_rows_kernel afterwards.
+//
+// SiLU-and-mul variant (MmaConfig's kSiluMul; moe_grouped_gemm_silu): w is w13 [E, 2N, K] and the
+// output [rows, N] (N = I). A CTA's N-tile [n0, n0 + BN) loads 2*BN weight rows a stage, gate rows
+// n0.. and up rows N + n0.., into one [2*BN, BK] B tile, keeps two accumulator sets, and stores
+// silu(gate) * up computed from the fp32 accumulators (one rounding; no routed weight).
 #pragma once
 
 #include <cstdint>
 #include <type_traits>
 
+#include "activation.cuh"
 #include "vec.cuh"
 
 #if !defined(__HIP_PLATFORM_AMD__)
@@ -37,7 +43,7 @@ namespace moe_ext {
 
 struct GroupedGemmParams {
   const void* a;                 // [M, K]
-  const void* w;                 // [E, N, K]
+  const void* w;                 // [E, N, K] ([E, 2N, K] for the SiLU-and-mul variant)
   const int32_t* sorted_ids;     // [num_blocks * block_size]
   const int32_t* expert_ids;     // [num_blocks]
   const int32_t* num_post_padded;  // [1]
@@ -166,17 +172,21 @@ MOE_DEVICE MOE_FORCEINLINE void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 #endif
 }
 
-template <int BM_, int BN_, int BK_, int WARPS_M_, int WARPS_N_, int STAGES_>
+// kSiluMul: BN output columns from 2 * BN weight rows (gate and up) a stage, two accumulator sets.
+template <int BM_, int BN_, int BK_, int WARPS_M_, int WARPS_N_, int STAGES_, bool kSiluMul_ = false>
 struct MmaConfig {
   static constexpr int BM = BM_, BN = BN_, BK = BK_, WARPS_M = WARPS_M_, WARPS_N = WARPS_N_, STAGES = STAGES_;
+  static constexpr bool kSiluMul = kSiluMul_;
+  static constexpr int kSets = kSiluMul ? 2 : 1;  // accumulator sets (gate, up)
+  static constexpr int kBRows = kSets * BN;       // weight rows of a stage's B tile
   static constexpr int kThreads = WARPS_M * WARPS_N * kWarpSize;
   static constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;
   static constexpr int MI = WM / 16, NI = WN / 8;  // m16n8 tiles per warp
   static constexpr int LDS = BK + 8;                // padded smem row, elements
   static constexpr int kChunksPerRow = BK / 8;      // 16-byte chunks of a tile row
-  static constexpr int kAChunks = BM * kChunksPerRow, kBChunks = BN * kChunksPerRow;
+  static constexpr int kAChunks = BM * kChunksPerRow, kBChunks = kBRows * kChunksPerRow;
   static constexpr int kAIters = ceil_div(kAChunks, kThreads), kBIters = ceil_div(kBChunks, kThreads);
-  static constexpr int kStageElems = (BM + BN) * LDS;
+  static constexpr int kStageElems = (BM + kBRows) * LDS;
   template <typename T>
   static constexpr int smem_bytes() { return STAGES * kStageElems * static_cast<int>(sizeof(T)); }
   static_assert(kWarpSize == 32, "the mma.sync fragment layouts assume 32-lane warps");
@@ -218,7 +228,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) grouped_gemm_mma_kernel(const G
   const int n0 = blockIdx.y * BN;
   const int K = p.K;
   const T* a = static_cast<const T*>(p.a);
-  const T* w = static_cast<const T*>(p.w) + int64_t(e) * p.N * K;
+  const T* w = static_cast<const T*>(p.w) + int64_t(e) * Cfg::kSets * p.N * K;
 
   // Each thread copies the same tile rows every k-step: resolve their source rows once.
   const T* a_row[Cfg::kAIters];
@@ -230,10 +240,10 @@ __global__ void __launch_bounds__(Cfg::kThreads) grouped_gemm_mma_kernel(const G
     a_row[i] = tok >= 0 ? a + int64_t(tok) * K : nullptr;
   }
 #pragma unroll
-  for (int i = 0; i < Cfg::kBIters; ++i) {
+  for (int i = 0; i < Cfg::kBIters; ++i) {  // B tile row r: set r / BN (gate, up), column n0 + r % BN
     const int c = tid + i * NT;
-    const int n = n0 + c / CPR;
-    b_row[i] = (c < Cfg::kBChunks && n < p.N) ? w + int64_t(n) * K : nullptr;
+    const int r = c / CPR, n = n0 + r % BN;
+    b_row[i] = (c < Cfg::kBChunks && n < p.N) ? w + (int64_t(r / BN) * p.N + n) * K : nullptr;
   }
 
   T* smem = reinterpret_cast<T*>(gg_smem);
@@ -256,7 +266,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) grouped_gemm_mma_kernel(const G
 
   const int lane = tid % kWarpSize, warp = tid / kWarpSize;
   const int wm = (warp / Cfg::WARPS_N) * Cfg::WM, wn = (warp % Cfg::WARPS_N) * Cfg::WN;
-  float acc[Cfg::MI][Cfg::NI][4] = {};
+  float acc[Cfg::kSets][Cfg::MI][Cfg::NI][4] = {};
 
   const int k_tiles = gg::ceil_div(K, BK);
   // Prologue: STAGES - 1 tiles in flight. Every iteration commits one group (empty past the end),
@@ -283,18 +293,22 @@ __global__ void __launch_bounds__(Cfg::kThreads) grouped_gemm_mma_kernel(const G
       for (int mi = 0; mi < Cfg::MI; ++mi)  // matrices: rows 0-7 / 8-15 x k 0-7 / 8-15 -> a0..a3
         gg::ldmatrix_x4(af[mi], sA + (wm + mi * 16 + lane % 16) * LDS + kk + (lane / 16) * 8);
 #pragma unroll
-      for (int nj = 0; nj < Cfg::NI / 2; ++nj) {  // matrices: (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, ...)
-        uint32_t r[4];
-        gg::ldmatrix_x4(r, sB + (wn + nj * 16 + (lane / 16) * 8 + lane % 8) * LDS + kk + ((lane / 8) % 2) * 8);
-        bf[2 * nj][0] = r[0];
-        bf[2 * nj][1] = r[1];
-        bf[2 * nj + 1][0] = r[2];
-        bf[2 * nj + 1][1] = r[3];
+      for (int set = 0; set < Cfg::kSets; ++set) {  // the up set's rows follow the gate set's in sB
+#pragma unroll
+        for (int nj = 0; nj < Cfg::NI / 2; ++nj) {  // matrices: (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, ...)
+          uint32_t r[4];
+          gg::ldmatrix_x4(r, sB + (set * BN + wn + nj * 16 + (lane / 16) * 8 + lane % 8) * LDS + kk +
+                                 ((lane / 8) % 2) * 8);
+          bf[2 * nj][0] = r[0];
+          bf[2 * nj][1] = r[1];
+          bf[2 * nj + 1][0] = r[2];
+          bf[2 * nj + 1][1] = r[3];
+        }
+#pragma unroll
+        for (int mi = 0; mi < Cfg::MI; ++mi)
+#pragma unroll
+          for (int ni = 0; ni < Cfg::NI; ++ni) gg::mma_16816<T>(acc[set][mi][ni], af[mi], bf[ni][0], bf[ni][1]);
       }
-#pragma unroll
-      for (int mi = 0; mi < Cfg::MI; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < Cfg::NI; ++ni) gg::mma_16816<T>(acc[mi][ni], af[mi], bf[ni][0], bf[ni][1]);
     }
   }
   gg::cp_async_wait<0>();  // no copy may outlive the CTA (only empty groups remain here)
@@ -309,8 +323,17 @@ __global__ void __launch_bounds__(Cfg::kThreads) grouped_gemm_mma_kernel(const G
 #pragma unroll
     for (int ni = 0; ni < Cfg::NI; ++ni) {
       const int col = n0 + wn + ni * 8 + (lane % 4) * 2;
-      gg::store_pair<T>(p, id_lo, s_lo, col, acc[mi][ni][0], acc[mi][ni][1], paired);
-      gg::store_pair<T>(p, id_hi, s_hi, col, acc[mi][ni][2], acc[mi][ni][3], paired);
+      float v[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if constexpr (Cfg::kSiluMul) {
+          v[j] = silu_mul(acc[0][mi][ni][j], acc[Cfg::kSets - 1][mi][ni][j]);
+        } else {
+          v[j] = acc[0][mi][ni][j];
+        }
+      }
+      gg::store_pair<T>(p, id_lo, s_lo, col, v[0], v[1], paired);
+      gg::store_pair<T>(p, id_hi, s_hi, col, v[2], v[3], paired);
     }
   }
 #endif
