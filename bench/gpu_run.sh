@@ -13,7 +13,7 @@ python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)"
 start=$SECONDS
 python3 -m pip install --no-build-isolation -e . > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
 echo "build: $((SECONDS - start)) s"
-python3 -c "import moe_ext; print('import ok:', moe_ext.LIBRARY_PATH); print({op: moe_ext.has_kernel(op, 'cuda') for op in ['topk_gating','moe_align_block_size','fused_topk_align','silu_and_mul','moe_grouped_gemm','moe_grouped_gemm_silu','moe_combine']})" 2>&1 | tee "$OUT/import.txt"
+python3 -c "import moe_ext; print('import ok:', moe_ext.LIBRARY_PATH); print({op: moe_ext.has_kernel(op, 'cuda') for op in ['topk_gating','moe_align_block_size','fused_topk_align','silu_and_mul','moe_grouped_gemm','moe_grouped_gemm_silu','moe_combine','moe_gemv_silu','moe_gemv_combine']})" 2>&1 | tee "$OUT/import.txt"
 # Every test (CPU and CUDA cases); -rs lists why cases skipped; the full log comes back in $OUT.
 # One pytest per file, so a crash in one cannot hide the others' results.
 for f in ${TESTS:-tests/test_*.py}; do

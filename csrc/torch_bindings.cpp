@@ -40,6 +40,17 @@ TORCH_LIBRARY(moe_ext, m) {
       "moe_grouped_gemm_silu(Tensor a, Tensor w13, Tensor sorted_token_ids, Tensor expert_ids, "
       "Tensor num_tokens_post_padded, int topk) -> Tensor");
 
+  // Decode expert GEMV with SiLU-and-mul, straight from topk_ids (no alignment): out[t * topk + j] =
+  // silu(a[t] @ w13[e][:I]^T) * (a[t] @ w13[e][I:]^T), e = expert_map[id] (or id), zeros where the
+  // slot has no local expert; [M * topk, I], fp32 products, one rounding.
+  m.def("moe_gemv_silu(Tensor a, Tensor w13, Tensor topk_ids, Tensor? expert_map=None) -> Tensor");
+
+  // Decode expert GEMV of w2 fused with the weighted top-k combine: out[t] = sum_j topk_weights[t, j]
+  // * (h[t * topk + j] @ w2[e_j]^T) over the slots with a local expert; [M, H], fp32 sum, one rounding.
+  m.def(
+      "moe_gemv_combine(Tensor h, Tensor w2, Tensor topk_ids, Tensor topk_weights, "
+      "Tensor? expert_map=None) -> Tensor");
+
   // Top-k combine: [T, topk, H] -> [T, H], optionally weighted by topk_weights [T, topk], fp32 sum.
   m.def("moe_combine(Tensor x, Tensor? topk_weights=None) -> Tensor");
 }

@@ -41,6 +41,19 @@ def choose_block_size(num_tokens: int, topk: int, num_experts: int) -> int:
     return 128
 
 
+# Token counts up to this use the decode expert GEMVs on CUDA (moe_gemv_silu + moe_gemv_combine,
+# straight from topk_ids: no alignment, no [T*k, H] intermediate, three launches with the router);
+# larger counts use the grouped GEMMs, which read each hit expert's weights once however many of
+# the token slots chose it. Set from the crossover measured on an H100 (bench/results/*-moe.md).
+GEMV_MAX_TOKENS = 4
+
+
+def use_decode_gemv(hidden_states: torch.Tensor) -> bool:
+    """fused_moe's default for decode_gemv: the expert GEMVs for T <= GEMV_MAX_TOKENS on CUDA. A
+    comparison on T, so a symbolic token count under torch.compile adds one guard."""
+    return hidden_states.is_cuda and hidden_states.shape[0] <= GEMV_MAX_TOKENS
+
+
 def use_fused_silu(hidden_states: torch.Tensor) -> bool:
     """fused_moe's default for fuse_silu: the fused first GEMM where it is a tensor-core kernel of its
     own (bf16/fp16 on CUDA); elsewhere the op would compose the same two ops, or (CPU) run slower."""
@@ -90,6 +103,7 @@ def fused_moe(
     expert_map: torch.Tensor | None = None,
     block_size: int | None = None,
     fuse_silu: bool | None = None,
+    decode_gemv: bool | None = None,
 ) -> torch.Tensor:
     """One MoE layer: route, then for each chosen expert silu(x W_gate^T) * (x W_up^T) W_down^T,
     weighted and summed over the k experts.
@@ -108,6 +122,10 @@ def fused_moe(
         fuse_silu: the first grouped GEMM and SiLU-and-mul as one op (moe_grouped_gemm_silu: no
             [T*k, 2I] intermediate, which is then not rounded to the dtype either) or as two.
             None: fused for bf16/fp16 on CUDA (the tensor-core kernel), two ops otherwise.
+        decode_gemv: run the experts as GEMVs straight from the router's ids (moe_gemv_silu, then
+            moe_gemv_combine with the weighted sum fused in; no alignment) instead of the grouped
+            GEMMs. None: on CUDA for T <= GEMV_MAX_TOKENS (use_decode_gemv). block_size and
+            fuse_silu do not apply then.
 
     Returns:
         [T, H] in hidden_states' dtype.
@@ -128,6 +146,15 @@ def fused_moe(
     if w13.shape[2] != H or w2.shape[1] != H or w13.shape[1] != 2 * w2.shape[2]:
         raise ValueError(f"fused_moe: shapes disagree: hidden_states [T, {H}], w13 {tuple(w13.shape)} "
                          f"(expected [E, 2I, {H}]), w2 {tuple(w2.shape)} (expected [E, {H}, I])")
+    if decode_gemv is None:
+        decode_gemv = use_decode_gemv(hidden_states)
+    if decode_gemv:
+        weights, ids = ops.topk_gating(
+            router_logits, topk, scoring_func=scoring_func, renormalize=renormalize,
+            correction_bias=correction_bias, num_expert_group=num_expert_group, topk_group=topk_group,
+            routed_scaling_factor=routed_scaling_factor)
+        h = ops.moe_gemv_silu(hidden_states, w13, ids, expert_map)       # [T*k, I]
+        return ops.moe_gemv_combine(h, w2, ids, weights, expert_map)     # [T, H]
     if block_size is None:
         block_size = choose_block_size(T, topk, E)
     weights, _, sorted_ids, expert_ids, num_post_padded = route(

@@ -243,3 +243,58 @@ def moe_combine(x: torch.Tensor, topk_weights: torch.Tensor | None = None) -> to
 @torch.library.register_fake("moe_ext::moe_combine")
 def _moe_combine_fake(x, topk_weights=None):
     return x.new_empty((x.shape[0], x.shape[2]))
+
+
+def moe_gemv_silu(
+    a: torch.Tensor,
+    w13: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert_map: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Decode expert GEMV with SiLU-and-mul, straight from the router's ids (no alignment).
+
+    Args:
+        a: [M, K] activations (fp32, bf16 or fp16).
+        w13: [E_local, 2I, K] expert weights, a's dtype: gate rows [0, I), then up rows [I, 2I).
+        topk_ids: [M, topk] int32 routed experts.
+        expert_map: optional [E] int32, routed (global) expert -> local expert or -1.
+
+    Returns:
+        [M * topk, I] in a's dtype: row t * topk + j = silu(a[t] @ w13[e, :I]^T) * (a[t] @ w13[e, I:]^T),
+        e the local expert of topk_ids[t, j]; zero where there is none (an id outside [0, E), mapped
+        to -1, or a local expert outside [0, E_local)). Products in fp32, one rounding. Each slot reads
+        its expert's weights: meant for decode, where slots rarely share an expert.
+    """
+    return torch.ops.moe_ext.moe_gemv_silu.default(a, w13, topk_ids, expert_map)
+
+
+@torch.library.register_fake("moe_ext::moe_gemv_silu")
+def _moe_gemv_silu_fake(a, w13, topk_ids, expert_map=None):
+    return a.new_empty((a.shape[0] * topk_ids.shape[1], w13.shape[1] // 2))
+
+
+def moe_gemv_combine(
+    h: torch.Tensor,
+    w2: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    expert_map: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Decode expert GEMV of the second projection fused with the weighted top-k combine.
+
+    Args:
+        h: [M * topk, K] activations (moe_gemv_silu's output), fp32, bf16 or fp16.
+        w2: [E_local, H, K] expert weights, h's dtype.
+        topk_ids: [M, topk] int32; topk_weights: [M, topk] fp32.
+        expert_map: as in moe_gemv_silu.
+
+    Returns:
+        [M, H] in h's dtype: row t = sum_j topk_weights[t, j] * (h[t * topk + j] @ w2[e_j]^T) over the
+        slots with a local expert (zero if none), summed over j in order in fp32, one rounding.
+    """
+    return torch.ops.moe_ext.moe_gemv_combine.default(h, w2, topk_ids, topk_weights, expert_map)
+
+
+@torch.library.register_fake("moe_ext::moe_gemv_combine")
+def _moe_gemv_combine_fake(h, w2, topk_ids, topk_weights, expert_map=None):
+    return h.new_empty((topk_ids.shape[0], w2.shape[1]))

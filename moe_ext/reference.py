@@ -164,6 +164,49 @@ def moe_grouped_gemm_silu_ref(
     return F.silu(gate) * up
 
 
+def _gemv_local_experts(topk_ids: torch.Tensor, num_local: int, expert_map: torch.Tensor | None) -> torch.Tensor:
+    """[M * topk] int64 local expert of each slot, -1 where the slot has none."""
+    ids = topk_ids.reshape(-1).long()
+    routed = num_local if expert_map is None else expert_map.numel()
+    ok = (ids >= 0) & (ids < routed)
+    local = ids.clamp(0, routed - 1)
+    if expert_map is not None:
+        local = expert_map.long()[local]
+    ok &= (local >= 0) & (local < num_local)
+    return torch.where(ok, local, torch.full_like(local, -1))
+
+
+def moe_gemv_silu_ref(
+    a: torch.Tensor, w13: torch.Tensor, topk_ids: torch.Tensor, expert_map: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[M * topk, I] fp32: row t * topk + j = silu(a[t] @ w13[e, :I]^T) * (a[t] @ w13[e, I:]^T), zero without e."""
+    topk, I = topk_ids.shape[1], w13.shape[1] // 2
+    local = _gemv_local_experts(topk_ids, w13.shape[0], expert_map)
+    out = torch.zeros(local.numel(), I, dtype=torch.float32, device=a.device)
+    for e in torch.unique(local[local >= 0]).tolist():
+        slots = torch.nonzero(local == e).flatten()
+        gate, up = (a[slots // topk].float() @ w13[e].float().t()).chunk(2, dim=-1)
+        out[slots] = F.silu(gate) * up
+    return out
+
+
+def moe_gemv_combine_ref(
+    h: torch.Tensor,
+    w2: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    expert_map: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[M, H] fp32: row t = sum_j topk_weights[t, j] * (h[t * topk + j] @ w2[e_j]^T) over slots with a local expert."""
+    M, topk = topk_ids.shape
+    local = _gemv_local_experts(topk_ids, w2.shape[0], expert_map)
+    y = torch.zeros(local.numel(), w2.shape[1], dtype=torch.float32, device=h.device)
+    for e in torch.unique(local[local >= 0]).tolist():
+        slots = torch.nonzero(local == e).flatten()
+        y[slots] = (h[slots].float() @ w2[e].float().t()) * topk_weights.reshape(-1)[slots].float().unsqueeze(1)
+    return y.view(M, topk, w2.shape[1]).sum(dim=1)
+
+
 def moe_combine_ref(x: torch.Tensor, topk_weights: torch.Tensor | None = None) -> torch.Tensor:
     xf = x.float()
     if topk_weights is not None:

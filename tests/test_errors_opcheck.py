@@ -124,6 +124,52 @@ def test_grouped_gemm_silu_bad_input(device, mutate, match):
         moe_ext.moe_grouped_gemm_silu(*args)
 
 
+def gemv_args(device):
+    """[a, w13, topk_ids, expert_map, h, w2, topk_weights] for the expert GEMVs (M=3, topk=2, E=4, I=8, K=16)."""
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(3, 16, generator=g).to(device)
+    w13 = torch.randn(4, 16, 16, generator=g).to(device)
+    ids = torch.tensor([[0, 1], [2, 3], [1, 2]], dtype=torch.int32).to(device)
+    emap = torch.tensor([0, 1, 2, 3, -1], dtype=torch.int32).to(device)
+    h = torch.randn(6, 8, generator=g).to(device)
+    w2 = torch.randn(4, 16, 8, generator=g).to(device)
+    return [a, w13, ids, emap, h, w2, torch.rand(3, 2, generator=g).to(device)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "op,mutate,match",
+    [
+        ("silu", lambda a: a.__setitem__(1, a[1][:, :7].contiguous()), r"moe_gemv_silu: w13 must be \[E, 2I, K\]"),
+        ("silu", lambda a: a.__setitem__(1, a[1][:, :, :8].contiguous()), r"w13 must be \[E, 2I, K\] .* K = a.size\(1\)"),
+        ("silu", lambda a: a.__setitem__(1, a[1].to(torch.bfloat16)), "moe_gemv_silu: w13 must have a's dtype"),
+        ("silu", lambda a: a.__setitem__(0, a[0].double()), "moe_gemv_silu: a must have dtype"),
+        ("silu", lambda a: a.__setitem__(2, a[2].long()), "moe_gemv_silu: topk_ids must have dtype"),
+        ("silu", lambda a: a.__setitem__(2, a[2][:2]), "moe_gemv_silu: topk_ids must have a.size"),
+        ("silu", lambda a: a.__setitem__(2, a[2].t()), "moe_gemv_silu: topk_ids must"),
+        ("silu", lambda a: a.__setitem__(2, a[2][:, :0]), "topk >= 1"),
+        ("silu", lambda a: a.__setitem__(3, a[3].long()), "moe_gemv_silu: expert_map must have dtype"),
+        ("silu", lambda a: a.__setitem__(3, a[3][:0]), "moe_gemv_silu: expert_map must not be empty"),
+        ("combine", lambda a: a.__setitem__(5, a[5][:, :, :4].contiguous()), r"moe_gemv_combine: w2 must be \[E, H, K\]"),
+        ("combine", lambda a: a.__setitem__(5, a[5].half()), "moe_gemv_combine: w2 must have h's dtype"),
+        ("combine", lambda a: a.__setitem__(4, a[4][:5]), r"topk_ids must be \[M, topk\] with M \* topk = h.size\(0\)"),
+        ("combine", lambda a: a.__setitem__(6, a[6][:, :1].contiguous()), "topk_weights must have topk_ids' shape"),
+        ("combine", lambda a: a.__setitem__(6, a[6].double()), "moe_gemv_combine: topk_weights must have dtype"),
+        ("combine", lambda a: a.__setitem__(2, a[2].float()), "moe_gemv_combine: topk_ids must have dtype"),
+    ],
+)
+def test_gemv_bad_input(device, op, mutate, match):
+    require_kernel("moe_gemv_silu", device)
+    args = gemv_args(device)
+    mutate(args)
+    a, w13, ids, emap, h, w2, weights = args
+    with pytest.raises(ERRORS, match=match):
+        if op == "silu":
+            moe_ext.moe_gemv_silu(a, w13, ids, emap)
+        else:
+            moe_ext.moe_gemv_combine(h, w2, ids, weights, emap)
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
 def test_mixed_devices():
     require_kernel("topk_gating", "cuda")
@@ -145,6 +191,12 @@ def test_mixed_devices():
         args[1] = args[1].cpu()
         with pytest.raises(ERRORS, match="w13 is on cpu"):
             moe_ext.moe_grouped_gemm_silu(*args)
+    if moe_ext.has_kernel("moe_gemv_silu", "cuda"):
+        a, w13, ids, emap, h, w2, weights = gemv_args("cuda")
+        with pytest.raises(ERRORS, match="moe_gemv_silu: expert_map is on cpu"):
+            moe_ext.moe_gemv_silu(a, w13, ids, emap.cpu())
+        with pytest.raises(ERRORS, match="moe_gemv_combine: topk_weights is on cpu"):
+            moe_ext.moe_gemv_combine(h, w2, ids, weights.cpu(), emap)
 
 
 def test_fused_moe_bad_input():
@@ -185,11 +237,14 @@ def opcheck_cases(device):
         ("moe_grouped_gemm_silu", (a.bfloat16(), w.bfloat16(), sorted_ids, expert_ids, ntpp, topk)),
         ("moe_combine", (torch.randn(4, 2, 24, generator=g).to(device), None)),
         ("moe_combine", (torch.randn(4, 2, 24, generator=g).to(device), torch.rand(4, 2, generator=g).to(device))),
+        ("moe_gemv_silu", tuple(gemv_args(device)[:3]) + (None,)),
+        ("moe_gemv_silu", tuple(x.bfloat16() if x.is_floating_point() else x for x in gemv_args(device)[:4])),
+        ("moe_gemv_combine", tuple(gemv_args(device)[i] for i in (4, 5, 2, 6, 3))),
     ]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", range(12))
+@pytest.mark.parametrize("case", range(15))
 def test_opcheck(device, case):
     name, args = opcheck_cases(device)[case]
     require_kernel(name, device)

@@ -11,7 +11,7 @@ from moe_ext import reference as ref
 from conftest import DEVICES, HAS_CUDA, rel_l2, require_kernel
 
 ALL_OPS = ["topk_gating", "moe_align_block_size", "fused_topk_align", "silu_and_mul", "moe_grouped_gemm",
-           "moe_grouped_gemm_silu", "moe_combine"]
+           "moe_grouped_gemm_silu", "moe_combine", "moe_gemv_silu", "moe_gemv_combine"]
 
 # Small layers in each model's routing style (real shapes run in the demo and the benchmark).
 STYLES = {
@@ -73,14 +73,16 @@ def test_fused_moe(device, dtype, style, T):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("T", [1, 16, 17, 64])
-def test_fused_moe_expert_map(device, T):
+@pytest.mark.parametrize("decode_gemv", [None, True])
+def test_fused_moe_expert_map(device, T, decode_gemv):
     """Expert parallelism: this rank holds experts 8..15 of 32; the rest contribute nothing."""
     require_all(device)
     E = STYLES["deepseek"]["E"]
     expert_map = torch.full((E,), -1, dtype=torch.int32)
     expert_map[8:16] = torch.arange(8, dtype=torch.int32)
     x, w13, w2, logits, topk, routing = make_layer("deepseek", T, torch.bfloat16, device, 1, expert_map)
-    out = moe_ext.fused_moe(x, w13, w2, logits, topk, expert_map=expert_map.to(device), **routing)
+    out = moe_ext.fused_moe(x, w13, w2, logits, topk, expert_map=expert_map.to(device), decode_gemv=decode_gemv,
+                            **routing)
     check_against_reference(out, x, w13, w2, logits, topk, routing, expert_map)
 
 
@@ -94,6 +96,20 @@ def test_fused_moe_fuse_silu(device, dtype, style, T, fuse_silu):
     require_all(device)
     x, w13, w2, logits, topk, routing = make_layer(style, T, dtype, device, seed=T + 7)
     out = moe_ext.fused_moe(x, w13, w2, logits, topk, fuse_silu=fuse_silu, **routing)
+    check_against_reference(out, x, w13, w2, logits, topk, routing)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("style", list(STYLES))
+@pytest.mark.parametrize("T", [1, 4, 5, 33])
+@pytest.mark.parametrize("decode_gemv", [False, True])
+def test_fused_moe_decode_gemv(device, dtype, style, T, decode_gemv):
+    """Both expert paths, forced on both sides of GEMV_MAX_TOKENS (the default takes the GEMVs on
+    CUDA up to it)."""
+    require_all(device)
+    x, w13, w2, logits, topk, routing = make_layer(style, T, dtype, device, seed=T + 11)
+    out = moe_ext.fused_moe(x, w13, w2, logits, topk, decode_gemv=decode_gemv, **routing)
     check_against_reference(out, x, w13, w2, logits, topk, routing)
 
 
@@ -143,10 +159,12 @@ def test_compile_fullgraph(device):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
-def test_cuda_graph_capture():
-    """The whole layer captured in a CUDA graph, replayed on new inputs, equals eager."""
+@pytest.mark.parametrize("T", [2, 8])
+def test_cuda_graph_capture(T):
+    """The whole layer captured in a CUDA graph, replayed on new inputs, equals eager (T = 2: the
+    expert GEMVs; T = 8: fused routing and the grouped GEMMs)."""
     require_all("cuda")
-    x, w13, w2, logits, topk, routing = make_layer("deepseek", 8, torch.bfloat16, "cuda")
+    x, w13, w2, logits, topk, routing = make_layer("deepseek", T, torch.bfloat16, "cuda")
     static_x, static_logits = x.clone(), logits.clone()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -158,7 +176,7 @@ def test_cuda_graph_capture():
     with torch.cuda.graph(graph):
         static_out = moe_ext.fused_moe(static_x, w13, w2, static_logits, topk, **routing)
     for seed in range(3):
-        x2, _, _, logits2, _, _ = make_layer("deepseek", 8, torch.bfloat16, "cuda", seed=100 + seed)
+        x2, _, _, logits2, _, _ = make_layer("deepseek", T, torch.bfloat16, "cuda", seed=100 + seed)
         static_x.copy_(x2)
         static_logits.copy_(logits2)
         graph.replay()

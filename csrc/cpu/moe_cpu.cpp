@@ -139,11 +139,67 @@ at::Tensor moe_grouped_gemm_silu_cpu(const at::Tensor& a, const at::Tensor& w13,
   return out;
 }
 
+namespace {
+
+// Calls fn(e, slots) for each local expert e with routed slots (slots: [n] int64 flat indices
+// t * topk + j, ascending); slots without a local expert are skipped (as the CUDA kernels do).
+template <typename Fn>
+void for_each_gemv_expert(const at::Tensor& topk_ids, const std::optional<at::Tensor>& expert_map, int64_t E,
+                          Fn&& fn) {
+  const int32_t* ids = topk_ids.const_data_ptr<int32_t>();
+  const int32_t* map = expert_map.has_value() ? expert_map->const_data_ptr<int32_t>() : nullptr;
+  const int64_t routed = map ? expert_map->numel() : E;
+  std::vector<std::vector<int64_t>> slots(E);
+  for (int64_t s = 0; s < topk_ids.numel(); ++s) {
+    const int64_t id = ids[s];
+    if (id < 0 || id >= routed) continue;
+    const int64_t e = map ? map[id] : id;
+    if (e >= 0 && e < E) slots[e].push_back(s);
+  }
+  for (int64_t e = 0; e < E; ++e)
+    if (!slots[e].empty()) fn(e, at::tensor(slots[e], at::TensorOptions().dtype(at::kLong)));
+}
+
+}  // namespace
+
+// a: [M, K]; w13: [E, 2I, K]; topk_ids: [M, topk] int32; expert_map: optional [E_route] int32.
+// Returns [M * topk, I] in a's dtype, fp32 products rounded once; zero rows for slots without a
+// local expert.
+at::Tensor moe_gemv_silu_cpu(const at::Tensor& a, const at::Tensor& w13, const at::Tensor& topk_ids,
+                             const std::optional<at::Tensor>& expert_map) {
+  check_gemv_silu_args(a, w13, topk_ids, expert_map);
+  const int64_t topk = topk_ids.size(1), I = w13.size(1) / 2;
+  auto out = at::zeros({a.size(0) * topk, I}, a.options());
+  for_each_gemv_expert(topk_ids, expert_map, w13.size(0), [&](int64_t e, const at::Tensor& slots) {
+    auto h = at::matmul(a.index_select(0, at::floor_divide(slots, topk)).to(at::kFloat),
+                        w13.select(0, e).to(at::kFloat).t());  // [n, 2I] fp32
+    out.index_copy_(0, slots, (at::silu(h.narrow(1, 0, I)) * h.narrow(1, I, I)).to(a.scalar_type()));
+  });
+  return out;
+}
+
+// h: [M * topk, K]; w2: [E, H, K]; topk_ids, topk_weights: [M, topk]; expert_map: optional.
+// Returns [M, H] in h's dtype: the weighted products summed over j in fp32, rounded once.
+at::Tensor moe_gemv_combine_cpu(const at::Tensor& h, const at::Tensor& w2, const at::Tensor& topk_ids,
+                                const at::Tensor& topk_weights, const std::optional<at::Tensor>& expert_map) {
+  check_gemv_combine_args(h, w2, topk_ids, topk_weights, expert_map);
+  const int64_t M = topk_ids.size(0), topk = topk_ids.size(1), H = w2.size(1);
+  auto y = at::zeros({M * topk, H}, h.options().dtype(at::kFloat));
+  const auto flat_weights = topk_weights.reshape({-1});
+  for_each_gemv_expert(topk_ids, expert_map, w2.size(0), [&](int64_t e, const at::Tensor& slots) {
+    auto p = at::matmul(h.index_select(0, slots).to(at::kFloat), w2.select(0, e).to(at::kFloat).t());  // [n, H]
+    y.index_copy_(0, slots, p.mul_(flat_weights.index_select(0, slots).unsqueeze(1)));
+  });
+  return y.view({M, topk, H}).sum(1).to(h.scalar_type());
+}
+
 TORCH_LIBRARY_IMPL(moe_ext, CPU, m) {
   m.impl("silu_and_mul", &silu_and_mul_cpu);
   m.impl("moe_combine", &moe_combine_cpu);
   m.impl("moe_grouped_gemm", &moe_grouped_gemm_cpu);
   m.impl("moe_grouped_gemm_silu", &moe_grouped_gemm_silu_cpu);
+  m.impl("moe_gemv_silu", &moe_gemv_silu_cpu);
+  m.impl("moe_gemv_combine", &moe_gemv_combine_cpu);
 }
 
 }  // namespace moe_ext

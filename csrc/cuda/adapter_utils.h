@@ -5,6 +5,9 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
 
+#include <cstdlib>
+
+#include "../core/validate.h"
 #include "../kernels/dtype.h"
 
 namespace moe_ext {
@@ -24,6 +27,17 @@ inline int num_sms(c10::DeviceIndex device) {
   int& n = cache[device & 63];
   if (n == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
   return n;
+}
+
+// The config index from environment variable `env` (n configs), -1 when unset.
+inline int config_override(const char* op, const char* env, int n) {
+  const char* s = std::getenv(env);
+  if (s == nullptr || *s == '\0') return -1;
+  char* end = nullptr;
+  const long v = std::strtol(s, &end, 10);
+  MOE_CHECK_VALUE(*end == '\0' && v >= -1 && v < n, "moe_ext.", op, ": ", env, " must be an integer in [-1, ", n,
+                  "), got \"", s, "\"");
+  return static_cast<int>(v);
 }
 
 }  // namespace moe_ext

@@ -36,17 +36,6 @@ constexpr int64_t kZeroFillMaxBytes = int64_t{4} << 20;
 constexpr int64_t kMaxN = int64_t{65535} * 64;
 constexpr int64_t kMaxSiluI = int64_t{65535} * 32;
 
-// The config index from environment variable `env` (n configs), -1 when unset.
-int config_override(const char* op, const char* env, int n) {
-  const char* s = std::getenv(env);
-  if (s == nullptr || *s == '\0') return -1;
-  char* end = nullptr;
-  const long v = std::strtol(s, &end, 10);
-  MOE_CHECK_VALUE(*end == '\0' && v >= -1 && v < n, "moe_ext.", op, ": ", env, " must be an integer in [-1, ", n,
-                  "), got \"", s, "\"");
-  return static_cast<int>(v);
-}
-
 bool zero_fill_output(const char* op, int64_t out_bytes) {
   const char* s = std::getenv("MOE_EXT_GROUPED_GEMM_ZERO");
   if (s == nullptr || *s == '\0') return out_bytes <= kZeroFillMaxBytes;

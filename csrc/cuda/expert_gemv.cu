@@ -1,0 +1,107 @@
+// Launchers of the decode expert GEMVs: the tile-config tables and the vector / scalar choice.
+#include <climits>
+
+#include "../kernels/expert_gemv.cuh"
+#include "dispatch.cuh"
+#include "expert_gemv.h"
+
+namespace moe_ext::cuda {
+namespace {
+
+using gemv::CombineConfig;
+using gemv::SiluConfig;
+
+// Tile configs (output columns per warp, experts per pass, 16-byte vectors per row in flight).
+// Config 0 is the default; bench/tune_expert_gemv.py times the others.
+using SiluCfg0 = SiluConfig<2, 4>;
+using SiluCfg1 = SiluConfig<1, 4>;
+using SiluCfg2 = SiluConfig<4, 2>;
+using SiluCfg3 = SiluConfig<2, 2>;
+constexpr int kNumSiluConfigs = 4;
+
+using CombineCfg0 = CombineConfig<1, 4, 2>;
+using CombineCfg1 = CombineConfig<2, 2, 2>;
+using CombineCfg2 = CombineConfig<1, 8, 1>;
+using CombineCfg3 = CombineConfig<2, 4, 1>;
+using CombineCfg4 = CombineConfig<1, 2, 4>;
+constexpr int kNumCombineConfigs = 5;
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % kVecBytes == 0; }
+
+template <typename Cfg, typename Kernel>
+cudaError_t launch(Kernel kernel, const gemv::Params& p, int64_t ctas, cudaStream_t stream) {
+  const int64_t tiles = (p.N + Cfg::kCols - 1) / Cfg::kCols;
+  if (ctas > INT_MAX || tiles > 65535) return cudaErrorInvalidValue;
+  kernel<<<dim3(static_cast<unsigned>(ctas), static_cast<unsigned>(tiles)), gemv::kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, typename Cfg>
+cudaError_t launch_silu(const gemv::Params& p, int64_t ctas, bool vec, cudaStream_t stream) {
+  return vec ? launch<Cfg>(gemv::moe_gemv_silu_kernel<T, Cfg, true>, p, ctas, stream)
+             : launch<Cfg>(gemv::moe_gemv_silu_kernel<T, Cfg, false>, p, ctas, stream);
+}
+
+template <typename T, typename Cfg>
+cudaError_t launch_combine(const gemv::Params& p, int64_t ctas, bool vec, cudaStream_t stream) {
+  return vec ? launch<Cfg>(gemv::moe_gemv_combine_kernel<T, Cfg, true>, p, ctas, stream)
+             : launch<Cfg>(gemv::moe_gemv_combine_kernel<T, Cfg, false>, p, ctas, stream);
+}
+
+bool vectorized(DType dtype, const void* x, const void* w, int64_t K) {
+  const int64_t width = kVecBytes / (dtype == DType::kFloat32 ? 4 : 2);
+  return K % width == 0 && aligned16(x) && aligned16(w);
+}
+
+}  // namespace
+
+int moe_gemv_silu_num_configs() { return kNumSiluConfigs; }
+int moe_gemv_combine_num_configs() { return kNumCombineConfigs; }
+
+cudaError_t moe_gemv_silu(DType dtype, const void* a, const void* w13, const int32_t* topk_ids,
+                          const int32_t* expert_map, void* out, int64_t M, int64_t topk, int64_t I, int64_t K,
+                          int64_t E, int64_t E_route, int config, cudaStream_t stream) {
+  const int64_t slots = M * topk;
+  if (slots == 0 || I == 0) return cudaSuccess;
+  if (config >= kNumSiluConfigs || 2 * I > INT_MAX || K > INT_MAX || E > INT_MAX || E_route > INT_MAX)
+    return cudaErrorInvalidValue;
+  const gemv::Params p{a, w13, topk_ids, nullptr, expert_map, out, static_cast<int>(topk), static_cast<int>(I),
+                       static_cast<int>(K), static_cast<int>(E), static_cast<int>(E_route)};
+  const bool vec = vectorized(dtype, a, w13, K);
+  return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    switch (config < 0 ? 0 : config) {
+      case 0: return launch_silu<T, SiluCfg0>(p, slots, vec, stream);
+      case 1: return launch_silu<T, SiluCfg1>(p, slots, vec, stream);
+      case 2: return launch_silu<T, SiluCfg2>(p, slots, vec, stream);
+      case 3: return launch_silu<T, SiluCfg3>(p, slots, vec, stream);
+    }
+    return cudaErrorInvalidValue;
+  });
+}
+
+cudaError_t moe_gemv_combine(DType dtype, const void* h, const void* w2, const int32_t* topk_ids,
+                             const float* topk_weights, const int32_t* expert_map, void* out, int64_t M,
+                             int64_t topk, int64_t H, int64_t K, int64_t E, int64_t E_route, int config,
+                             cudaStream_t stream) {
+  if (M == 0 || H == 0) return cudaSuccess;
+  if (config >= kNumCombineConfigs || H > INT_MAX || K > INT_MAX || E > INT_MAX || E_route > INT_MAX ||
+      M * topk > INT_MAX)
+    return cudaErrorInvalidValue;
+  const gemv::Params p{h, w2, topk_ids, topk_weights, expert_map, out, static_cast<int>(topk), static_cast<int>(H),
+                       static_cast<int>(K), static_cast<int>(E), static_cast<int>(E_route)};
+  const bool vec = vectorized(dtype, h, w2, K);
+  return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    switch (config < 0 ? 0 : config) {
+      case 0: return launch_combine<T, CombineCfg0>(p, M, vec, stream);
+      case 1: return launch_combine<T, CombineCfg1>(p, M, vec, stream);
+      case 2: return launch_combine<T, CombineCfg2>(p, M, vec, stream);
+      case 3: return launch_combine<T, CombineCfg3>(p, M, vec, stream);
+      case 4: return launch_combine<T, CombineCfg4>(p, M, vec, stream);
+    }
+    return cudaErrorInvalidValue;
+  });
+}
+
+}  // namespace moe_ext::cuda

@@ -1,0 +1,214 @@
+// Expert GEMVs for decode: the MoE layer straight from topk_ids, without alignment, for token
+// counts where each hit expert sees one or a few rows and the layer is a stream of expert weights.
+//
+//   moe_gemv_silu_kernel:    out[p, n] = silu(a[t] . w13[e, n]) * (a[t] . w13[e, I + n]),  p = t * topk + j
+//   moe_gemv_combine_kernel: out[t, n] = sum_j topk_weights[t, j] * (h[t * topk + j] . w2[e_j, n])
+//
+// One CTA per slot p (silu) or token t (combine) and tile of kWarps * kRows output columns. Each
+// warp owns kRows columns and streams their weight rows (silu: a gate and an up row per column;
+// combine: one row per column for kSlots of the token's experts at a time) in 16-byte vectors,
+// kUnroll vectors per row in flight per lane, with the activation vectors read through L1 (all
+// warps of a CTA read the same ones). Products accumulate in fp32 per lane, then one warp sum per
+// column. A slot whose id is outside [0, E_route), maps to -1 in expert_map or to a local expert
+// outside [0, E) gives a zero row (silu) or no term (combine): every output element is written,
+// so outputs need no memset. The combine sums j in order: deterministic, no atomics. Rows whose
+// length K is not a multiple of the vector width (or bases not 16-byte aligned) take the scalar
+// path, one element per lane-step.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "activation.cuh"
+#include "vec.cuh"
+
+namespace moe_ext {
+namespace gemv {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * kWarpSize;
+
+struct Params {
+  const void* x;                  // silu: a [M, K]; combine: h [M * topk, K]
+  const void* w;                  // silu: w13 [E, 2N, K]; combine: w2 [E, N, K]
+  const int32_t* topk_ids;        // [M, topk]
+  const float* topk_weights;      // [M, topk] (combine only)
+  const int32_t* expert_map;      // [E_route] or null
+  void* out;                      // silu: [M * topk, N]; combine: [M, N]
+  int topk, N, K, E, E_route;
+};
+
+// Local expert of a routed id, or -1 when the slot contributes nothing here.
+MOE_DEVICE MOE_FORCEINLINE int local_expert(int32_t id, const Params& p) {
+  if (id < 0 || id >= p.E_route) return -1;
+  const int e = p.expert_map != nullptr ? p.expert_map[id] : id;
+  return e >= 0 && e < p.E ? e : -1;
+}
+
+// Weight rows are read once: streamed past L1 (evict-first) so they do not push out the
+// activation vectors every warp of the CTA re-reads.
+template <typename T>
+MOE_DEVICE MOE_FORCEINLINE Vec<T> load_vec_stream(const T* p) {
+#if defined(__HIP_PLATFORM_AMD__)
+  return load_vec(p);
+#else
+  Vec<T> r;
+  *reinterpret_cast<uint4*>(&r) = __ldcs(reinterpret_cast<const uint4*>(p));
+  return r;
+#endif
+}
+
+// Adds to acc[r] this lane's share of rows[r] . xs[r / (kR / kX)] over K elements (rows with
+// on[r] false are skipped). kVec: K is a multiple of the vector width and every row and x starts
+// 16-byte aligned; lanes then take whole vectors, kU of them per row in flight. Loads are kept
+// in their 16-bit form until the products (half the registers of fp32 copies).
+template <typename T, int kR, int kX, int kU, bool kVec>
+MOE_DEVICE MOE_FORCEINLINE void accumulate(const T* const (&rows)[kR], const T* const (&xs)[kX], const bool (&on)[kR],
+                                           int K, float (&acc)[kR]) {
+  static_assert(kR % kX == 0, "each x serves the same number of rows");
+  constexpr int kRowsPerX = kR / kX;
+  using Pack = std::conditional_t<kVec, Vec<T>, T>;
+  constexpr int kW = kVec ? Vec<T>::kSize : 1;
+  const auto load = [](const T* q, bool stream) -> Pack {
+    if constexpr (kVec) {
+      return stream ? load_vec_stream(q) : load_vec(q);
+    } else {
+      return *q;
+    }
+  };
+  const auto elem = [](const Pack& v, int i) -> float {
+    if constexpr (kVec) {
+      return to_float(v.v[i]);
+    } else {
+      return to_float(v);
+    }
+  };
+  Pack zero;
+  if constexpr (kVec) {
+    *reinterpret_cast<uint4*>(&zero) = make_uint4(0, 0, 0, 0);
+  } else {
+    zero = from_float<T>(0.0f);
+  }
+  const int steps = K / kW;
+  for (int s0 = lane_id(); s0 < steps; s0 += kWarpSize * kU) {
+    Pack xv[kU][kX];
+    Pack wv[kU][kR];
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int s = s0 + u * kWarpSize;
+      const bool in = s < steps;
+#pragma unroll
+      for (int x = 0; x < kX; ++x) xv[u][x] = in ? load(xs[x] + s * kW, false) : zero;
+#pragma unroll
+      for (int r = 0; r < kR; ++r) wv[u][r] = in && on[r] ? load(rows[r] + s * kW, true) : zero;
+    }
+#pragma unroll
+    for (int u = 0; u < kU; ++u)
+#pragma unroll
+      for (int r = 0; r < kR; ++r)
+#pragma unroll
+        for (int i = 0; i < kW; ++i) acc[r] = fmaf(elem(wv[u][r], i), elem(xv[u][r / kRowsPerX], i), acc[r]);
+  }
+}
+
+MOE_DEVICE MOE_FORCEINLINE float warp_sum(float v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += shfl_xor(v, offset);
+  return v;
+}
+
+// Silu tile: kRows output columns per warp, kU vectors per row in flight.
+template <int kRowsT, int kUT>
+struct SiluConfig {
+  static constexpr int kRows = kRowsT, kU = kUT, kCols = kWarps * kRowsT;
+};
+
+// Combine tile: kRows output columns per warp, kSlots of the token's experts at a time.
+template <int kRowsT, int kSlotsT, int kUT>
+struct CombineConfig {
+  static constexpr int kRows = kRowsT, kSlots = kSlotsT, kU = kUT, kCols = kWarps * kRowsT;
+};
+
+// grid (M * topk, ceil(N / Cfg::kCols)).
+template <typename T, typename Cfg, bool kVec>
+__global__ void __launch_bounds__(kThreads) moe_gemv_silu_kernel(Params p) {
+  constexpr int kRows = Cfg::kRows;
+  const int slot = blockIdx.x;
+  const int lane = lane_id();
+  const int n0 = (blockIdx.y * kWarps + static_cast<int>(threadIdx.x) / kWarpSize) * kRows;
+  if (n0 >= p.N) return;  // whole warps leave; no block-wide barrier below
+  T* out = static_cast<T*>(p.out) + static_cast<int64_t>(slot) * p.N;
+  const int e = local_expert(p.topk_ids[slot], p);
+  float g[kRows] = {}, u[kRows] = {};
+  if (e >= 0) {
+    const T* w = static_cast<const T*>(p.w) + static_cast<int64_t>(e) * 2 * p.N * p.K;
+    const T* const xs[1] = {static_cast<const T*>(p.x) + static_cast<int64_t>(slot / p.topk) * p.K};
+    const T* rows[2 * kRows];
+    bool on[2 * kRows];
+    float acc[2 * kRows] = {};
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int n = min(n0 + r, p.N - 1);  // columns past N read a valid row; not stored
+      rows[r] = w + static_cast<int64_t>(n) * p.K;
+      rows[kRows + r] = w + static_cast<int64_t>(p.N + n) * p.K;
+      on[r] = on[kRows + r] = n0 + r < p.N;
+    }
+    accumulate<T, 2 * kRows, 1, Cfg::kU, kVec>(rows, xs, on, p.K, acc);
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      g[r] = warp_sum(acc[r]);
+      u[r] = warp_sum(acc[kRows + r]);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kRows; ++r)
+    if (lane == r && n0 + r < p.N) out[n0 + r] = from_float<T>(e >= 0 ? silu_mul(g[r], u[r]) : 0.0f);
+}
+
+// grid (M, ceil(N / Cfg::kCols)).
+template <typename T, typename Cfg, bool kVec>
+__global__ void __launch_bounds__(kThreads) moe_gemv_combine_kernel(Params p) {
+  constexpr int kRows = Cfg::kRows, kSlots = Cfg::kSlots, kR = kRows * kSlots;
+  const int t = blockIdx.x;
+  const int lane = lane_id();
+  const int n0 = (blockIdx.y * kWarps + static_cast<int>(threadIdx.x) / kWarpSize) * kRows;
+  if (n0 >= p.N) return;
+  const T* w = static_cast<const T*>(p.w);
+  const T* h = static_cast<const T*>(p.x);
+  float acc[kRows] = {};
+  for (int j0 = 0; j0 < p.topk; j0 += kSlots) {
+    const T* rows[kR];
+    const T* xs[kSlots];
+    bool on[kR];
+    float weight[kSlots];
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s) {
+      const int j = j0 + s;
+      const int64_t slot = static_cast<int64_t>(t) * p.topk + j;
+      const int e = j < p.topk ? local_expert(p.topk_ids[slot], p) : -1;
+      weight[s] = e >= 0 ? p.topk_weights[slot] : 0.0f;
+      xs[s] = h + (e >= 0 ? slot : 0) * p.K;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const int n = min(n0 + r, p.N - 1);
+        rows[s * kRows + r] = w + (static_cast<int64_t>(e >= 0 ? e : 0) * p.N + n) * p.K;
+        on[s * kRows + r] = e >= 0 && n0 + r < p.N;
+      }
+    }
+    float part[kR] = {};
+    accumulate<T, kR, kSlots, Cfg::kU, kVec>(rows, xs, on, p.K, part);
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s)
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) acc[r] = fmaf(weight[s], part[s * kRows + r], acc[r]);
+  }
+  T* out = static_cast<T*>(p.out) + static_cast<int64_t>(t) * p.N;
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const float v = warp_sum(acc[r]);
+    if (lane == r && n0 + r < p.N) out[n0 + r] = from_float<T>(v);
+  }
+}
+
+}  // namespace gemv
+}  // namespace moe_ext
