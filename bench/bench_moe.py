@@ -4,7 +4,7 @@ shapes and routing, bf16, against the floor of what it must move or compute.
 Paths, each on the same inputs:
   moe_ext      moe_ext.fused_moe (torch.ops.moe_ext); skipped if an op lacks a kernel on the device.
   moe_ext_grouped  the same with decode_gemv=False: the grouped GEMMs at every T (moe_ext takes the
-               expert GEMVs moe_gemv_silu + moe_gemv_combine on CUDA for T <= GEMV_MAX_TOKENS).
+               expert GEMVs moe_gemv_silu + moe_gemv_combine on CUDA while T * topk <= E / 4).
   moe_ext_unfused  decode_gemv=False and fuse_silu=False: moe_grouped_gemm + silu_and_mul for the
                first GEMM (moe_ext fuses them through moe_grouped_gemm_silu for bf16 on CUDA).
   eager_ref    moe_ext.reference.fused_moe_ref with bf16 compute: PyTorch's loop over the hit experts.

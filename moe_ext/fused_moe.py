@@ -41,17 +41,19 @@ def choose_block_size(num_tokens: int, topk: int, num_experts: int) -> int:
     return 128
 
 
-# Token counts up to this use the decode expert GEMVs on CUDA (moe_gemv_silu + moe_gemv_combine,
-# straight from topk_ids: no alignment, no [T*k, H] intermediate, three launches with the router);
-# larger counts use the grouped GEMMs, which read each hit expert's weights once however many of
-# the token slots chose it. Set from the crossover measured on an H100 (bench/results/*-moe.md).
-GEMV_MAX_TOKENS = 4
+# The decode expert GEMVs (moe_gemv_silu + moe_gemv_combine, straight from topk_ids: no alignment,
+# no [T*k, H] intermediate, three launches with the router) read one expert's weights per token
+# slot, so slots that share an expert read it again; the grouped GEMMs read each hit expert once.
+# The GEMVs are used while T*k <= E/4 (about 12% of slots expected to repeat an expert): on an H100
+# they won there at all four model shapes (Qwen3 T <= 4, GPT-OSS and DeepSeek T <= 8, Mixtral
+# T = 1) and tied or lost just above (bench/results/h100-80gb-hbm3-moe-decode.md).
+GEMV_EXPERTS_PER_SLOT = 4
 
 
-def use_decode_gemv(hidden_states: torch.Tensor) -> bool:
-    """fused_moe's default for decode_gemv: the expert GEMVs for T <= GEMV_MAX_TOKENS on CUDA. A
-    comparison on T, so a symbolic token count under torch.compile adds one guard."""
-    return hidden_states.is_cuda and hidden_states.shape[0] <= GEMV_MAX_TOKENS
+def use_decode_gemv(hidden_states: torch.Tensor, topk: int, num_experts: int) -> bool:
+    """fused_moe's default for decode_gemv: on CUDA while T * topk <= num_experts / 4. Integer math,
+    and E and topk are static under torch.compile, so a symbolic token count adds one guard."""
+    return hidden_states.is_cuda and hidden_states.shape[0] * topk * GEMV_EXPERTS_PER_SLOT <= num_experts
 
 
 def use_fused_silu(hidden_states: torch.Tensor) -> bool:
@@ -124,7 +126,7 @@ def fused_moe(
             None: fused for bf16/fp16 on CUDA (the tensor-core kernel), two ops otherwise.
         decode_gemv: run the experts as GEMVs straight from the router's ids (moe_gemv_silu, then
             moe_gemv_combine with the weighted sum fused in; no alignment) instead of the grouped
-            GEMMs. None: on CUDA for T <= GEMV_MAX_TOKENS (use_decode_gemv). block_size and
+            GEMMs. None: on CUDA while T * topk <= E / 4 (use_decode_gemv). block_size and
             fuse_silu do not apply then.
 
     Returns:
@@ -147,7 +149,7 @@ def fused_moe(
         raise ValueError(f"fused_moe: shapes disagree: hidden_states [T, {H}], w13 {tuple(w13.shape)} "
                          f"(expected [E, 2I, {H}]), w2 {tuple(w2.shape)} (expected [E, {H}, I])")
     if decode_gemv is None:
-        decode_gemv = use_decode_gemv(hidden_states)
+        decode_gemv = use_decode_gemv(hidden_states, topk, E)
     if decode_gemv:
         weights, ids = ops.topk_gating(
             router_logits, topk, scoring_func=scoring_func, renormalize=renormalize,

@@ -105,8 +105,8 @@ def test_fused_moe_fuse_silu(device, dtype, style, T, fuse_silu):
 @pytest.mark.parametrize("T", [1, 4, 5, 33])
 @pytest.mark.parametrize("decode_gemv", [False, True])
 def test_fused_moe_decode_gemv(device, dtype, style, T, decode_gemv):
-    """Both expert paths, forced on both sides of GEMV_MAX_TOKENS (the default takes the GEMVs on
-    CUDA up to it)."""
+    """Both expert paths, forced, at token counts on both sides of the default's switch (the GEMVs on
+    CUDA while T * topk <= E / 4)."""
     require_all(device)
     x, w13, w2, logits, topk, routing = make_layer(style, T, dtype, device, seed=T + 11)
     out = moe_ext.fused_moe(x, w13, w2, logits, topk, decode_gemv=decode_gemv, **routing)
@@ -146,11 +146,12 @@ def test_module(device, style):
 @pytest.mark.parametrize("device", DEVICES)
 def test_compile_fullgraph(device):
     """torch.compile(fullgraph=True) of fused_moe with a dynamic token count: no graph break, the
-    compiled graph matches eager on both sides of the routing threshold."""
+    compiled graph matches eager on both sides of the routing threshold and of the expert-GEMV switch
+    (T = 1 takes the GEMVs at this shape, E = 32 and topk 4)."""
     require_all(device)
     torch._dynamo.reset()
     compiled = torch.compile(moe_ext.fused_moe, fullgraph=True, dynamic=True)
-    for T in (3, 40, 5, 64):
+    for T in (3, 40, 1, 5, 64):
         x, w13, w2, logits, topk, routing = make_layer("deepseek", T, torch.bfloat16, device, seed=T)
         with torch.no_grad():
             got = compiled(x, w13, w2, logits, topk, **routing)

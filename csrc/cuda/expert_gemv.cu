@@ -11,8 +11,9 @@ namespace {
 using gemv::CombineConfig;
 using gemv::SiluConfig;
 
-// Tile configs (output columns per warp, experts per pass, 16-byte vectors per row in flight).
-// Config 0 is the default; bench/tune_expert_gemv.py times the others.
+// Tile configs (output columns per warp, experts per pass, 16-byte vectors per row in flight),
+// timed by bench/tune_expert_gemv.py (results/h100-80gb-hbm3-tune-expert-gemv.md). Every config gives
+// the same bits: a lane sums the same elements in the same order whatever the tile.
 using SiluCfg0 = SiluConfig<2, 4>;
 using SiluCfg1 = SiluConfig<1, 4>;
 using SiluCfg2 = SiluConfig<4, 2>;
@@ -25,6 +26,17 @@ using CombineCfg2 = CombineConfig<1, 8, 1>;
 using CombineCfg3 = CombineConfig<2, 4, 1>;
 using CombineCfg4 = CombineConfig<1, 2, 4>;
 constexpr int kNumCombineConfigs = 5;
+
+// Defaults from the H100 tuning at T = 1..8 of the four model shapes. SiLU: config 3 was fastest
+// or within 1% everywhere (GPT-OSS T=1: 47 us, config 0 57). Combine: config 4 (two experts a pass,
+// four vectors in flight) fastest on DeepSeek, GPT-OSS and Mixtral (Mixtral T=1: 89 us, config 0
+// 125); rows under 32 lanes x 4 vectors leave its lanes idle, and there eight experts a pass with
+// one vector each (config 2) won where topk >= 8 (Qwen3, K = 768, T=1: 14.9 us, config 4 17.1).
+constexpr int kDefaultSiluConfig = 3;
+int default_combine_config(int64_t K, int64_t topk, int elem_bytes) {
+  const int64_t vectors = K * elem_bytes / kVecBytes;
+  return vectors < int64_t{kWarpSize} * CombineCfg4::kU && topk >= CombineCfg2::kSlots ? 2 : 4;
+}
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % kVecBytes == 0; }
 
@@ -70,7 +82,7 @@ cudaError_t moe_gemv_silu(DType dtype, const void* a, const void* w13, const int
   const bool vec = vectorized(dtype, a, w13, K);
   return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
-    switch (config < 0 ? 0 : config) {
+    switch (config < 0 ? kDefaultSiluConfig : config) {
       case 0: return launch_silu<T, SiluCfg0>(p, slots, vec, stream);
       case 1: return launch_silu<T, SiluCfg1>(p, slots, vec, stream);
       case 2: return launch_silu<T, SiluCfg2>(p, slots, vec, stream);
@@ -93,7 +105,7 @@ cudaError_t moe_gemv_combine(DType dtype, const void* h, const void* w2, const i
   const bool vec = vectorized(dtype, h, w2, K);
   return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
-    switch (config < 0 ? 0 : config) {
+    switch (config < 0 ? default_combine_config(K, topk, sizeof(T)) : config) {
       case 0: return launch_combine<T, CombineCfg0>(p, M, vec, stream);
       case 1: return launch_combine<T, CombineCfg1>(p, M, vec, stream);
       case 2: return launch_combine<T, CombineCfg2>(p, M, vec, stream);
