@@ -204,7 +204,7 @@ def test_align(device, T, E, topk, block_size):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("T", [1, 16, 1000, 9000])
+@pytest.mark.parametrize("T", [1, 16, 513, 1000, 4096, 9000])
 @pytest.mark.parametrize("block_size", [16, 64])
 def test_align_invalid_ids_and_expert_map(device, T, block_size):
     require_kernel("moe_align_block_size", device)
@@ -425,8 +425,52 @@ def test_align_cuda_token_mask_path(T, E, topk, repeats):
                 assert torch.equal(a.cpu(), b)
 
 
+# Sizes of the one-launch grid path (4096 < ids <= 32768), as (T, topk), and one past it.
+GRID_SIZES = [(4097, 1), (750, 8), (1024, 8), (2048, 8), (4096, 8), (5461, 6), (32769, 1)]
+
+
 @cuda_only
-@pytest.mark.parametrize("T", [1, 5, 16, 32, 33, 1024, 20000])
+@pytest.mark.parametrize("T,topk", GRID_SIZES)
+@pytest.mark.parametrize("E", [8, 256, 257, 1024])
+def test_align_cuda_grid_path(T, topk, E):
+    """The one-launch grid path equals the CPU kernel bit for bit, and is deterministic: ids
+    distinct within each row (as the router gives them), one expert taking most ids (rows repeat
+    it), invalid ids with an expert map, and ids starting off a 16-byte boundary."""
+    require_kernel("moe_align_block_size", "cuda")
+    g = torch.Generator().manual_seed(T * topk + E)
+    if topk <= E:
+        routed = torch.rand(T, E, generator=g).argsort(dim=1)[:, :topk]
+    else:
+        routed = torch.randint(0, E, (T, topk), generator=g)
+    skewed = torch.where(torch.rand(T, topk, generator=g) < 0.8, E // 3, routed)
+    invalid = routed.clone()
+    bad = torch.rand(T, topk, generator=g) < 0.1
+    junk = torch.tensor([-1, E, E + 7, -5, 2**31 - 1])
+    invalid[bad] = junk[torch.randint(0, len(junk), (int(bad.sum()),), generator=g)]
+    emap = torch.where(torch.arange(E) % 3 == 0, torch.arange(E) // 3, -1).to(torch.int32)
+    cases = [(routed, None, False), (skewed, None, False), (invalid, emap, False), (invalid, None, True)]
+    for block_size in (1, 16, 64, 128):
+        for ids, expert_map, misaligned in cases:
+            ids = ids.to(torch.int32)
+            cpu = moe_ext.moe_align_block_size(ids, E, block_size, expert_map)
+            if misaligned:  # 4 bytes past an allocation's start: three ids before the vector loads
+                buf = torch.empty(ids.numel() + 1, dtype=torch.int32, device="cuda")
+                buf[1:] = ids.flatten().cuda()
+                ids_gpu = buf[1:].view(T, topk)
+            else:
+                ids_gpu = ids.cuda()
+            map_gpu = None if expert_map is None else expert_map.cuda()
+            max_padded = ref.align_max_padded(T * topk, E, block_size)
+            poison_allocator("cuda", [max_padded * 4, max_padded // block_size * 4, 4])
+            gpu = moe_ext.moe_align_block_size(ids_gpu, E, block_size, map_gpu)
+            for name, a, b in zip(("sorted", "expert_ids", "ntpp"), gpu, cpu):
+                assert torch.equal(a.cpu(), b), f"{name} differs (block {block_size}, map {expert_map is not None})"
+            again = moe_ext.moe_align_block_size(ids_gpu, E, block_size, map_gpu)
+            assert all(torch.equal(a, b) for a, b in zip(gpu, again)), "not deterministic"
+
+
+@cuda_only
+@pytest.mark.parametrize("T", [1, 5, 16, 32, 33, 513, 1024, 4096, 20000])
 def test_routing_cuda_graph_capture(T):
     """Gating + alignment captured in a CUDA graph and replayed on new logits equals eager."""
     for op in ("topk_gating", "moe_align_block_size", "fused_topk_align"):

@@ -45,6 +45,31 @@ bool align_rows_launch(int64_t num_tokens, int topk, int E) {
          align_rows_smem_bytes(E, static_cast<int>(num_tokens), numel) <= kMaxBlockSmem;
 }
 
+// Above that (or where the masks do not fit), up to 32768 ids: one launch over a grid in which
+// every block counts all the ids and scatters its own chunk (moe_align_grid_kernel). Its blocks'
+// counting grows with all the ids (an estimated 0.1 us per 1000 ids: one shared atomic and about
+// a dozen instructions an id over 1024 threads), while the three launches' blocks read only their
+// chunk, so they win again at some size. 32768 ids (T = 4096 at top-8; ~3 us of counting against
+// 11.6 us for the three launches at 8192 ids) keeps well inside that guess; the crossover is to be
+// measured (bench/NOTES.md, v8).
+constexpr int64_t kAlignGridMaxIds = 32768;
+constexpr int kAlignGridMaxBlocks = 64;  // at most about half the multiprocessors of an H100 or A100
+
+bool align_grid_launch(int64_t numel, int E) {
+  return numel <= kAlignGridMaxIds && align_grid_smem_ints(E, align_grid_warps(E)) <= kAlignSmemInts;
+}
+
+// Chunks of whole warp-rounds of every scatter warp (one round each where the grid allows).
+struct AlignGridShape {
+  int warps, chunk, blocks;
+};
+AlignGridShape align_grid_shape(int64_t numel, int E) {
+  const int warps = align_grid_warps(E);
+  const int64_t round = int64_t(warps) * kWarpSize;
+  const int64_t chunk = round * ((numel + round * kAlignGridMaxBlocks - 1) / (round * kAlignGridMaxBlocks));
+  return {warps, static_cast<int>(chunk), static_cast<int>((numel + chunk - 1) / chunk)};
+}
+
 // Ids per block on the multi-block path: about one chunk per multiprocessor, 256 to 4096 ids.
 int align_chunk(int64_t numel) {
   const int64_t per_sm = (numel + 131) / 132;
@@ -90,7 +115,9 @@ cudaError_t topk_gating(DType dtype, const void* logits, int64_t row_stride, int
 
 int64_t moe_align_workspace(int64_t num_tokens, int topk, int num_experts) {
   const int64_t numel = num_tokens * topk;
-  if (align_single_launch(numel, num_experts) || align_rows_launch(num_tokens, topk, num_experts)) return 0;
+  if (align_single_launch(numel, num_experts) || align_rows_launch(num_tokens, topk, num_experts) ||
+      align_grid_launch(numel, num_experts))
+    return 0;
   const int chunk = align_chunk(numel);
   return (numel + chunk - 1) / chunk * num_experts;
 }
@@ -116,6 +143,14 @@ cudaError_t moe_align(const int32_t* ids, int64_t num_tokens, int topk, int num_
     if (const cudaError_t err = allow_dynamic_smem<moe_align_rows_kernel>(smem); err != cudaSuccess) return err;
     moe_align_rows_kernel<<<1, 1024, smem, stream>>>(ids, static_cast<int>(num_tokens), topk, E, block_size, expert_map,
                                                      static_cast<int>(max_padded), sorted, expert_ids, num_post_padded);
+    return cudaGetLastError();
+  }
+  if (align_grid_launch(numel, E)) {
+    const AlignGridShape g = align_grid_shape(numel, E);
+    const size_t smem = size_t(align_grid_smem_ints(E, g.warps)) * sizeof(int);
+    moe_align_grid_kernel<<<g.blocks, kAlignGridThreads, smem, stream>>>(
+        ids, static_cast<int>(numel), g.chunk, g.warps, E, block_size, expert_map, static_cast<int>(max_padded), sorted,
+        expert_ids, num_post_padded);
     return cudaGetLastError();
   }
   const int chunk = align_chunk(numel);

@@ -8,9 +8,13 @@
 //   1. count: each warp counts its segment's ids per expert (shared atomics: order-free sums);
 //   2. scan: per expert, across segments (chunks, then warps), plus the padded per-expert offsets;
 //   3. scatter: each warp walks its segment and writes every id at base + rank.
-// That is the multi-block path: count / scan / scatter as three launches over chunks of
-// `chunk` ids with an int32 workspace [chunks, E]. Small inputs run in one block, one launch
-// (moe_align_small_kernel), which ranks ids within each expert's run instead.
+// Four paths, by size (the launcher, csrc/cuda/routing.cu, picks; E <= 1024, slots fit 11 bits):
+// - up to 1024 ids, one block (moe_align_small_kernel): ranks ids within each expert's run instead;
+// - up to 4096 ids where the masks fit, one block (moe_align_rows_kernel): ranks from token masks;
+// - up to 32768 ids, one launch over a grid (moe_align_grid_kernel): each block does step 1 for
+//   all the ids (the counts before and after its chunk too) and step 2 redundantly, then step 3
+//   for its chunk; no workspace, no memset, no block waits on another;
+// - above, three launches, one per step, over chunks of `chunk` ids with an int32 workspace [chunks, E].
 #pragma once
 
 #include <cstdint>
@@ -71,10 +75,15 @@ MOE_DEVICE T block_exclusive_scan(T* vals, int n, T* scratch) {
 // Ids are read kAlignBatch warp-rounds at a time, all loads issued before the first use.
 constexpr int kAlignBatch = 8;
 
-// Segment of warp `warp` among `num_warps` over [begin, end): whole warp-rounds, contiguous.
+// Ids in each warp's segment when `num_warps` warps split n ids: whole warp-rounds, contiguous.
+MOE_DEVICE MOE_FORCEINLINE int64_t warp_segment_length(int64_t n, int num_warps) {
+  return ((n + num_warps - 1) / num_warps + kWarpSize - 1) / kWarpSize * kWarpSize;
+}
+
+// Segment of warp `warp` among `num_warps` over [begin, end) (empty for warp >= num_warps).
 MOE_DEVICE MOE_FORCEINLINE void warp_segment(int64_t begin, int64_t end, int num_warps, int warp, int64_t& s0,
                                              int64_t& s1) {
-  const int64_t seg = ((end - begin + num_warps - 1) / num_warps + kWarpSize - 1) / kWarpSize * kWarpSize;
+  const int64_t seg = warp_segment_length(end - begin, num_warps);
   s0 = min(end, begin + warp * seg);
   s1 = min(end, s0 + seg);
 }
@@ -106,24 +115,27 @@ MOE_DEVICE MOE_FORCEINLINE void count_segments(const int32_t* __restrict__ ids, 
   }
 }
 
-// Step 3 for one block: warp w writes each id of its segment at cursor[w * E + slot] + rank, rank
-// = same-slot ids before it in the segment (match_any within each warp-round, in round order).
+// Step 3 for one block: warp w < num_warps writes each id of its segment at base[slot] (0 when base
+// is null) + cursor[w * E + slot] + rank, rank = same-slot ids before it in the segment (match_any
+// within each warp-round, in round order). Warps from num_warps on have no segment.
 MOE_DEVICE MOE_FORCEINLINE void scatter_segments(const int32_t* __restrict__ ids, int64_t begin, int64_t end,
-                                                 int E, const int32_t* __restrict__ expert_map, int* cursor,
-                                                 int32_t* __restrict__ sorted) {
-  const int num_warps = blockDim.x / kWarpSize, warp = threadIdx.x / kWarpSize;
+                                                 int num_warps, int E, const int32_t* __restrict__ expert_map,
+                                                 int* cursor, const int* base, int32_t* __restrict__ sorted) {
+  const int warp = threadIdx.x / kWarpSize;
+  if (warp >= num_warps) return;  // warp-uniform
   int64_t s0, s1;
   warp_segment(begin, end, num_warps, warp, s0, s1);
   int* my = cursor + warp * E;
-  for (int64_t base = s0; base < s1; base += kAlignBatch * kWarpSize) {  // warp-uniform trip count
+  for (int64_t f0 = s0; f0 < s1; f0 += kAlignBatch * kWarpSize) {  // warp-uniform trip count
     int slot[kAlignBatch];
-    load_slots(ids, base, s1, E, expert_map, slot);
+    load_slots(ids, f0, s1, E, expert_map, slot);
 #pragma unroll
     for (int r = 0; r < kAlignBatch; ++r) {
-      if (base + r * kWarpSize >= s1) break;  // warp-uniform
+      if (f0 + r * kWarpSize >= s1) break;  // warp-uniform
       const moe_lane_mask_t peers = match_any<kAlignMatchBits>(slot[r]);
       const int rank = popcount(peers & lanemask_lt());
-      if (slot[r] >= 0) sorted[my[slot[r]] + rank] = static_cast<int32_t>(base + r * kWarpSize + lane_id());
+      if (slot[r] >= 0)
+        sorted[(base ? base[slot[r]] : 0) + my[slot[r]] + rank] = static_cast<int32_t>(f0 + r * kWarpSize + lane_id());
       sync_warp();
       if (slot[r] >= 0 && rank == 0) my[slot[r]] += popcount(peers);
       sync_warp();
@@ -173,7 +185,8 @@ MOE_DEVICE MOE_FORCEINLINE void write_expert_ids(const int* offsets, int total, 
   }
 }
 
-// Padded counts -> exclusive offsets in place (offsets[E] = total); writes num_tokens_post_padded.
+// Counts -> padded exclusive offsets in place (offsets[E] = total); writes num_tokens_post_padded
+// unless it is null.
 MOE_DEVICE MOE_FORCEINLINE void pad_and_scan(int* offsets, int E, int block_size, int* scan_scratch,
                                              int32_t* __restrict__ num_post_padded) {
   for (int s = threadIdx.x; s < E; s += blockDim.x) offsets[s] = (offsets[s] + block_size - 1) / block_size * block_size;
@@ -181,7 +194,7 @@ MOE_DEVICE MOE_FORCEINLINE void pad_and_scan(int* offsets, int E, int block_size
   const int total = block_exclusive_scan(offsets, E, scan_scratch);
   if (threadIdx.x == 0) {
     offsets[E] = total;
-    *num_post_padded = total;
+    if (num_post_padded) *num_post_padded = total;
   }
   __syncthreads();
 }
@@ -321,6 +334,95 @@ __global__ void __launch_bounds__(1024) moe_align_rows_kernel(
   write_expert_ids(offsets, total, E, block_size, max_padded / block_size, expert_map, expert_ids, tid, nthreads);
 }
 
+// Single launch over a grid for mid sizes (4K to 32K ids), with no workspace: block b owns the chunk
+// [b * chunk, (b + 1) * chunk) of the flat ids and scatters only those, so blocks never wait on each
+// other. Every block reads all the ids (32 KB at 8192, L2-resident) and counts them by expert, one
+// shared atomic per id (an order-free sum), into a table with a row for the ids before its chunk,
+// a row per scatter warp for the warp's segment of the chunk, and a row for the ids after it. The
+// running sum down each expert's column then starts every warp's cursor past the ids of earlier
+// chunks and earlier warps, and ends at the expert's total: each block scans the same padded
+// totals into the same offsets. The other outputs are split over the grid so each element is
+// written once: expert_ids and the tail past num_tokens_post_padded by grid stride, each expert's
+// padding by one warp, num_tokens_post_padded by block 0.
+// Shared: map [E] | offsets [E + 1] | scratch [kWarpSize + 1] | table [(warps + 2) * E].
+constexpr int kAlignGridThreads = 1024;
+constexpr int kAlignVecBatch = 4;  // int4 loads of ids a thread issues before the first use
+
+// Scatter warps (table rows less two) that fit in the static-limit shared memory.
+MOE_HOST_DEVICE MOE_FORCEINLINE int align_grid_warps(int E) {
+  const int w = (kAlignSmemInts - 2 * E - kWarpSize - 2) / E - 2;
+  return w < 1 ? 1 : (w > kAlignGridThreads / kWarpSize ? kAlignGridThreads / kWarpSize : w);
+}
+MOE_HOST_DEVICE MOE_FORCEINLINE int align_grid_smem_ints(int E, int warps) {
+  return 2 * E + kWarpSize + 2 + (warps + 2) * E;
+}
+
+__global__ void __launch_bounds__(kAlignGridThreads) moe_align_grid_kernel(
+    const int32_t* __restrict__ ids,  // [numel] int32
+    int numel, int chunk, int warps, int E, int block_size, const int32_t* __restrict__ expert_map, int max_padded,
+    int32_t* __restrict__ sorted, int32_t* __restrict__ expert_ids, int32_t* __restrict__ num_post_padded) {
+  extern __shared__ __align__(16) int align_smem[];
+  int* map = align_smem;
+  int* offsets = map + E;
+  int* scratch = offsets + E + 1;
+  int* table = scratch + kWarpSize + 1;  // rows: before the chunk | the warps' segments | after it
+  const int tid = threadIdx.x, nthreads = blockDim.x, rows = warps + 2;
+  const int c0 = blockIdx.x * chunk, c1 = min(numel, c0 + chunk);
+  const int seg = static_cast<int>(warp_segment_length(c1 - c0, warps));
+  // Ids before the first 16-byte boundary (a sliced tensor may start anywhere) are read one by one.
+  const int head = min(numel, static_cast<int>((16 - reinterpret_cast<uintptr_t>(ids) % 16) % 16 / 4));
+  const int nvec = (numel - head) / 4;
+  const int4* vec = reinterpret_cast<const int4*>(ids + head);
+  const int step = kAlignVecBatch * nthreads;
+  int4 q[kAlignVecBatch];
+  auto load = [&](int v0) {
+#pragma unroll
+    for (int r = 0; r < kAlignVecBatch; ++r)
+      if (v0 + r * nthreads + tid < nvec) q[r] = vec[v0 + r * nthreads + tid];
+  };
+  load(0);  // in flight across the zeroing and the map copy
+  for (int i = tid; i < rows * E; i += nthreads) table[i] = 0;
+  const int32_t* smap = nullptr;  // the expert map in shared memory: no dependent global load per id
+  if (expert_map) {
+    for (int s = tid; s < E; s += nthreads) map[s] = expert_map[s];
+    smap = map;
+  }
+  __syncthreads();
+  auto tally = [&](int f, int32_t id) {
+    const int s = align_slot_device(id, E, smap);
+    if (s < 0) return;
+    const int row = f < c0 ? 0 : (f >= c1 ? rows - 1 : 1 + static_cast<int>(unsigned(f - c0) / unsigned(seg)));
+    atomicAdd(&table[row * E + s], 1);
+  };
+  for (int v0 = 0; v0 < nvec; v0 += step) {
+    if (v0 > 0) load(v0);
+#pragma unroll
+    for (int r = 0; r < kAlignVecBatch; ++r) {
+      const int v = v0 + r * nthreads + tid;
+      if (v >= nvec) break;
+      const int f = head + 4 * v;
+      tally(f, q[r].x);
+      tally(f + 1, q[r].y);
+      tally(f + 2, q[r].z);
+      tally(f + 3, q[r].w);
+    }
+  }
+  for (int f = tid; f < head; f += nthreads) tally(f, ids[f]);
+  for (int f = head + 4 * nvec + tid; f < numel; f += nthreads) tally(f, ids[f]);
+  __syncthreads();
+  int* count = table + (rows - 1) * E;  // the after row, spent once summed: each expert's id count
+  for (int s = tid; s < E; s += nthreads) offsets[s] = count[s] = column_exclusive_sum(table, rows, E, s, 0);
+  pad_and_scan(offsets, E, block_size, scratch, blockIdx.x == 0 ? num_post_padded : nullptr);  // ends with a barrier
+  scatter_segments(ids, c0, c1, warps, E, smap, table + E, offsets, sorted);
+  const int total = offsets[E];
+  const int gtid = blockIdx.x * nthreads + tid, gstride = gridDim.x * nthreads;
+  write_expert_ids(offsets, total, E, block_size, max_padded / block_size, smap, expert_ids, gtid, gstride);
+  const int nwarps = nthreads / kWarpSize;
+  for (int s = blockIdx.x * nwarps + tid / kWarpSize; s < E; s += gridDim.x * nwarps)  // padding: sentinel
+    for (int p = offsets[s] + count[s] + lane_id(); p < offsets[s + 1]; p += kWarpSize) sorted[p] = numel;
+  for (int p = total + gtid; p < max_padded; p += gstride) sorted[p] = numel;  // tail: sentinel
+}
+
 // Multi-block step 1: chunk c's per-expert counts -> workspace[c * E + s]; also fills the sentinel.
 __global__ void moe_align_count_kernel(const int32_t* __restrict__ ids, int numel, int chunk, int E,
                                        const int32_t* __restrict__ expert_map, int max_padded,
@@ -369,7 +471,7 @@ __global__ void moe_align_scatter_kernel(const int32_t* __restrict__ ids, int nu
   __syncthreads();
   counts_to_cursors(counts, E, workspace + int64_t(blockIdx.x) * E);
   __syncthreads();
-  scatter_segments(ids, begin, end, E, expert_map, counts, sorted);
+  scatter_segments(ids, begin, end, num_warps, E, expert_map, counts, nullptr, sorted);
 }
 
 }  // namespace moe_ext

@@ -1,6 +1,7 @@
 """Routing kernels on a few shapes each, for compute-sanitizer (run by tests/sanitizer/run.sh):
 the fused decode kernel over T = 1..32 with every routing variant, and the alignment paths (one
-block, token masks with and without repeated experts, multi-block). Exits non-zero on a mismatch."""
+block, token masks with and without repeated experts, the one-launch grid, multi-block). Exits
+non-zero on a mismatch."""
 
 from __future__ import annotations
 
@@ -33,5 +34,18 @@ for T, E, topk in [(100, 256, 8), (400, 256, 8), (1024, 256, 8), (1500, 64, 2), 
     b = moe_ext.moe_align_block_size(ids, E, 16)
     c = moe_ext.moe_align_block_size(ids.cpu(), E, 16)
     assert all(torch.equal(x.cpu(), y) for x, y in zip(b, c)), (T, E, topk)
+# The one-launch grid path (4096 < ids <= 32768): a hot expert, invalid ids, an expert map, and ids
+# starting 4 bytes past a 16-byte boundary (the scalar head before the vector loads).
+for T, E, topk, bs in [(513, 256, 8, 16), (4096, 256, 8, 64), (3000, 1024, 8, 128), (4097, 8, 1, 1)]:
+    ids = torch.randint(0, E, (T, topk), device=dev, dtype=torch.int32)
+    ids[torch.rand(T, topk, device=dev) < 0.5] = E // 3
+    ids[torch.rand(T, topk, device=dev) < 0.05] = -1
+    emap = torch.where(torch.arange(E, device=dev) % 3 == 1, -1, torch.arange(E, device=dev)).to(torch.int32)
+    buf = torch.empty(T * topk + 1, device=dev, dtype=torch.int32)
+    buf[1:] = ids.flatten()
+    for x, m in [(ids, None), (ids, emap), (buf[1:].view(T, topk), emap)]:
+        a = moe_ext.moe_align_block_size(x, E, bs, m)
+        c = moe_ext.moe_align_block_size(x.cpu(), E, bs, None if m is None else m.cpu())
+        assert all(torch.equal(y.cpu(), z) for y, z in zip(a, c)), (T, E, topk, bs)
 torch.cuda.synchronize()
 print("routing sanitizer cases: ok")
