@@ -32,6 +32,7 @@ def main():
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64, 1024, 16384])
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--no-kernel-time", action="store_true")
+    p.add_argument("--stem", default="routing", help="results/<device>-<stem>.json/.md (a partial grid elsewhere)")
     args = p.parse_args()
     calib = Calibration()
     rows, fns = [], []
@@ -69,7 +70,7 @@ def main():
         cols += [(f"{name}_eager_us", f"{name} eager µs", ".2f"), (f"{name}_graph_us", f"{name} graph µs", ".2f"),
                  (f"{name}_kernel_us", f"{name} kernel µs", ".2f")]
     cols += [("torch_pair_eager_us", "torch pair eager µs", ".1f"), ("ids_per_s", "ids/s (pair, graph)", ".3g")]
-    path = write_results("routing", {"block_size": args.block_size, "logits": "bf16", "routing": "softmax+renormalize",
+    path = write_results(args.stem, {"block_size": args.block_size, "logits": "bf16", "routing": "softmax+renormalize",
                                      "calibration_1elem_add": calib.kernel_time(args.no_kernel_time)},
                          rows, markdown_table(rows, cols))
     print(f"\nwrote {path}.json/.md")
