@@ -44,16 +44,23 @@ def choose_block_size(num_tokens: int, topk: int, num_experts: int) -> int:
 # The decode expert GEMVs (moe_gemv_silu + moe_gemv_combine, straight from topk_ids: no alignment,
 # no [T*k, H] intermediate, three launches with the router) read one expert's weights per token
 # slot, so slots that share an expert read it again; the grouped GEMMs read each hit expert once.
-# The GEMVs are used while T*k <= E/4 (about 12% of slots expected to repeat an expert): on an H100
-# they won there at all four model shapes (Qwen3 T <= 4, GPT-OSS and DeepSeek T <= 8, Mixtral
-# T = 1) and tied or lost just above (bench/results/h100-80gb-hbm3-moe-decode.md).
+# The GEMVs are used while T*k <= E'/4, E' the experts a token can reach (E, or for grouped top-k
+# E * topk_group / num_expert_group): on an H100 they won there at all four model shapes (Qwen3 and
+# DeepSeek-V3 T <= 4, GPT-OSS T <= 8, Mixtral T = 1) and tied or lost above
+# (bench/results/h100-80gb-hbm3-moe-decode.md; DeepSeek-V3 at T = 8, 87.3% of the floor against
+# 89.3% for the grouped GEMMs, is where the grouped reach mattered).
 GEMV_EXPERTS_PER_SLOT = 4
 
 
-def use_decode_gemv(hidden_states: torch.Tensor, topk: int, num_experts: int) -> bool:
-    """fused_moe's default for decode_gemv: on CUDA while T * topk <= num_experts / 4. Integer math,
-    and E and topk are static under torch.compile, so a symbolic token count adds one guard."""
-    return hidden_states.is_cuda and hidden_states.shape[0] * topk * GEMV_EXPERTS_PER_SLOT <= num_experts
+def use_decode_gemv(hidden_states: torch.Tensor, topk: int, num_experts: int, num_expert_group: int | None = None,
+                    topk_group: int | None = None) -> bool:
+    """fused_moe's default for decode_gemv: on CUDA while T * topk * 4 <= the experts a token can
+    reach. Integer math, and E, topk and the groups are static under torch.compile, so a symbolic
+    token count adds one guard."""
+    reach = num_experts
+    if num_expert_group and topk_group and num_expert_group > 1:
+        reach = num_experts * topk_group // num_expert_group
+    return hidden_states.is_cuda and hidden_states.shape[0] * topk * GEMV_EXPERTS_PER_SLOT <= reach
 
 
 def use_fused_silu(hidden_states: torch.Tensor) -> bool:
@@ -126,7 +133,8 @@ def fused_moe(
             None: fused for bf16/fp16 on CUDA (the tensor-core kernel), two ops otherwise.
         decode_gemv: run the experts as GEMVs straight from the router's ids (moe_gemv_silu, then
             moe_gemv_combine with the weighted sum fused in; no alignment) instead of the grouped
-            GEMMs. None: on CUDA while T * topk <= E / 4 (use_decode_gemv). block_size and
+            GEMMs. None: on CUDA while T * topk <= E / 4 (use_decode_gemv; for grouped top-k, E
+            counts the experts of the topk_group best groups only). block_size and
             fuse_silu do not apply then.
 
     Returns:
@@ -149,7 +157,7 @@ def fused_moe(
         raise ValueError(f"fused_moe: shapes disagree: hidden_states [T, {H}], w13 {tuple(w13.shape)} "
                          f"(expected [E, 2I, {H}]), w2 {tuple(w2.shape)} (expected [E, {H}, I])")
     if decode_gemv is None:
-        decode_gemv = use_decode_gemv(hidden_states, topk, E)
+        decode_gemv = use_decode_gemv(hidden_states, topk, E, num_expert_group, topk_group)
     if decode_gemv:
         weights, ids = ops.topk_gating(
             router_logits, topk, scoring_func=scoring_func, renormalize=renormalize,

@@ -160,9 +160,9 @@ def test_compile_fullgraph(device):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
-@pytest.mark.parametrize("T", [2, 8])
+@pytest.mark.parametrize("T", [1, 8])
 def test_cuda_graph_capture(T):
-    """The whole layer captured in a CUDA graph, replayed on new inputs, equals eager (T = 2: the
+    """The whole layer captured in a CUDA graph, replayed on new inputs, equals eager (T = 1: the
     expert GEMVs; T = 8: fused routing and the grouped GEMMs)."""
     require_all("cuda")
     x, w13, w2, logits, topk, routing = make_layer("deepseek", T, torch.bfloat16, "cuda")
