@@ -137,6 +137,31 @@ MOE_DEVICE MOE_FORCEINLINE T warp_inclusive_scan(T v) {
   return v;
 }
 
+// Programmatic dependent launch (sm_90+; no-ops elsewhere and on HIP). A kernel launched with the
+// programmatic-serialization attribute may start before the kernel ahead of it in the stream has
+// finished, once every block of that kernel has called grid_dependents_launch() (or exited);
+// grid_dependency_wait() then blocks until that kernel has completed and its writes are visible.
+// Nothing the previous kernel writes may be read before the wait.
+MOE_DEVICE MOE_FORCEINLINE void grid_dependency_wait() {
+#if !defined(__HIP_PLATFORM_AMD__) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+MOE_DEVICE MOE_FORCEINLINE void grid_dependents_launch() {
+#if !defined(__HIP_PLATFORM_AMD__) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
+// Starts pulling [p, p + bytes) into L2 (sm_90+ bulk prefetch; p 16-byte aligned, bytes a multiple
+// of 16, the range inside one allocation). A hint: nothing comes back to the thread.
+MOE_DEVICE MOE_FORCEINLINE void prefetch_l2(const void* p, unsigned bytes) {
+#if !defined(__HIP_PLATFORM_AMD__) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#endif
+}
+
 MOE_DEVICE MOE_FORCEINLINE void sync_warp() {
 #if !defined(__HIP_PLATFORM_AMD__)
   __syncwarp();

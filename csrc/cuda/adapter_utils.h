@@ -29,6 +29,14 @@ inline int num_sms(c10::DeviceIndex device) {
   return n;
 }
 
+// Compute-capability major version of a device, read once per device.
+inline int compute_major(c10::DeviceIndex device) {
+  static int cache[64] = {};
+  int& major = cache[device & 63];
+  if (major == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major;
+}
+
 // The config index from environment variable `env` (n configs), -1 when unset.
 inline int config_override(const char* op, const char* env, int n) {
   const char* s = std::getenv(env);
@@ -38,6 +46,13 @@ inline int config_override(const char* op, const char* env, int n) {
   MOE_CHECK_VALUE(*end == '\0' && v >= -1 && v < n, "moe_ext.", op, ": ", env, " must be an integer in [-1, ", n,
                   "), got \"", s, "\"");
   return static_cast<int>(v);
+}
+
+// Whether to launch with programmatic dependent launch: the device is sm_90+ and MOE_EXT_PDL is not
+// "0" (read on every call, for A/B timing within one process).
+inline bool use_pdl(c10::DeviceIndex device) {
+  const char* s = std::getenv("MOE_EXT_PDL");
+  return compute_major(device) >= 9 && !(s != nullptr && s[0] == '0' && s[1] == '\0');
 }
 
 }  // namespace moe_ext

@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <cstddef>
+#include <utility>
 
 #include "../kernels/dtype.h"
 
@@ -42,6 +43,26 @@ cudaError_t allow_dynamic_smem(size_t bytes) {
       cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
   if (err == cudaSuccess) g.store(bytes, std::memory_order_relaxed);
   return err;
+}
+
+// Launches kernel<<<grid, block, smem, stream>>>(args...), with programmatic dependent launch when
+// `pdl` (sm_90+): the kernel may then start while the one ahead of it in the stream finishes, and
+// must call grid_dependency_wait() (csrc/core/compat.h) before reading what that kernel writes.
+// Captured into CUDA graphs as a programmatic edge.
+template <typename... Params, typename... Args>
+cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, bool pdl,
+                          Args&&... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
 }
 
 }  // namespace moe_ext::cuda

@@ -40,24 +40,24 @@ int default_combine_config(int64_t K, int64_t topk, int elem_bytes) {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % kVecBytes == 0; }
 
-template <typename Cfg, typename Kernel>
-cudaError_t launch(Kernel kernel, const gemv::Params& p, int64_t ctas, cudaStream_t stream) {
+template <typename Cfg>
+cudaError_t launch(void (*kernel)(gemv::Params), const gemv::Params& p, int64_t ctas, bool pdl, cudaStream_t stream) {
   const int64_t tiles = (p.N + Cfg::kCols - 1) / Cfg::kCols;
   if (ctas > INT_MAX || tiles > 65535) return cudaErrorInvalidValue;
-  kernel<<<dim3(static_cast<unsigned>(ctas), static_cast<unsigned>(tiles)), gemv::kThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(kernel, dim3(static_cast<unsigned>(ctas), static_cast<unsigned>(tiles)), dim3(gemv::kThreads),
+                       0, stream, pdl, p);
 }
 
 template <typename T, typename Cfg>
-cudaError_t launch_silu(const gemv::Params& p, int64_t ctas, bool vec, cudaStream_t stream) {
-  return vec ? launch<Cfg>(gemv::moe_gemv_silu_kernel<T, Cfg, true>, p, ctas, stream)
-             : launch<Cfg>(gemv::moe_gemv_silu_kernel<T, Cfg, false>, p, ctas, stream);
+cudaError_t launch_silu(const gemv::Params& p, int64_t ctas, bool vec, bool pdl, cudaStream_t stream) {
+  return vec ? launch<Cfg>(gemv::moe_gemv_silu_kernel<T, Cfg, true>, p, ctas, pdl, stream)
+             : launch<Cfg>(gemv::moe_gemv_silu_kernel<T, Cfg, false>, p, ctas, pdl, stream);
 }
 
 template <typename T, typename Cfg>
-cudaError_t launch_combine(const gemv::Params& p, int64_t ctas, bool vec, cudaStream_t stream) {
-  return vec ? launch<Cfg>(gemv::moe_gemv_combine_kernel<T, Cfg, true>, p, ctas, stream)
-             : launch<Cfg>(gemv::moe_gemv_combine_kernel<T, Cfg, false>, p, ctas, stream);
+cudaError_t launch_combine(const gemv::Params& p, int64_t ctas, bool vec, bool pdl, cudaStream_t stream) {
+  return vec ? launch<Cfg>(gemv::moe_gemv_combine_kernel<T, Cfg, true>, p, ctas, pdl, stream)
+             : launch<Cfg>(gemv::moe_gemv_combine_kernel<T, Cfg, false>, p, ctas, pdl, stream);
 }
 
 bool vectorized(DType dtype, const void* x, const void* w, int64_t K) {
@@ -72,7 +72,7 @@ int moe_gemv_combine_num_configs() { return kNumCombineConfigs; }
 
 cudaError_t moe_gemv_silu(DType dtype, const void* a, const void* w13, const int32_t* topk_ids,
                           const int32_t* expert_map, void* out, int64_t M, int64_t topk, int64_t I, int64_t K,
-                          int64_t E, int64_t E_route, int config, cudaStream_t stream) {
+                          int64_t E, int64_t E_route, int config, bool pdl, cudaStream_t stream) {
   const int64_t slots = M * topk;
   if (slots == 0 || I == 0) return cudaSuccess;
   if (config >= kNumSiluConfigs || 2 * I > INT_MAX || K > INT_MAX || E > INT_MAX || E_route > INT_MAX)
@@ -83,10 +83,10 @@ cudaError_t moe_gemv_silu(DType dtype, const void* a, const void* w13, const int
   return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     switch (config < 0 ? kDefaultSiluConfig : config) {
-      case 0: return launch_silu<T, SiluCfg0>(p, slots, vec, stream);
-      case 1: return launch_silu<T, SiluCfg1>(p, slots, vec, stream);
-      case 2: return launch_silu<T, SiluCfg2>(p, slots, vec, stream);
-      case 3: return launch_silu<T, SiluCfg3>(p, slots, vec, stream);
+      case 0: return launch_silu<T, SiluCfg0>(p, slots, vec, pdl, stream);
+      case 1: return launch_silu<T, SiluCfg1>(p, slots, vec, pdl, stream);
+      case 2: return launch_silu<T, SiluCfg2>(p, slots, vec, pdl, stream);
+      case 3: return launch_silu<T, SiluCfg3>(p, slots, vec, pdl, stream);
     }
     return cudaErrorInvalidValue;
   });
@@ -95,7 +95,7 @@ cudaError_t moe_gemv_silu(DType dtype, const void* a, const void* w13, const int
 cudaError_t moe_gemv_combine(DType dtype, const void* h, const void* w2, const int32_t* topk_ids,
                              const float* topk_weights, const int32_t* expert_map, void* out, int64_t M,
                              int64_t topk, int64_t H, int64_t K, int64_t E, int64_t E_route, int config,
-                             cudaStream_t stream) {
+                             bool pdl, cudaStream_t stream) {
   if (M == 0 || H == 0) return cudaSuccess;
   if (config >= kNumCombineConfigs || H > INT_MAX || K > INT_MAX || E > INT_MAX || E_route > INT_MAX ||
       M * topk > INT_MAX)
@@ -106,11 +106,11 @@ cudaError_t moe_gemv_combine(DType dtype, const void* h, const void* w2, const i
   return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     switch (config < 0 ? default_combine_config(K, topk, sizeof(T)) : config) {
-      case 0: return launch_combine<T, CombineCfg0>(p, M, vec, stream);
-      case 1: return launch_combine<T, CombineCfg1>(p, M, vec, stream);
-      case 2: return launch_combine<T, CombineCfg2>(p, M, vec, stream);
-      case 3: return launch_combine<T, CombineCfg3>(p, M, vec, stream);
-      case 4: return launch_combine<T, CombineCfg4>(p, M, vec, stream);
+      case 0: return launch_combine<T, CombineCfg0>(p, M, vec, pdl, stream);
+      case 1: return launch_combine<T, CombineCfg1>(p, M, vec, pdl, stream);
+      case 2: return launch_combine<T, CombineCfg2>(p, M, vec, pdl, stream);
+      case 3: return launch_combine<T, CombineCfg3>(p, M, vec, pdl, stream);
+      case 4: return launch_combine<T, CombineCfg4>(p, M, vec, pdl, stream);
     }
     return cudaErrorInvalidValue;
   });

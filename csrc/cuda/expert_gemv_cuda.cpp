@@ -5,6 +5,7 @@
 //   MOE_EXT_GEMV_SILU_CONFIG     index into moe_gemv_silu's tile-config table (csrc/cuda/expert_gemv.cu),
 //                                -1 or unset for the default.
 //   MOE_EXT_GEMV_COMBINE_CONFIG  the same for moe_gemv_combine.
+//   MOE_EXT_PDL                  "0": launch without programmatic dependent launch (sm_90+ uses it).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -45,7 +46,8 @@ at::Tensor moe_gemv_silu_cuda(const at::Tensor& a, const at::Tensor& w13, const 
   const int64_t E_route = expert_map.has_value() ? expert_map->numel() : E;
   C10_CUDA_CHECK(cuda::moe_gemv_silu(to_dtype(a.scalar_type()), a.const_data_ptr(), w13.const_data_ptr(),
                                      topk_ids.const_data_ptr<int32_t>(), map_ptr(expert_map), out.data_ptr(), M, topk,
-                                     I, K, E, E_route, config, c10::cuda::getCurrentCUDAStream()));
+                                     I, K, E, E_route, config, use_pdl(a.device().index()),
+                                     c10::cuda::getCurrentCUDAStream()));
   return out;
 }
 
@@ -66,7 +68,7 @@ at::Tensor moe_gemv_combine_cuda(const at::Tensor& h, const at::Tensor& w2, cons
   C10_CUDA_CHECK(cuda::moe_gemv_combine(to_dtype(h.scalar_type()), h.const_data_ptr(), w2.const_data_ptr(),
                                         topk_ids.const_data_ptr<int32_t>(), topk_weights.const_data_ptr<float>(),
                                         map_ptr(expert_map), out.data_ptr(), M, topk, H, K, E, E_route, config,
-                                        c10::cuda::getCurrentCUDAStream()));
+                                        use_pdl(h.device().index()), c10::cuda::getCurrentCUDAStream()));
   return out;
 }
 

@@ -61,13 +61,8 @@ at::Tensor alloc_output(const char* op, const at::Tensor& a, int64_t rows, int64
   return zero_fill ? at::zeros({rows, N}, a.options()) : at::empty({rows, N}, a.options());
 }
 
-// Whether a device has mma.sync bf16/fp16 tensor cores (sm_80+), read once per device.
-bool has_tensor_cores(c10::DeviceIndex device) {
-  static int cache[64] = {};
-  int& major = cache[device & 63];
-  if (major == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  return major >= 8;
-}
+// Whether a device has mma.sync bf16/fp16 tensor cores (sm_80+).
+bool has_tensor_cores(c10::DeviceIndex device) { return compute_major(device) >= 8; }
 
 }  // namespace
 

@@ -117,6 +117,9 @@ MOE_DEVICE MOE_FORCEINLINE float warp_sum(float v) {
   return v;
 }
 
+// Largest weight row the combine kernel asks L2 to prefetch in one bulk request.
+constexpr int64_t kMaxPrefetchRowBytes = int64_t{1} << 20;
+
 // Silu tile: kRows output columns per warp, kU vectors per row in flight.
 template <int kRowsT, int kUT>
 struct SiluConfig {
@@ -136,6 +139,10 @@ __global__ void __launch_bounds__(kThreads) moe_gemv_silu_kernel(Params p) {
   const int slot = blockIdx.x;
   const int lane = lane_id();
   const int n0 = (blockIdx.y * kWarps + static_cast<int>(threadIdx.x) / kWarpSize) * kRows;
+  // Launched after the router with programmatic dependent launch (when the launcher can): topk_ids
+  // come from it, so wait first; then let the combine kernel start its weight prefetch.
+  grid_dependency_wait();
+  grid_dependents_launch();
   if (n0 >= p.N) return;  // whole warps leave; no block-wide barrier below
   T* out = static_cast<T*>(p.out) + static_cast<int64_t>(slot) * p.N;
   const int e = local_expert(p.topk_ids[slot], p);
@@ -175,6 +182,21 @@ __global__ void __launch_bounds__(kThreads) moe_gemv_combine_kernel(Params p) {
   if (n0 >= p.N) return;
   const T* w = static_cast<const T*>(p.w);
   const T* h = static_cast<const T*>(p.x);
+  // Before waiting on the kernel ahead (moe_gemv_silu, which writes h), ask L2 for this warp's
+  // weight rows: they do not depend on it. topk_ids are complete by now when that kernel waited
+  // on the router before letting this one start (moe_gemv_silu does); read earlier, they could
+  // only name the wrong rows to prefetch, never change a result (ids are range-checked).
+  if (kVec && static_cast<int64_t>(p.K) * static_cast<int64_t>(sizeof(T)) <= kMaxPrefetchRowBytes) {
+    const unsigned row_bytes = static_cast<unsigned>(p.K) * static_cast<unsigned>(sizeof(T));
+    for (int j = lane; j < p.topk; j += kWarpSize) {
+      const int e = local_expert(p.topk_ids[static_cast<int64_t>(t) * p.topk + j], p);
+      if (e < 0) continue;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r)
+        if (n0 + r < p.N) prefetch_l2(w + (static_cast<int64_t>(e) * p.N + n0 + r) * p.K, row_bytes);
+    }
+  }
+  grid_dependency_wait();
   float acc[kRows] = {};
   for (int j0 = 0; j0 < p.topk; j0 += kSlots) {
     const T* rows[kR];

@@ -267,6 +267,9 @@ __global__ void __launch_bounds__(kGateGroupsPerBlock* kGateLanes)
     topk_gating_kernel(const T* __restrict__ logits, int64_t row_stride, int num_tokens, GatingParams p,
                        float* __restrict__ weights, int32_t* __restrict__ ids) {
   extern __shared__ __align__(16) char gate_smem[];
+  // A kernel queued behind this one with programmatic dependent launch (the expert GEMVs) may start
+  // now and wait there for these results; kernels launched without it are unaffected.
+  grid_dependents_launch();
   const int group = threadIdx.x / kGateLanes;
   const int lane = threadIdx.x % kGateLanes;
   const int t = blockIdx.x * kGateGroupsPerBlock + group;
