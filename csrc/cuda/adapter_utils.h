@@ -48,6 +48,14 @@ inline int config_override(const char* op, const char* env, int n) {
   return static_cast<int>(v);
 }
 
+// L2 cache size of a device in bytes, read once per device.
+inline int64_t l2_bytes(c10::DeviceIndex device) {
+  static int cache[64] = {};
+  int& n = cache[device & 63];
+  if (n == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrL2CacheSize, device));
+  return n;
+}
+
 // Whether to launch with programmatic dependent launch: the device is sm_90+ and MOE_EXT_PDL is not
 // "0" (read on every call, for A/B timing within one process).
 inline bool use_pdl(c10::DeviceIndex device) {

@@ -78,7 +78,7 @@ cudaError_t moe_gemv_silu(DType dtype, const void* a, const void* w13, const int
   if (config >= kNumSiluConfigs || 2 * I > INT_MAX || K > INT_MAX || E > INT_MAX || E_route > INT_MAX)
     return cudaErrorInvalidValue;
   const gemv::Params p{a, w13, topk_ids, nullptr, expert_map, out, static_cast<int>(topk), static_cast<int>(I),
-                       static_cast<int>(K), static_cast<int>(E), static_cast<int>(E_route)};
+                       static_cast<int>(K), static_cast<int>(E), static_cast<int>(E_route), false};
   const bool vec = vectorized(dtype, a, w13, K);
   return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
@@ -95,13 +95,13 @@ cudaError_t moe_gemv_silu(DType dtype, const void* a, const void* w13, const int
 cudaError_t moe_gemv_combine(DType dtype, const void* h, const void* w2, const int32_t* topk_ids,
                              const float* topk_weights, const int32_t* expert_map, void* out, int64_t M,
                              int64_t topk, int64_t H, int64_t K, int64_t E, int64_t E_route, int config,
-                             bool pdl, cudaStream_t stream) {
+                             bool pdl, bool prefetch, cudaStream_t stream) {
   if (M == 0 || H == 0) return cudaSuccess;
   if (config >= kNumCombineConfigs || H > INT_MAX || K > INT_MAX || E > INT_MAX || E_route > INT_MAX ||
       M * topk > INT_MAX)
     return cudaErrorInvalidValue;
   const gemv::Params p{h, w2, topk_ids, topk_weights, expert_map, out, static_cast<int>(topk), static_cast<int>(H),
-                       static_cast<int>(K), static_cast<int>(E), static_cast<int>(E_route)};
+                       static_cast<int>(K), static_cast<int>(E), static_cast<int>(E_route), pdl && prefetch};
   const bool vec = vectorized(dtype, h, w2, K);
   return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);

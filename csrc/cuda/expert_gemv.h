@@ -25,10 +25,11 @@ cudaError_t moe_gemv_silu(DType dtype, const void* a, const void* w13, const int
 
 // out[t] = sum_j topk_weights[t, j] * (h[t * topk + j] @ w2[e_j]^T) over the slots with a local
 // expert, fp32 sum, one rounding. h: [M * topk, K]; w2: [E, H, K]; topk_weights: [M, topk] fp32;
-// out: [M, H]. pdl: as above; the kernel prefetches its weight rows into L2 before it waits for h.
+// out: [M, H]. pdl: as above; with `prefetch` too the kernel asks L2 for its weight rows before it
+// waits for h (for callers that know the rows fit in L2).
 cudaError_t moe_gemv_combine(DType dtype, const void* h, const void* w2, const int32_t* topk_ids,
                              const float* topk_weights, const int32_t* expert_map, void* out, int64_t M,
                              int64_t topk, int64_t H, int64_t K, int64_t E, int64_t E_route, int config,
-                             bool pdl, cudaStream_t stream);
+                             bool pdl, bool prefetch, cudaStream_t stream);
 
 }  // namespace moe_ext::cuda

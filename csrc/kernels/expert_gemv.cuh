@@ -36,6 +36,7 @@ struct Params {
   const int32_t* expert_map;      // [E_route] or null
   void* out;                      // silu: [M * topk, N]; combine: [M, N]
   int topk, N, K, E, E_route;
+  bool prefetch;                  // combine: prefetch the weight rows into L2 before waiting on h
 };
 
 // Local expert of a routed id, or -1 when the slot contributes nothing here.
@@ -183,10 +184,11 @@ __global__ void __launch_bounds__(kThreads) moe_gemv_combine_kernel(Params p) {
   const T* w = static_cast<const T*>(p.w);
   const T* h = static_cast<const T*>(p.x);
   // Before waiting on the kernel ahead (moe_gemv_silu, which writes h), ask L2 for this warp's
-  // weight rows: they do not depend on it. topk_ids are complete by now when that kernel waited
+  // weight rows (when the launcher found all of them fit in L2: else they evict each other before
+  // use and are read twice): they do not depend on it. topk_ids are complete by now when that kernel waited
   // on the router before letting this one start (moe_gemv_silu does); read earlier, they could
   // only name the wrong rows to prefetch, never change a result (ids are range-checked).
-  if (kVec && static_cast<int64_t>(p.K) * static_cast<int64_t>(sizeof(T)) <= kMaxPrefetchRowBytes) {
+  if (kVec && p.prefetch && static_cast<int64_t>(p.K) * static_cast<int64_t>(sizeof(T)) <= kMaxPrefetchRowBytes) {
     const unsigned row_bytes = static_cast<unsigned>(p.K) * static_cast<unsigned>(sizeof(T));
     for (int j = lane; j < p.topk; j += kWarpSize) {
       const int e = local_expert(p.topk_ids[static_cast<int64_t>(t) * p.topk + j], p);
