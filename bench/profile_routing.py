@@ -2,7 +2,8 @@
 decode kernel (softmax E=256/topk 8, and DeepSeek-V3's grouped sigmoid routing).
 
     ncu -k regex:"gating|moe_align" --set full --import-source yes -o prof python bench/profile_routing.py
-    ncu -i prof.ncu-rep --page source --csv --print-source sass   # stall samples per instruction
+    ncu -i prof.ncu-rep --page source --csv --print-source sass > src.csv   # stall samples per instruction
+    python bench/top_sass.py src.csv                                         # the top ones
 """
 
 import torch

@@ -1,6 +1,11 @@
+"""The SASS instructions with the most warp-stall samples in an ncu source-page CSV, for a quick read
+of where a kernel waits (bench/profile_routing.py's docstring shows how to make the CSV):
+
+    ncu -i prof.ncu-rep --page source --csv --print-source sass > src.csv
+    python bench/top_sass.py src.csv
+"""
 import csv, sys
 rows = list(csv.reader(open(sys.argv[1])))
-# find header row
 hi = next(i for i, r in enumerate(rows) if any("Source" == c for c in r))
 h = rows[hi]
 src = h.index("Source")

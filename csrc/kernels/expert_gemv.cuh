@@ -7,13 +7,15 @@
 // One CTA per slot p (silu) or token t (combine) and tile of kWarps * kRows output columns. Each
 // warp owns kRows columns and streams their weight rows (silu: a gate and an up row per column;
 // combine: one row per column for kSlots of the token's experts at a time) in 16-byte vectors,
-// kUnroll vectors per row in flight per lane, with the activation vectors read through L1 (all
-// warps of a CTA read the same ones). Products accumulate in fp32 per lane, then one warp sum per
+// kU vectors per row in flight per lane, with the activation vectors read through L1 (all warps
+// of a CTA read the same ones). Products accumulate in fp32 per lane, then one warp sum per
 // column. A slot whose id is outside [0, E_route), maps to -1 in expert_map or to a local expert
 // outside [0, E) gives a zero row (silu) or no term (combine): every output element is written,
 // so outputs need no memset. The combine sums j in order: deterministic, no atomics. Rows whose
 // length K is not a multiple of the vector width (or bases not 16-byte aligned) take the scalar
-// path, one element per lane-step.
+// path, one element per lane-step. Launched with programmatic dependent launch on sm_90 (the
+// launcher decides): the SiLU kernel waits for the router, then lets the combine kernel start,
+// which asks L2 for its weight rows before it waits for h.
 #pragma once
 
 #include <cstdint>
@@ -62,7 +64,7 @@ MOE_DEVICE MOE_FORCEINLINE Vec<T> load_vec_stream(const T* p) {
 // Adds to acc[r] this lane's share of rows[r] . xs[r / (kR / kX)] over K elements (rows with
 // on[r] false are skipped). kVec: K is a multiple of the vector width and every row and x starts
 // 16-byte aligned; lanes then take whole vectors, kU of them per row in flight. Loads are kept
-// in their 16-bit form until the products (half the registers of fp32 copies).
+// in their storage type until the products (for bf16/fp16, half the registers of fp32 copies).
 template <typename T, int kR, int kX, int kU, bool kVec>
 MOE_DEVICE MOE_FORCEINLINE void accumulate(const T* const (&rows)[kR], const T* const (&xs)[kX], const bool (&on)[kR],
                                            int K, float (&acc)[kR]) {
