@@ -160,6 +160,9 @@ def fused_moe(
     if w13.shape[2] != H or w2.shape[1] != H or w13.shape[1] != 2 * w2.shape[2]:
         raise ValueError(f"fused_moe: shapes disagree: hidden_states [T, {H}], w13 {tuple(w13.shape)} "
                          f"(expected [E, 2I, {H}]), w2 {tuple(w2.shape)} (expected [E, {H}, I])")
+    if expert_map is not None and tuple(expert_map.shape) != (E,):
+        raise ValueError(f"fused_moe: expert_map must be [E] = [{E}] (one entry per routed expert), got shape "
+                         f"{tuple(expert_map.shape)}")
     if decode_gemv is None:
         decode_gemv = use_decode_gemv(hidden_states, topk, E, num_expert_group, topk_group)
     if decode_gemv:

@@ -211,6 +211,9 @@ def test_fused_moe_bad_input():
         moe_ext.fused_moe(x, w13, torch.randn(8, 16, 8), lg, 2)
     with pytest.raises(ERRORS, match="topk must be in"):
         moe_ext.fused_moe(x, w13, w2, lg, 9)
+    for decode_gemv in (False, True):  # both expert paths refuse a map of the wrong length
+        with pytest.raises(ValueError, match=r"expert_map must be \[E\] = \[8\]"):
+            moe_ext.fused_moe(x, w13, w2, lg, 2, expert_map=torch.arange(7, dtype=torch.int32), decode_gemv=decode_gemv)
 
 
 # ------------------------------------------------------------------------------------------------
