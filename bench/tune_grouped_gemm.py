@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -31,21 +30,6 @@ from moe_ext.models import MODELS  # noqa: E402
 
 ENV = "MOE_EXT_GROUPED_GEMM_CONFIG"
 SILU_ENV = "MOE_EXT_GROUPED_GEMM_SILU_CONFIG"
-
-
-def num_configs(env: str, op) -> int:
-    """The size of op's table (forced through env), from the adapter's message for an out-of-range index."""
-    a = torch.zeros(1, 16, device="cuda", dtype=torch.bfloat16)
-    w = torch.zeros(1, 16, 16, device="cuda", dtype=torch.bfloat16)
-    s, e, n = moe_ext.moe_align_block_size(torch.zeros(1, 1, dtype=torch.int32, device="cuda"), 1, 16)
-    os.environ[env] = "1000000"
-    try:
-        op(a, w, s, e, n, 1)
-    except ValueError as err:
-        return int(re.search(r"\[-1, (\d+)\)", str(err)).group(1))
-    finally:
-        os.environ.pop(env, None)
-    raise RuntimeError("the adapter accepted an out-of-range config")
 
 
 def shapes_from_models(tokens):
@@ -78,7 +62,7 @@ def main():
             return moe_ext.moe_grouped_gemm_silu(a, w, s, e, n, topk)
     else:
         op = moe_ext.moe_grouped_gemm
-    n_cfg = num_configs(env, op)
+    n_cfg = moe_ext.ops.num_tile_configs("moe_grouped_gemm_silu" if args.silu else "moe_grouped_gemm")
     if args.shape:
         shapes = []
         for s in args.shape:

@@ -51,6 +51,11 @@ TORCH_LIBRARY(moe_ext, m) {
       "moe_gemv_combine(Tensor h, Tensor w2, Tensor topk_ids, Tensor topk_weights, "
       "Tensor? expert_map=None) -> Tensor");
 
+  // Entries in a CUDA launcher's tile-config table, which the MOE_EXT_*_CONFIG overrides index (for
+  // tuners and tests): op is "moe_grouped_gemm", "moe_grouped_gemm_silu", "moe_gemv_silu" or
+  // "moe_gemv_combine". Registered by CUDA builds only.
+  m.def("num_tile_configs(str op) -> int");
+
   // Top-k combine: [T, topk, H] -> [T, H], optionally weighted by topk_weights [T, topk], fp32 sum.
   m.def("moe_combine(Tensor x, Tensor? topk_weights=None) -> Tensor");
 }

@@ -298,3 +298,10 @@ def moe_gemv_combine(
 @torch.library.register_fake("moe_ext::moe_gemv_combine")
 def _moe_gemv_combine_fake(h, w2, topk_ids, topk_weights, expert_map=None):
     return h.new_empty((topk_ids.shape[0], w2.shape[1]))
+
+
+def num_tile_configs(op: str) -> int:
+    """Entries in the CUDA launcher's tile-config table of op ("moe_grouped_gemm",
+    "moe_grouped_gemm_silu", "moe_gemv_silu", "moe_gemv_combine"): the valid indices of its
+    MOE_EXT_*_CONFIG override, for tuners and tests. CUDA builds only."""
+    return torch.ops.moe_ext.num_tile_configs.default(op)

@@ -30,6 +30,21 @@ def poison_allocator(device: str, nbytes_list) -> None:
     del blocks
 
 
+def capture_graph(fn, warmup: int = 1):
+    """fn() run `warmup` times on a side stream (so lazy allocations and one-time setup happen outside
+    the capture), then captured in a CUDA graph. Returns (graph, what the captured call returned)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def nbytes(shape, dtype) -> int:
     n = 1
     for s in shape:

@@ -252,3 +252,12 @@ def test_opcheck(device, case):
     name, args = opcheck_cases(device)[case]
     require_kernel(name, device)
     torch.library.opcheck(getattr(torch.ops.moe_ext, name).default, args)
+
+
+def test_num_tile_configs():
+    """The launchers' table sizes that the MOE_EXT_*_CONFIG overrides index; a bad op name is refused."""
+    require_kernel("moe_gemv_silu", "cuda")  # the tables exist in CUDA builds only
+    for op in ("moe_grouped_gemm", "moe_grouped_gemm_silu", "moe_gemv_silu", "moe_gemv_combine"):
+        assert moe_ext.ops.num_tile_configs(op) >= 1, op
+    with pytest.raises(ValueError, match='num_tile_configs: op must be .* got "silu_and_mul"'):
+        moe_ext.ops.num_tile_configs("silu_and_mul")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 import moe_ext
 from moe_ext import reference as ref
 
-from conftest import DEVICES, HAS_CUDA, nbytes, poison_allocator, require_kernel
+from conftest import DEVICES, HAS_CUDA, capture_graph, nbytes, poison_allocator, require_kernel
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # One rounding of an fp32 result into the dtype plus accumulation-order slack; atol scales with
@@ -132,17 +133,17 @@ def test_gemv_unaligned_views(device):
                  ref.moe_gemv_combine_ref(h.cpu(), w2.cpu(), ids.cpu(), weights.cpu()), dtype)
 
 
-def _num_configs(env: str, call) -> int:
-    """Entries of a launcher's config table, probed through the override's range check."""
-    os.environ[env] = "1000000"
+def _num_configs(env: str, op: str, call) -> int:
+    """Entries of op's config table (moe_ext.ops.num_tile_configs), checking that the override env
+    refuses the first index past it."""
+    n = moe_ext.ops.num_tile_configs(op)
+    os.environ[env] = str(n)
     try:
-        call()
-    except (RuntimeError, ValueError) as e:
-        msg = str(e)
-        return int(msg[msg.index("[-1, ") + 5:msg.index(")", msg.index("[-1, "))])
+        with pytest.raises(ValueError, match=re.escape(f"{env} must be an integer in [-1, {n})")):
+            call()
     finally:
         del os.environ[env]
-    raise AssertionError(f"{env}=1000000 was accepted")
+    return n
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
@@ -160,9 +161,10 @@ def test_gemv_every_config_bit_identical(dtype, K):
     ids, weights, _ = routing(M, topk, E, "invalid_ids", "cuda", seed=K)
     silu = lambda: moe_ext.moe_gemv_silu(a, w13, ids)  # noqa: E731
     combine = lambda: moe_ext.moe_gemv_combine(h, w2, ids, weights)  # noqa: E731
-    for env, call in (("MOE_EXT_GEMV_SILU_CONFIG", silu), ("MOE_EXT_GEMV_COMBINE_CONFIG", combine)):
+    for env, op, call in (("MOE_EXT_GEMV_SILU_CONFIG", "moe_gemv_silu", silu),
+                          ("MOE_EXT_GEMV_COMBINE_CONFIG", "moe_gemv_combine", combine)):
         base = call()
-        for cfg in range(_num_configs(env, call)):
+        for cfg in range(_num_configs(env, op, call)):
             os.environ[env] = str(cfg)
             try:
                 assert torch.equal(call(), base), (env, cfg)
@@ -200,14 +202,7 @@ def test_gemv_cuda_graph_and_determinism():
     ids, weights, _ = routing(M, topk, E, "none", "cuda", seed=5)
     run = lambda: moe_ext.moe_gemv_combine(moe_ext.moe_gemv_silu(x, w13, ids), w2, ids, weights)  # noqa: E731
     assert torch.equal(run(), run())
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        run()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
+    graph, out = capture_graph(run)
     for seed in range(3):
         new_ids, new_weights, _ = routing(M, topk, E, "invalid_ids", "cuda", seed=50 + seed)
         x.copy_(torch.randn_like(x))

@@ -8,7 +8,7 @@ import torch
 import moe_ext
 from moe_ext import reference as ref
 
-from conftest import DEVICES, HAS_CUDA, rel_l2, require_kernel
+from conftest import DEVICES, HAS_CUDA, capture_graph, rel_l2, require_kernel
 
 ALL_OPS = ["topk_gating", "moe_align_block_size", "fused_topk_align", "silu_and_mul", "moe_grouped_gemm",
            "moe_grouped_gemm_silu", "moe_combine", "moe_gemv_silu", "moe_gemv_combine"]
@@ -167,15 +167,8 @@ def test_cuda_graph_capture(T):
     require_all("cuda")
     x, w13, w2, logits, topk, routing = make_layer("deepseek", T, torch.bfloat16, "cuda")
     static_x, static_logits = x.clone(), logits.clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            moe_ext.fused_moe(static_x, w13, w2, static_logits, topk, **routing)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = moe_ext.fused_moe(static_x, w13, w2, static_logits, topk, **routing)
+    graph, static_out = capture_graph(lambda: moe_ext.fused_moe(static_x, w13, w2, static_logits, topk, **routing),
+                                      warmup=2)
     for seed in range(3):
         x2, _, _, logits2, _, _ = make_layer("deepseek", T, torch.bfloat16, "cuda", seed=100 + seed)
         static_x.copy_(x2)

@@ -20,8 +20,8 @@ import torch
 import moe_ext
 from moe_ext import reference as ref
 
-from conftest import (HAS_CUDA, check_silu_gemm, covered_rows, nbytes, poison_allocator, rel_l2, require_kernel,
-                      routed_pairs)
+from conftest import (HAS_CUDA, capture_graph, check_silu_gemm, covered_rows, nbytes, poison_allocator, rel_l2,
+                      require_kernel, routed_pairs)
 
 pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
 
@@ -196,16 +196,18 @@ def test_bad_sorted_ids():
 
 
 def num_configs(env: str = CONFIG_ENV, op=moe_ext.moe_grouped_gemm) -> int:
-    """Size of the launcher's config table behind env (op's), from an out-of-range override's message."""
+    """Size of op's config table (moe_ext.ops.num_tile_configs), checking that the override env
+    refuses the first index past it with a message naming env and the table's range."""
     import os
-    a, w, s, e, n, topk, _ = make_case(2, 1, 2, 16, 16, 16, torch.bfloat16, "random", False)
-    os.environ[env] = "100000"
+    n = moe_ext.ops.num_tile_configs(op.__name__)
+    a, w, s, e, ntpp, topk, _ = make_case(2, 1, 2, 16, 16, 16, torch.bfloat16, "random", False)
+    os.environ[env] = str(n)
     try:
-        with pytest.raises(ValueError, match=env) as info:
-            op(*(t.cuda() for t in (a, w, s, e, n)), topk)
+        with pytest.raises(ValueError, match=re.escape(f"{env} must be an integer in [-1, {n})")):
+            op(*(t.cuda() for t in (a, w, s, e, ntpp)), topk)
     finally:
         del os.environ[env]
-    return int(re.search(r"\[-1, (\d+)\)", str(info.value)).group(1))
+    return n
 
 
 @pytest.mark.parametrize("shape,block_size", [((17, 4, 8, 130, 200), 16), ((64, 8, 16, 384, 256), 64),
@@ -259,14 +261,7 @@ def test_cuda_graph_replay(monkeypatch, zero):
     cases = [make_case(T, topk, E, N, K, bs, torch.bfloat16, mode, True, seed=s)
              for s, mode in enumerate(["random", "dropped", "one_expert"])]
     static = [t.cuda().clone() for t in (cases[0][:5] + (cases[0][6],))]
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        moe_ext.moe_grouped_gemm(*static[:5], topk, static[5])
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = moe_ext.moe_grouped_gemm(*static[:5], topk, static[5])
+    graph, out = capture_graph(lambda: moe_ext.moe_grouped_gemm(*static[:5], topk, static[5]))
     for case in cases[1:] + cases[:1]:
         a, w, s, e, n, _, tw = case
         if s.numel() != static[2].numel():  # the padded length depends only on T * topk, E, bs
@@ -383,14 +378,7 @@ def test_silu_cuda_graph_replay(monkeypatch, zero):
              for s, mode in enumerate(["random", "dropped", "one_expert"])]
     static = [t.cuda().clone() for t in cases[0][:5]]
     topk = cases[0][5]
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        moe_ext.moe_grouped_gemm_silu(*static, topk)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = moe_ext.moe_grouped_gemm_silu(*static, topk)
+    graph, out = capture_graph(lambda: moe_ext.moe_grouped_gemm_silu(*static, topk))
     for case in cases[1:] + cases[:1]:
         for dst, src in zip(static, case[:5]):
             dst.copy_(src)

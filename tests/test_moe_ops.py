@@ -119,6 +119,15 @@ def test_grouped_gemm(device, dtype, T, topk, E, N, K, mode, weighted):
         assert (out.view(T, topk, N)[:, 1:] == 0).all(), "padding rows must be zero"
 
 
+def upper_half_on_rank(T, k, E, g):
+    """Router-like ids [T, k] over E experts, an expert_map putting experts E/2.. on this rank as
+    0.. (the rest -1), and their alignment (block 16) by the reference."""
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(torch.int32)
+    expert_map = torch.full((E,), -1, dtype=torch.int32)
+    expert_map[E // 2:] = torch.arange(E // 2, dtype=torch.int32)
+    return ids, expert_map, ref.moe_align_block_size_ref(ids, E, 16, expert_map)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_grouped_gemm_second_layer_and_expert_map(device):
     """The second GEMM's form (topk = 1 over [T*k, I] rows, weights [T, k]) with expert_map: rows of
@@ -126,10 +135,7 @@ def test_grouped_gemm_second_layer_and_expert_map(device):
     require_kernel("moe_grouped_gemm", device)
     g = torch.Generator().manual_seed(0)
     T, k, E, H, I = 33, 4, 16, 72, 40
-    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(torch.int32)
-    expert_map = torch.full((E,), -1, dtype=torch.int32)
-    expert_map[E // 2:] = torch.arange(E // 2, dtype=torch.int32)
-    sorted_ids, expert_ids, ntpp = ref.moe_align_block_size_ref(ids, E, 16, expert_map)
+    ids, expert_map, (sorted_ids, expert_ids, ntpp) = upper_half_on_rank(T, k, E, g)
     act = torch.randn(T * k, I, generator=g).to(torch.bfloat16)
     w2 = (torch.randn(E // 2, H, I, generator=g) / I**0.5).to(torch.bfloat16)
     tw = torch.rand(T, k, generator=g)
@@ -213,10 +219,7 @@ def test_grouped_gemm_silu_expert_map_and_minus_one_blocks(device, dtype):
     require_kernel("moe_grouped_gemm_silu", device)
     g = torch.Generator().manual_seed(2)
     T, k, E, I, K = 33, 4, 16, 40, 72
-    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(torch.int32)
-    expert_map = torch.full((E,), -1, dtype=torch.int32)
-    expert_map[E // 2:] = torch.arange(E // 2, dtype=torch.int32)
-    sorted_ids, expert_ids, ntpp = ref.moe_align_block_size_ref(ids, E, 16, expert_map)
+    ids, expert_map, (sorted_ids, expert_ids, ntpp) = upper_half_on_rank(T, k, E, g)
     a = torch.randn(T, K, generator=g).to(dtype)
     w13 = (torch.randn(E // 2, 2 * I, K, generator=g) / K**0.5).to(dtype)
     dev = lambda *ts: [t.to(device) for t in ts]  # noqa: E731

@@ -10,7 +10,7 @@ import torch
 import moe_ext
 from moe_ext import reference as ref
 
-from conftest import (DEVICES, assert_align_matches, assert_gating_matches, assert_valid_ids, nbytes,
+from conftest import (DEVICES, assert_align_matches, assert_gating_matches, capture_graph, nbytes,
                       poison_allocator, random_logits, require_kernel)
 
 TOKENS = [0, 1, 3, 16, 17, 1000]
@@ -484,14 +484,7 @@ def test_routing_cuda_graph_capture(T):
         w, ids = moe_ext.topk_gating(static, topk, **routing)
         return (w, ids, *moe_ext.moe_align_block_size(ids, E, 16), *moe_ext.fused_topk_align(static, topk, 16, **routing))
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        run()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = run()
+    graph, outs = capture_graph(run)
     for seed in range(3):
         static.copy_(torch.randn(T, E, generator=torch.Generator().manual_seed(seed)).to("cuda", torch.bfloat16))
         graph.replay()

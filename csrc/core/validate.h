@@ -230,14 +230,11 @@ inline void check_grouped_gemm_silu_args(const at::Tensor& a, const at::Tensor& 
                   "got shape ", dims(w13.sizes()));
 }
 
-// The expert GEMVs' routing: topk_ids [M, topk] int32 with M = rows, topk >= 1; optional
-// expert_map [E_route] int32 (global -> local expert or -1).
+// The expert GEMVs' routing: topk_ids [M, topk] int32 with topk >= 1; optional expert_map
+// [E_route] int32 (global -> local expert or -1). Each op checks M against its own operand.
 inline void check_gemv_routing_args(const char* op, const at::Tensor& topk_ids,
-                                    const std::optional<at::Tensor>& expert_map, int64_t rows,
-                                    const char* rows_what, const at::Device& device) {
+                                    const std::optional<at::Tensor>& expert_map, const at::Device& device) {
   check_arg(op, "topk_ids", topk_ids, 2, {c10::ScalarType::Int}, device);
-  MOE_CHECK_VALUE(topk_ids.size(0) == rows, "moe_ext.", op, ": topk_ids must have ", rows_what, " = ", rows,
-                  " rows, got shape ", dims(topk_ids.sizes()));
   MOE_CHECK_VALUE(topk_ids.size(1) >= 1, "moe_ext.", op, ": topk_ids must have topk >= 1 columns, got shape ",
                   dims(topk_ids.sizes()));
   MOE_CHECK_VALUE(topk_ids.numel() < (int64_t{1} << 31), "moe_ext.", op, ": topk_ids has ", topk_ids.numel(),
@@ -259,7 +256,9 @@ inline void check_gemv_silu_args(const at::Tensor& a, const at::Tensor& w13, con
   MOE_CHECK_VALUE(w13.size(2) == a.size(1) && w13.size(1) % 2 == 0, "moe_ext.", op,
                   ": w13 must be [E, 2I, K] (gate rows, then up rows) with K = a.size(1) = ", a.size(1),
                   ", got shape ", dims(w13.sizes()));
-  check_gemv_routing_args(op, topk_ids, expert_map, a.size(0), "a.size(0)", a.device());
+  check_gemv_routing_args(op, topk_ids, expert_map, a.device());
+  MOE_CHECK_VALUE(topk_ids.size(0) == a.size(0), "moe_ext.", op, ": topk_ids must have a.size(0) = ", a.size(0),
+                  " rows, got shape ", dims(topk_ids.sizes()));
 }
 
 // moe_gemv_combine: h [M * topk, K]; w2 [E, H, K] of h's dtype; topk_ids [M, topk]; topk_weights
@@ -273,11 +272,10 @@ inline void check_gemv_combine_args(const at::Tensor& h, const at::Tensor& w2, c
                  h.scalar_type(), ", got ", w2.scalar_type());
   MOE_CHECK_VALUE(w2.size(2) == h.size(1), "moe_ext.", op, ": w2 must be [E, H, K] with K = h.size(1) = ",
                   h.size(1), ", got shape ", dims(w2.sizes()));
-  check_arg(op, "topk_ids", topk_ids, 2, {c10::ScalarType::Int}, h.device());
-  MOE_CHECK_VALUE(topk_ids.size(1) >= 1 && topk_ids.numel() == h.size(0), "moe_ext.", op,
+  check_gemv_routing_args(op, topk_ids, expert_map, h.device());
+  MOE_CHECK_VALUE(topk_ids.numel() == h.size(0), "moe_ext.", op,
                   ": topk_ids must be [M, topk] with M * topk = h.size(0) = ", h.size(0), ", got shape ",
                   dims(topk_ids.sizes()));
-  check_gemv_routing_args(op, topk_ids, expert_map, topk_ids.size(0), "M", h.device());
   check_arg(op, "topk_weights", topk_weights, 2, {c10::ScalarType::Float}, h.device());
   MOE_CHECK_VALUE(topk_weights.sizes() == topk_ids.sizes(), "moe_ext.", op,
                   ": topk_weights must have topk_ids' shape ", dims(topk_ids.sizes()), ", got ",

@@ -21,21 +21,20 @@ inline DType to_dtype(c10::ScalarType t) {
   }
 }
 
-// Multiprocessor count of a device, read once per device.
-inline int num_sms(c10::DeviceIndex device) {
+// A device attribute (nonzero for those read here), queried once per device and attribute.
+template <cudaDeviceAttr kAttr>
+inline int device_attribute(c10::DeviceIndex device) {
   static int cache[64] = {};
-  int& n = cache[device & 63];
-  if (n == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-  return n;
+  int& v = cache[device & 63];
+  if (v == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, kAttr, device));
+  return v;
 }
 
-// Compute-capability major version of a device, read once per device.
+inline int num_sms(c10::DeviceIndex device) { return device_attribute<cudaDevAttrMultiProcessorCount>(device); }
 inline int compute_major(c10::DeviceIndex device) {
-  static int cache[64] = {};
-  int& major = cache[device & 63];
-  if (major == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  return major;
+  return device_attribute<cudaDevAttrComputeCapabilityMajor>(device);
 }
+inline int64_t l2_bytes(c10::DeviceIndex device) { return device_attribute<cudaDevAttrL2CacheSize>(device); }
 
 // The config index from environment variable `env` (n configs), -1 when unset.
 inline int config_override(const char* op, const char* env, int n) {
@@ -46,14 +45,6 @@ inline int config_override(const char* op, const char* env, int n) {
   MOE_CHECK_VALUE(*end == '\0' && v >= -1 && v < n, "moe_ext.", op, ": ", env, " must be an integer in [-1, ", n,
                   "), got \"", s, "\"");
   return static_cast<int>(v);
-}
-
-// L2 cache size of a device in bytes, read once per device.
-inline int64_t l2_bytes(c10::DeviceIndex device) {
-  static int cache[64] = {};
-  int& n = cache[device & 63];
-  if (n == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrL2CacheSize, device));
-  return n;
 }
 
 // Whether to launch with programmatic dependent launch: the device is sm_90+ and MOE_EXT_PDL is not

@@ -26,6 +26,16 @@ cudaError_t dispatch_dtype(DType dtype, F&& f) {
   return cudaErrorInvalidValue;
 }
 
+// Calls f(Cfgs{}...[index]): a runtime index into a table of config types (tile shapes), the way
+// dispatch_dtype maps a dtype to a type. cudaErrorInvalidValue for an index outside the table.
+template <typename... Cfgs, typename F>
+cudaError_t dispatch_config(int index, F&& f) {
+  cudaError_t err = cudaErrorInvalidValue;
+  int i = 0;
+  (void)((i++ == index ? (err = f(Cfgs{}), true) : false) || ...);
+  return err;
+}
+
 // Opts kKernel in to `bytes` of dynamic shared memory when that is over the default 48 KiB. The
 // grant is remembered per kernel instance (the template argument: every instance of one kernel has
 // the same function-pointer type, so a cache keyed on the type would be shared) and device, so the

@@ -82,13 +82,9 @@ cudaError_t moe_gemv_silu(DType dtype, const void* a, const void* w13, const int
   const bool vec = vectorized(dtype, a, w13, K);
   return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
-    switch (config < 0 ? kDefaultSiluConfig : config) {
-      case 0: return launch_silu<T, SiluCfg0>(p, slots, vec, pdl, stream);
-      case 1: return launch_silu<T, SiluCfg1>(p, slots, vec, pdl, stream);
-      case 2: return launch_silu<T, SiluCfg2>(p, slots, vec, pdl, stream);
-      case 3: return launch_silu<T, SiluCfg3>(p, slots, vec, pdl, stream);
-    }
-    return cudaErrorInvalidValue;
+    return dispatch_config<SiluCfg0, SiluCfg1, SiluCfg2, SiluCfg3>(
+        config < 0 ? kDefaultSiluConfig : config,
+        [&](auto c) { return launch_silu<T, decltype(c)>(p, slots, vec, pdl, stream); });
   });
 }
 
@@ -105,14 +101,9 @@ cudaError_t moe_gemv_combine(DType dtype, const void* h, const void* w2, const i
   const bool vec = vectorized(dtype, h, w2, K);
   return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
-    switch (config < 0 ? default_combine_config(K, topk, sizeof(T)) : config) {
-      case 0: return launch_combine<T, CombineCfg0>(p, M, vec, pdl, stream);
-      case 1: return launch_combine<T, CombineCfg1>(p, M, vec, pdl, stream);
-      case 2: return launch_combine<T, CombineCfg2>(p, M, vec, pdl, stream);
-      case 3: return launch_combine<T, CombineCfg3>(p, M, vec, pdl, stream);
-      case 4: return launch_combine<T, CombineCfg4>(p, M, vec, pdl, stream);
-    }
-    return cudaErrorInvalidValue;
+    return dispatch_config<CombineCfg0, CombineCfg1, CombineCfg2, CombineCfg3, CombineCfg4>(
+        config < 0 ? default_combine_config(K, topk, sizeof(T)) : config,
+        [&](auto c) { return launch_combine<T, decltype(c)>(p, M, vec, pdl, stream); });
   });
 }
 

@@ -138,21 +138,9 @@ cudaError_t launch_mma_config(int cfg, bool aligned, const GroupedGemmParams& p,
                               cudaStream_t stream) {
   if (!aligned) return launch_mma<T, Cfg1, false>(p, num_blocks, stream);
   static_assert(kUnalignedConfig == 1, "the unaligned instance above must match kUnalignedConfig");
-  switch (cfg) {
-    case 0: return launch_mma<T, Cfg0, true>(p, num_blocks, stream);
-    case 1: return launch_mma<T, Cfg1, true>(p, num_blocks, stream);
-    case 2: return launch_mma<T, Cfg2, true>(p, num_blocks, stream);
-    case 3: return launch_mma<T, Cfg3, true>(p, num_blocks, stream);
-    case 4: return launch_mma<T, Cfg4, true>(p, num_blocks, stream);
-    case 5: return launch_mma<T, Cfg5, true>(p, num_blocks, stream);
-    case 6: return launch_mma<T, Cfg6, true>(p, num_blocks, stream);
-    case 7: return launch_mma<T, Cfg7, true>(p, num_blocks, stream);
-    case 8: return launch_mma<T, Cfg8, true>(p, num_blocks, stream);
-    case 9: return launch_mma<T, Cfg9, true>(p, num_blocks, stream);
-    case 10: return launch_mma<T, Cfg10, true>(p, num_blocks, stream);
-    case 11: return launch_mma<T, Cfg11, true>(p, num_blocks, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_config<Cfg0, Cfg1, Cfg2, Cfg3, Cfg4, Cfg5, Cfg6, Cfg7, Cfg8, Cfg9, Cfg10, Cfg11>(cfg, [&](auto c) {
+    return launch_mma<T, decltype(c), true>(p, num_blocks, stream);
+  });
 }
 
 template <typename T>
@@ -160,13 +148,9 @@ cudaError_t launch_silu_config(int cfg, bool aligned, const GroupedGemmParams& p
                                cudaStream_t stream) {
   if (!aligned) return launch_mma<T, SiluCfg0, false>(p, num_blocks, stream);
   static_assert(kSiluUnalignedConfig == 0, "the unaligned instance above must match kSiluUnalignedConfig");
-  switch (cfg) {
-    case 0: return launch_mma<T, SiluCfg0, true>(p, num_blocks, stream);
-    case 1: return launch_mma<T, SiluCfg1, true>(p, num_blocks, stream);
-    case 2: return launch_mma<T, SiluCfg2, true>(p, num_blocks, stream);
-    case 3: return launch_mma<T, SiluCfg3, true>(p, num_blocks, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_config<SiluCfg0, SiluCfg1, SiluCfg2, SiluCfg3>(cfg, [&](auto c) {
+    return launch_mma<T, decltype(c), true>(p, num_blocks, stream);
+  });
 }
 #else
 constexpr int kNumConfigs = 0;
