@@ -80,6 +80,15 @@ MOE_DEVICE MOE_FORCEINLINE moe_lane_mask_t ballot(bool pred) {
 #endif
 }
 
+// Whether any lane of the warp holds pred (warp-uniform result).
+MOE_DEVICE MOE_FORCEINLINE bool any_lane(bool pred) {
+#if defined(__HIP_PLATFORM_AMD__)
+  return __any(pred);
+#else
+  return __any_sync(MOE_FULL_LANE_MASK, pred);
+#endif
+}
+
 MOE_DEVICE MOE_FORCEINLINE int lane_id() { return static_cast<int>(threadIdx.x) & (kWarpSize - 1); }
 
 MOE_DEVICE MOE_FORCEINLINE int popcount(moe_lane_mask_t m) {
