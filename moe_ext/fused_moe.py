@@ -13,11 +13,12 @@ from . import ops
 # Token counts up to the threshold use the fused gating + alignment op (one CUDA kernel for decode);
 # larger counts use the separate router and alignment ops. The thresholds are the crossovers
 # measured on an H100 (bench/results/h100-80gb-hbm3-fused-routing.md, graph replay): the fused
-# kernel is ahead through T = 24 at E = 128 (GPT-OSS) and through T = 12 at E = 256 (DeepSeek
-# shapes, softmax and grouped; tied or behind from T = 16). E is a static dimension, so under
-# torch.compile with a dynamic token count the comparison is the one guard the choice adds.
+# kernel is ahead through T = 24 at E = 128 (GPT-OSS) and through T = 16 at E = 256 (DeepSeek
+# shapes: 1.11x softmax and 1.08x grouped at T = 16; the grouped one falls behind at T = 20). E is
+# a static dimension, so under torch.compile with a dynamic token count the comparison is the one
+# guard the choice adds.
 FUSED_ROUTING_MAX_TOKENS_SMALL_E = 24  # E <= 128
-FUSED_ROUTING_MAX_TOKENS_LARGE_E = 12  # E > 128
+FUSED_ROUTING_MAX_TOKENS_LARGE_E = 16  # E > 128
 
 
 def fused_routing_threshold(num_experts: int) -> int:
