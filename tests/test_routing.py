@@ -329,6 +329,33 @@ def test_topk_gating_cuda_bit_identical_to_cpu(E, dtype, variant, T):
 
 
 @cuda_only
+@pytest.mark.parametrize("E", [40, 64, 100, 256, 1024])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scoring_func", ["softmax", "sigmoid"])
+def test_topk_gating_cuda_one_lane_holds_the_topk(E, dtype, scoring_func):
+    """The CUDA router keeps each lane's best two experts and re-ranks a lane's remaining ones on
+    every second win. Here one lane (experts 5, 37, 69, ...) holds every top logit, in pairs of
+    equal values (rotated per row), so that lane wins round after round and its re-ranks must
+    break ties by index as the CPU kernel does."""
+    require_kernel("topk_gating", "cuda")
+    g = torch.Generator().manual_seed(E)
+    T = 8
+    logits = random_logits(T, E, torch.float32, "cpu", g)  # |x| well under 20
+    lane = torch.arange(5, E, 32)
+    pairs = 20.0 + torch.arange(len(lane)).div(2, rounding_mode="floor").float()  # 20, 20, 21, 21, ...
+    for t in range(T):
+        logits[t, lane] = pairs.roll(2 * t)
+    logits = logits.to(dtype)  # small integers: exact in every dtype
+    for topk in sorted({1, 2, 3, min(len(lane), 32), min(E, 32)}):
+        cpu = moe_ext.topk_gating(logits, topk, scoring_func=scoring_func, renormalize=True)
+        gpu = moe_ext.topk_gating(logits.cuda(), topk, scoring_func=scoring_func, renormalize=True)
+        assert torch.equal(gpu[1].cpu(), cpu[1]), f"ids differ (E={E}, topk={topk})"
+        assert torch.equal(gpu[0].cpu(), cpu[0]), f"weights differ (E={E}, topk={topk})"
+        top = min(topk, len(lane))
+        assert set(cpu[1][:, :top].flatten().tolist()) <= set(lane.tolist()), "the lane's experts lead"
+
+
+@cuda_only
 @pytest.mark.parametrize("T", [1, 16, 1000, 2048, 16384, 65536])
 @pytest.mark.parametrize("E,topk", [(8, 2), (256, 8), (1024, 8), (257, 4)])
 @pytest.mark.parametrize("block_size", [16, 64])
