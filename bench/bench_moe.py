@@ -223,17 +223,19 @@ def smoke_config(cfg):
     return dataclasses.replace(cfg, num_experts=min(cfg.num_experts, 32), hidden_size=128, intermediate_size=64)
 
 
+def layer_weights(cfg, device: str, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """One random w13 [E, 2I, H] and w2 [E, H, I], scaled so activations stay O(1)."""
+    E, H, I = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+    w13 = torch.randn(E, 2 * I, H, dtype=dtype, device=device).mul_(H**-0.5)
+    w2 = torch.randn(E, H, I, dtype=dtype, device=device).mul_(I**-0.5)
+    return w13, w2
+
+
 def make_weight_sets(cfg, device: str, dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Up to MAX_WEIGHT_SETS copies of w13 and w2, as many as fit in 45% of free memory."""
-    E, H, I = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
     per_set = cfg.weight_bytes(elem_bytes=torch.empty((), dtype=dtype).element_size())
     free = torch.cuda.mem_get_info()[0] if device == "cuda" else 8 << 30
-    sets = []
-    for _ in range(max(1, min(MAX_WEIGHT_SETS, int(0.45 * free / per_set)))):
-        w13 = torch.randn(E, 2 * I, H, dtype=dtype, device=device).mul_(H**-0.5)
-        w2 = torch.randn(E, H, I, dtype=dtype, device=device).mul_(I**-0.5)
-        sets.append((w13, w2))
-    return sets
+    return [layer_weights(cfg, device, dtype) for _ in range(max(1, min(MAX_WEIGHT_SETS, int(0.45 * free / per_set))))]
 
 
 def floor_of(cfg, x, logits, routing, ceil: dict) -> dict:

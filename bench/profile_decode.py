@@ -14,6 +14,7 @@ import argparse
 import torch
 
 import moe_ext
+from bench_moe import layer_weights
 from moe_ext.models import MODELS
 
 
@@ -26,9 +27,8 @@ def main():
     cfg = MODELS[args.model]
     torch.manual_seed(0)
     dev, dt = "cuda", torch.bfloat16
-    E, H, I = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
-    w13 = torch.randn(E, 2 * I, H, device=dev, dtype=dt) * H**-0.5
-    w2 = torch.randn(E, H, I, device=dev, dtype=dt) * I**-0.5
+    E, H = cfg.num_experts, cfg.hidden_size
+    w13, w2 = layer_weights(cfg, dev, dt)
     x = torch.randn(args.tokens, H, device=dev, dtype=dt)
     logits = torch.randn(args.tokens, E, device=dev, dtype=dt)
     bias = torch.randn(E, device=dev) * 0.1 if cfg.correction_bias else None

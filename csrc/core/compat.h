@@ -120,18 +120,27 @@ MOE_DEVICE MOE_FORCEINLINE moe_lane_mask_t match_any(int v) {
 #endif
 }
 
-// Max of an unsigned 32-bit value over the warp (one REDUX instruction on sm_80+).
+// Max of an unsigned 32-bit value over each group of `width` lanes (a power of two, at most the
+// warp; every lane must call): one REDUX instruction on sm_80+ when the group is the whole warp,
+// an xor butterfly otherwise.
+template <int kWidth = kWarpSize>
 MOE_DEVICE MOE_FORCEINLINE unsigned warp_max_u32(unsigned v) {
+  static_assert(kWidth > 0 && kWidth <= kWarpSize && (kWidth & (kWidth - 1)) == 0, "width: a power of two <= warp");
 #if !defined(__HIP_PLATFORM_AMD__) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  return __reduce_max_sync(MOE_FULL_LANE_MASK, v);
+  constexpr bool kRedux = kWidth == kWarpSize;
 #else
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    const unsigned o = shfl_xor(v, offset);
-    v = o > v ? o : v;
-  }
-  return v;
+  constexpr bool kRedux = false;
 #endif
+  if constexpr (kRedux) {
+    return __reduce_max_sync(MOE_FULL_LANE_MASK, v);
+  } else {
+#pragma unroll
+    for (int offset = kWidth / 2; offset > 0; offset /= 2) {
+      const unsigned o = shfl_xor(v, offset, kWidth);
+      v = o > v ? o : v;
+    }
+    return v;
+  }
 }
 
 // Inclusive prefix sum over the warp's lanes (every lane must call).

@@ -40,21 +40,9 @@ MOE_DEVICE MOE_FORCEINLINE float from_ordered_key(uint32_t m) {
   return __uint_as_float((m & 0x80000000u) ? (m & 0x7FFFFFFFu) : ~m);
 }
 
-// Max of an unsigned 32-bit value over the 32 lanes of a token: one warp max-reduction where the
-// group is the whole warp (NVIDIA), an xor butterfly of width 32 elsewhere.
-MOE_DEVICE MOE_FORCEINLINE uint32_t group_max_u32(uint32_t v) {
-#if !defined(__HIP_PLATFORM_AMD__)
-  static_assert(kGateLanes == kWarpSize, "one token per warp");
-  return warp_max_u32(v);
-#else
-#pragma unroll
-  for (int offset = kGateLanes / 2; offset > 0; offset /= 2) {
-    const uint32_t o = shfl_xor(v, offset, kGateLanes);
-    v = o > v ? o : v;
-  }
-  return v;
-#endif
-}
+// Max of an unsigned 32-bit value over the 32 lanes of a token (one REDUX where they are the
+// whole warp).
+MOE_DEVICE MOE_FORCEINLINE uint32_t group_max_u32(uint32_t v) { return warp_max_u32<kGateLanes>(v); }
 
 // Arg-max over the 32 lanes of (key, index) in ranks_before's order: the best ordered key, then the
 // lowest index among its holders. `okey` 0 takes no part. Every lane returns the winner's index.
