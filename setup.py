@@ -67,6 +67,11 @@ opt = ["-O0", "-g"] if debug else ["-O3"]
 cxx_flags = opt + ["-ffp-contract=off"]
 nvcc_flags = opt + ["--expt-relaxed-constexpr", "-lineinfo", "--fmad=false"]
 
+# The Hopper wgmma kernels exist only in sm_90a code: the launchers may pick them (on cc 9.0 devices)
+# only when that target is built.
+if with_cuda and "9.0a" in os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ";").split(";"):
+    nvcc_flags.append("-DMOE_EXT_WGMMA=1")
+
 sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
 sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
 if with_cuda:

@@ -1,9 +1,11 @@
 // Launcher of the grouped expert GEMM and of its SiLU-and-mul variant: the config tables, the shape
 // heuristics over them, and the zeroing of rows no valid block writes.
 #include <algorithm>
+#include <atomic>
 #include <climits>
 
 #include "../kernels/grouped_gemm.cuh"
+#include "../kernels/grouped_gemm_wgmma.cuh"
 #include "dispatch.cuh"
 #include "grouped_gemm.h"
 
@@ -31,6 +33,11 @@ using gg::MmaConfig;
 //   9  128  128   64   2x2     3     110,592     block_size 128, 4 warps of 64 x 64
 //  10   32   64  128   1x4     4     104,448     block_size 32, few CTAs
 //  11   16   32  128   1x2     4      52,224     decode with few CTAs: 2 warps, up to 4 CTAs a multiprocessor
+// Hopper wgmma configs (grouped_gemm_wgmma.cuh; BK 64, unpadded swizzled rows; warpgroups, not warps):
+//  12  128  128   64   2x1     5     164,864     block_size 128 (prefill), fewer CTAs
+//  13  128  256   64   2x1     4     197,632     block_size 128 (prefill)
+//  14   64  256   64   1x2     4     164,864     block_size 64 (prefill)
+// Off Hopper (or in a build without sm_90a code) a forced wgmma index runs kWgmmaFallback's config.
 using Cfg0 = MmaConfig<16, 64, 128, 1, 4, 4>;
 using Cfg1 = MmaConfig<16, 128, 64, 1, 4, 4>;
 using Cfg2 = MmaConfig<32, 128, 64, 1, 4, 4>;
@@ -43,11 +50,16 @@ using Cfg8 = MmaConfig<64, 128, 64, 2, 4, 4>;
 using Cfg9 = MmaConfig<128, 128, 64, 2, 2, 3>;
 using Cfg10 = MmaConfig<32, 64, 128, 1, 4, 4>;
 using Cfg11 = MmaConfig<16, 32, 128, 1, 2, 4>;
-constexpr int kNumConfigs = 12;
-constexpr int kConfigBM[kNumConfigs] = {Cfg0::BM, Cfg1::BM, Cfg2::BM, Cfg3::BM, Cfg4::BM, Cfg5::BM,
-                                        Cfg6::BM, Cfg7::BM, Cfg8::BM, Cfg9::BM, Cfg10::BM, Cfg11::BM};
-constexpr int kConfigBN[kNumConfigs] = {Cfg0::BN, Cfg1::BN, Cfg2::BN, Cfg3::BN, Cfg4::BN, Cfg5::BN,
-                                        Cfg6::BN, Cfg7::BN, Cfg8::BN, Cfg9::BN, Cfg10::BN, Cfg11::BN};
+using Cfg12 = gg::WgmmaConfig<128, 128, 2, 1, 5>;
+using Cfg13 = gg::WgmmaConfig<128, 256, 2, 1, 4>;
+using Cfg14 = gg::WgmmaConfig<64, 256, 1, 2, 4>;
+constexpr int kNumMmaConfigs = 12;  // indices below are mma.sync, from here on wgmma
+constexpr int kNumConfigs = 15;
+constexpr int kWgmmaFallback[kNumConfigs - kNumMmaConfigs] = {9, 9, 3};
+constexpr int kConfigBM[kNumConfigs] = {Cfg0::BM, Cfg1::BM, Cfg2::BM,  Cfg3::BM,  Cfg4::BM,  Cfg5::BM,  Cfg6::BM, Cfg7::BM,
+                                        Cfg8::BM, Cfg9::BM, Cfg10::BM, Cfg11::BM, Cfg12::BM, Cfg13::BM, Cfg14::BM};
+constexpr int kConfigBN[kNumConfigs] = {Cfg0::BN, Cfg1::BN, Cfg2::BN,  Cfg3::BN,  Cfg4::BN,  Cfg5::BN,  Cfg6::BN, Cfg7::BN,
+                                        Cfg8::BN, Cfg9::BN, Cfg10::BN, Cfg11::BN, Cfg12::BN, Cfg13::BN, Cfg14::BN};
 // K % 8 != 0 or a base not 16-byte aligned (rows not 16-byte aligned: guarded scalar loads) always
 // takes this config: one extra instance per dtype instead of a second copy of the table, for shapes
 // no production model has.
@@ -101,6 +113,7 @@ int choose_config(const HeuristicRow (&heuristic)[kRows], const int (&bm)[kConfi
 //   1   16   32  128   1x2     4      87,040     decode, few CTAs; config 11 / config 0's bytes a stage
 //   2   64   64   64   2x2     4     110,592     block size 32 / 64 (prefill); config 3's bytes a stage
 //   3  128   64   64   2x4     3     110,592     block size 128 (prefill); 8 warps of 64 x 16 (x2 sets)
+//   4  128  128   64   2x1     4     197,632     wgmma (Hopper), block size 128; falls back to config 3 off Hopper
 // Not tuned on a GPU yet: the rows mirror the plain heuristic, halving BN where the fused tile
 // would otherwise double the stage. Qwen3's w13 at T=1 (I = 768, 8 blocks): config 1 gives 24
 // N-tiles of 2 x 32 weight rows, the CTA count and bytes of the plain op's config 0 over 2I = 1536,
@@ -109,15 +122,64 @@ using SiluCfg0 = MmaConfig<16, 64, 64, 1, 4, 4, true>;
 using SiluCfg1 = MmaConfig<16, 32, 128, 1, 2, 4, true>;
 using SiluCfg2 = MmaConfig<64, 64, 64, 2, 2, 4, true>;
 using SiluCfg3 = MmaConfig<128, 64, 64, 2, 4, 3, true>;
-constexpr int kNumSiluConfigs = 4;
-constexpr int kSiluConfigBM[kNumSiluConfigs] = {SiluCfg0::BM, SiluCfg1::BM, SiluCfg2::BM, SiluCfg3::BM};
-constexpr int kSiluConfigBN[kNumSiluConfigs] = {SiluCfg0::BN, SiluCfg1::BN, SiluCfg2::BN, SiluCfg3::BN};
+using SiluCfg4 = gg::WgmmaConfig<128, 128, 2, 1, 4, true>;
+constexpr int kNumSiluMmaConfigs = 4;
+constexpr int kNumSiluConfigs = 5;
+constexpr int kSiluWgmmaFallback[kNumSiluConfigs - kNumSiluMmaConfigs] = {3};
+constexpr int kSiluConfigBM[kNumSiluConfigs] = {SiluCfg0::BM, SiluCfg1::BM, SiluCfg2::BM, SiluCfg3::BM, SiluCfg4::BM};
+constexpr int kSiluConfigBN[kNumSiluConfigs] = {SiluCfg0::BN, SiluCfg1::BN, SiluCfg2::BN, SiluCfg3::BN, SiluCfg4::BN};
 constexpr int kSiluUnalignedConfig = 0;
 constexpr HeuristicRow kSiluHeuristic[] = {
     {16, 0, 1},
     {64, 2, 0},
     {INT_MAX, 3, 2},
 };
+
+// Whether the current device runs this build's wgmma kernels: sm_90a code built (MOE_EXT_WGMMA)
+// and a cc 9.0 device (sm_90a code runs on no other). Cached per device.
+bool wgmma_available() {
+#if defined(MOE_EXT_WGMMA)
+  static std::atomic<int8_t> cached[64];  // 0 unknown, 1 yes, -1 no
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  std::atomic<int8_t>& c = cached[dev & 63];
+  int8_t v = c.load(std::memory_order_relaxed);
+  if (v == 0) {
+    int major = 0, minor = 0;
+    const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+                    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess;
+    v = ok && major == 9 && minor == 0 ? 1 : -1;
+    c.store(v, std::memory_order_relaxed);
+  }
+  return v > 0;
+#else
+  return false;
+#endif
+}
+
+// The heuristic's Hopper choice for prefill-sized blocks (>= 64 rows), or -1 to use the mma.sync
+// table: 128-row blocks take 128 x 256 tiles while those fill four waves of CTAs, 128 x 128 below;
+// 64-row blocks take 64 x 256.
+int choose_wgmma_config(int64_t rows, int64_t E, int64_t N, int64_t num_blocks, int64_t block_size, int num_sms) {
+  if (block_size >= 128) {
+    const int64_t ctas = estimated_ctas(Cfg13::BM, Cfg13::BN, rows, E, N, num_blocks, block_size);
+    return ctas >= 4 * int64_t(num_sms) ? 13 : 12;
+  }
+  return block_size >= 64 ? 14 : -1;
+}
+
+template <typename T, typename Cfg>
+cudaError_t launch_wgmma(GroupedGemmParams p, int64_t num_blocks, cudaStream_t stream) {
+  p.tiles_per_block = gg::ceil_div(p.block_size, Cfg::BM);
+  const int64_t tiles = num_blocks * p.tiles_per_block * ceil_div64(p.N, Cfg::BN);
+  if (tiles > INT_MAX) return cudaErrorInvalidValue;
+  constexpr int smem = Cfg::kSmemBytes;
+  static_assert(smem + 8 * Cfg::BM <= 227 * 1024, "over the sm_90 per-block shared memory limit");
+  const cudaError_t err = allow_dynamic_smem<grouped_gemm_wgmma_kernel<T, Cfg>>(smem);
+  if (err != cudaSuccess) return err;
+  grouped_gemm_wgmma_kernel<T, Cfg><<<static_cast<unsigned>(tiles), Cfg::kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
 
 template <typename T, typename Cfg, bool kAligned>
 cudaError_t launch_mma(GroupedGemmParams p, int64_t num_blocks, cudaStream_t stream) {
@@ -138,6 +200,12 @@ cudaError_t launch_mma_config(int cfg, bool aligned, const GroupedGemmParams& p,
                               cudaStream_t stream) {
   if (!aligned) return launch_mma<T, Cfg1, false>(p, num_blocks, stream);
   static_assert(kUnalignedConfig == 1, "the unaligned instance above must match kUnalignedConfig");
+  if (cfg >= kNumMmaConfigs) {
+    if (!wgmma_available()) return launch_mma_config<T>(kWgmmaFallback[cfg - kNumMmaConfigs], true, p, num_blocks, stream);
+    return dispatch_config<Cfg12, Cfg13, Cfg14>(cfg - kNumMmaConfigs, [&](auto c) {
+      return launch_wgmma<T, decltype(c)>(p, num_blocks, stream);
+    });
+  }
   return dispatch_config<Cfg0, Cfg1, Cfg2, Cfg3, Cfg4, Cfg5, Cfg6, Cfg7, Cfg8, Cfg9, Cfg10, Cfg11>(cfg, [&](auto c) {
     return launch_mma<T, decltype(c), true>(p, num_blocks, stream);
   });
@@ -148,6 +216,11 @@ cudaError_t launch_silu_config(int cfg, bool aligned, const GroupedGemmParams& p
                                cudaStream_t stream) {
   if (!aligned) return launch_mma<T, SiluCfg0, false>(p, num_blocks, stream);
   static_assert(kSiluUnalignedConfig == 0, "the unaligned instance above must match kSiluUnalignedConfig");
+  if (cfg >= kNumSiluMmaConfigs) {
+    if (!wgmma_available())
+      return launch_silu_config<T>(kSiluWgmmaFallback[cfg - kNumSiluMmaConfigs], true, p, num_blocks, stream);
+    return launch_wgmma<T, SiluCfg4>(p, num_blocks, stream);
+  }
   return dispatch_config<SiluCfg0, SiluCfg1, SiluCfg2, SiluCfg3>(cfg, [&](auto c) {
     return launch_mma<T, decltype(c), true>(p, num_blocks, stream);
   });
@@ -210,10 +283,13 @@ cudaError_t moe_grouped_gemm(DType dtype, const void* a, const void* w, const in
       } else {
 #if MOE_GG_HAS_MMA
         if (tensor_cores) {
-          const int cfg = config >= 0 ? config
-                                      : choose_config(kHeuristic, kConfigBM, kConfigBN, 1, rows, E, N, num_blocks,
-                                                      block_size, num_sms);
-          err = launch_mma_config<T>(cfg, K % 8 == 0 && aligned16(a) && aligned16(w), p, num_blocks, stream);
+          const bool aligned = K % 8 == 0 && aligned16(a) && aligned16(w);
+          int cfg = config;
+          if (cfg < 0 && aligned && wgmma_available())
+            cfg = choose_wgmma_config(rows, E, N, num_blocks, block_size, num_sms);
+          if (cfg < 0)
+            cfg = choose_config(kHeuristic, kConfigBM, kConfigBN, 1, rows, E, N, num_blocks, block_size, num_sms);
+          err = launch_mma_config<T>(cfg, aligned, p, num_blocks, stream);
         } else {
           err = launch_simt<T>(p, num_blocks, stream);
         }
@@ -247,11 +323,13 @@ cudaError_t moe_grouped_gemm_silu(DType dtype, const void* a, const void* w13, c
         const GroupedGemmParams p{a, w13, sorted_ids, expert_ids, num_post_padded, nullptr, out, covered,
                                   static_cast<int>(rows), static_cast<int>(topk), static_cast<int>(I),
                                   static_cast<int>(K), static_cast<int>(E), static_cast<int>(block_size), 1};
-        const int cfg = config >= 0 ? config
-                                    : choose_config(kSiluHeuristic, kSiluConfigBM, kSiluConfigBN, 0, rows, E, I,
-                                                    num_blocks, block_size, num_sms);
-        const cudaError_t err =
-            launch_silu_config<T>(cfg, K % 8 == 0 && aligned16(a) && aligned16(w13), p, num_blocks, stream);
+        const bool aligned = K % 8 == 0 && aligned16(a) && aligned16(w13);
+        int cfg = config;
+        if (cfg < 0 && aligned && block_size >= 128 && wgmma_available()) cfg = kNumSiluMmaConfigs;
+        if (cfg < 0)
+          cfg = choose_config(kSiluHeuristic, kSiluConfigBM, kSiluConfigBN, 0, rows, E, I, num_blocks, block_size,
+                              num_sms);
+        const cudaError_t err = launch_silu_config<T>(cfg, aligned, p, num_blocks, stream);
         if (err != cudaSuccess) return err;
       }
       if (covered == nullptr) return cudaSuccess;

@@ -63,12 +63,14 @@ namespace gg {
 
 MOE_HOST_DEVICE constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
-// Fills s_id (output row, or -1) and s_tok (row of a, or -1) for the BM rows of this CTA's tile and
-// returns the CTA's expert, or -1 when the tile has nothing to do (uniform across the CTA).
+// Fills s_id (output row, or -1) and s_tok (row of a, or -1) for the BM rows of m-tile `mtile` and
+// returns the CTA's expert, or -1 when the tile has nothing to do (uniform across the CTA). The
+// CTAs of N-tile 0 set the covered flags.
 template <int BM>
-MOE_DEVICE MOE_FORCEINLINE int setup_tile_rows(const GroupedGemmParams& p, int* s_id, int* s_tok) {
-  const int blk = blockIdx.x / p.tiles_per_block;
-  const int row0 = (blockIdx.x % p.tiles_per_block) * BM;  // first row within the block
+MOE_DEVICE MOE_FORCEINLINE int setup_tile_rows(const GroupedGemmParams& p, int mtile, int ntile, int* s_id,
+                                               int* s_tok) {
+  const int blk = mtile / p.tiles_per_block;
+  const int row0 = (mtile % p.tiles_per_block) * BM;  // first row within the block
   const int64_t slot0 = int64_t(blk) * p.block_size + row0;
   const int64_t valid_slots = *p.num_post_padded;
   if (slot0 >= valid_slots) return -1;
@@ -85,7 +87,7 @@ MOE_DEVICE MOE_FORCEINLINE int setup_tile_rows(const GroupedGemmParams& p, int* 
     s_tok[r] = id >= 0 ? id / p.topk : -1;
     if (id >= 0) {
       any = 1;
-      if (p.covered != nullptr && blockIdx.y == 0) p.covered[id] = 1;
+      if (p.covered != nullptr && ntile == 0) p.covered[id] = 1;
     }
   }
   return __syncthreads_or(any) ? e : -1;
@@ -222,7 +224,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) grouped_gemm_mma_kernel(const G
   extern __shared__ __align__(128) unsigned char gg_smem[];
   __shared__ int s_id[BM], s_tok[BM];
 
-  const int e = gg::setup_tile_rows<BM>(p, s_id, s_tok);
+  const int e = gg::setup_tile_rows<BM>(p, blockIdx.x, blockIdx.y, s_id, s_tok);
   if (e < 0) return;
   const int tid = threadIdx.x;
   const int n0 = blockIdx.y * BN;
@@ -351,7 +353,7 @@ __global__ void __launch_bounds__(gg::kSimtThreads) grouped_gemm_simt_kernel(con
   constexpr int BM = gg::kSimtBM, BN = gg::kSimtBN, BK = gg::kSimtBK, NT = gg::kSimtThreads;
   __shared__ int s_id[BM], s_tok[BM];
   __shared__ float sA[BK][BM + 1], sB[BK][BN + 1];
-  const int e = gg::setup_tile_rows<BM>(p, s_id, s_tok);
+  const int e = gg::setup_tile_rows<BM>(p, blockIdx.x, blockIdx.y, s_id, s_tok);
   if (e < 0) return;
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
   const int n0 = blockIdx.y * BN;

@@ -1,0 +1,256 @@
+// Hopper (sm_90a) grouped expert GEMM on warpgroup MMA: the prefill-sized tiles of
+// grouped_gemm_mma_kernel (same params, row logic, epilogue and output contract; see
+// grouped_gemm.cuh), with the multiply issued as wgmma.mma_async from shared memory.
+//
+// A CTA is WG_M x WG_N warpgroups (4 warps each); warpgroup (i, j) owns rows [64 i, 64 i + 64) and
+// columns [j WN, (j + 1) WN) of the BM x BN tile, as kUnits m64n128k16 accumulators per set (fp32
+// in registers, the mma.sync fragment layout repeated over the 16 n8 column groups of each unit).
+// Every thread streams the gathered A rows and the B (weight) rows with cp.async into a STAGES-deep
+// ring, laid out as wgmma's K-major 128-byte swizzle reads it: BK = 64 elements (128 bytes) a row,
+// 16-byte chunk c of row r at chunk c ^ (r % 8), each stage 1024-byte aligned; the descriptor
+// steps 32 bytes per k16 slice. Copies run STAGES - 2 tiles ahead and one wgmma group stays in
+// flight behind the barrier, so the stage refilled at tile kt (last read by tile kt - 2's group)
+// is free once every warpgroup has passed wait_group 1 of tile kt - 1.
+//
+// Tile order: a 1-D grid walked in groups of kRasterGroup m-tiles, N-tiles within a group, so the
+// CTAs in flight share a few experts' weight columns and a few m-tiles' gathered rows in L2 (the
+// 2-D grid of the mma kernel runs all m-tiles of one N-tile first: every wave re-gathers A).
+//
+// Requirements, checked by the launcher: K % 8 == 0 and 16-byte aligned bases (the cp.async
+// zero-fill handles the K tail), a cc 9.0 device, a build with sm_90a code (MOE_EXT_WGMMA). Other
+// targets compile the kernel to a trap; the launcher never picks it there.
+#pragma once
+
+#include "grouped_gemm.cuh"
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define MOE_GG_WGMMA_DEVICE 1
+#else
+#define MOE_GG_WGMMA_DEVICE 0
+#endif
+
+namespace moe_ext {
+namespace gg {
+
+constexpr int kWarpgroupThreads = 128;  // wgmma's unit: 4 warps of 32 lanes
+constexpr int kRasterGroup = 8;         // m-tiles per raster group
+
+template <int BM_, int BN_, int WG_M_, int WG_N_, int STAGES_, bool kSiluMul_ = false>
+struct WgmmaConfig {
+  static constexpr int BM = BM_, BN = BN_, BK = 64, WG_M = WG_M_, WG_N = WG_N_, STAGES = STAGES_;
+  static constexpr bool kSiluMul = kSiluMul_;
+  static constexpr int kSets = kSiluMul ? 2 : 1;  // accumulator sets (gate, up)
+  static constexpr int kBRows = kSets * BN;       // weight rows of a stage's B tile
+  static constexpr int kThreads = WG_M * WG_N * kWarpgroupThreads;
+  static constexpr int WN = BN / WG_N;       // a warpgroup's columns (per set)
+  static constexpr int kUnits = WN / 128;    // m64n128k16 accumulators per set
+  static constexpr int kRowBytes = 128;      // BK 16-bit elements: one swizzle row
+  static constexpr int kABytes = BM * kRowBytes;
+  static constexpr int kStageBytes = (BM + kBRows) * kRowBytes;
+  static constexpr int kRowsPerPass = kThreads / 8;  // tile rows one pass of 16-byte copies covers
+  static constexpr int kPasses = (BM + kBRows) / kRowsPerPass;
+  static constexpr int kSmemBytes = STAGES * kStageBytes + 1024;  // + slack to align the ring
+  static_assert(kWarpSize == 32, "a warpgroup is 4 warps of 32 lanes");
+  static_assert(BM == 64 * WG_M && WN % 128 == 0, "a warpgroup computes 64 rows x multiples of 128 columns");
+  static_assert(BM % kRowsPerPass == 0 && kBRows % kRowsPerPass == 0, "a copy pass is all A rows or all B rows");
+  static_assert(kStageBytes % 1024 == 0 && STAGES >= 3, "stages must keep the swizzle's 1024-byte alignment");
+};
+
+#if MOE_GG_HAS_MMA
+// Shared-memory matrix descriptor of a K-major tile in the 128-byte swizzle: start address,
+// leading offset 1 (unused for swizzled K-major), stride 1024 bytes between 8-row groups.
+MOE_DEVICE MOE_FORCEINLINE uint64_t wgmma_desc_sw128(uint32_t smem_byte_addr) {
+  return uint64_t((smem_byte_addr & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) |
+         (uint64_t(1) << 62);
+}
+
+MOE_DEVICE MOE_FORCEINLINE void fence_proxy_async_shared() {
+#if MOE_GG_WGMMA_DEVICE
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+MOE_DEVICE MOE_FORCEINLINE void wgmma_fence() {
+#if MOE_GG_WGMMA_DEVICE
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+MOE_DEVICE MOE_FORCEINLINE void wgmma_commit() {
+#if MOE_GG_WGMMA_DEVICE
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int kPending>
+MOE_DEVICE MOE_FORCEINLINE void wgmma_wait() {
+#if MOE_GG_WGMMA_DEVICE
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
+
+#define MOE_WGMMA_D8(i)                                                                                      \
+  "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), \
+      "+f"(d[i + 7])
+#define MOE_WGMMA_M64N128K16(ab_type)                                                                         \
+  asm volatile(                                                                                              \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                                           \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." ab_type "." ab_type " {"                                 \
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                               \
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "                     \
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "                      \
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "                    \
+      "%64, %65, p, 1, 1, 0, 0;\n}\n"                                                                        \
+      : MOE_WGMMA_D8(0), MOE_WGMMA_D8(8), MOE_WGMMA_D8(16), MOE_WGMMA_D8(24), MOE_WGMMA_D8(32), MOE_WGMMA_D8(40), \
+        MOE_WGMMA_D8(48), MOE_WGMMA_D8(56)                                                                   \
+      : "l"(desc_a), "l"(desc_b), "n"(1))
+
+// d += A[64, 16] * B[128, 16]^T, both K-major in shared memory (descriptors), fp32 accumulators.
+template <typename T>
+MOE_DEVICE MOE_FORCEINLINE void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
+#if MOE_GG_WGMMA_DEVICE
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    MOE_WGMMA_M64N128K16("bf16");
+  } else {
+    MOE_WGMMA_M64N128K16("f16");
+  }
+#endif
+}
+#undef MOE_WGMMA_M64N128K16
+#undef MOE_WGMMA_D8
+#endif  // MOE_GG_HAS_MMA
+
+}  // namespace gg
+
+#if MOE_GG_HAS_MMA
+// Cfg is a gg::WgmmaConfig, T bf16 or fp16. Grid: 1-D, tiles_m x ceil(N / BN) CTAs (see the tile
+// order above). Dynamic smem: Cfg::kSmemBytes.
+template <typename T, typename Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads) grouped_gemm_wgmma_kernel(const GroupedGemmParams p) {
+#if MOE_GG_WGMMA_DEVICE
+  constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, STAGES = Cfg::STAGES;
+  extern __shared__ unsigned char gg_smem[];
+  __shared__ int s_id[BM], s_tok[BM];
+
+  const int tiles_n = gg::ceil_div(p.N, BN);
+  const int tiles_m = static_cast<int>(gridDim.x) / tiles_n;
+  const int group = static_cast<int>(blockIdx.x) / (gg::kRasterGroup * tiles_n);
+  const int in_group = static_cast<int>(blockIdx.x) % (gg::kRasterGroup * tiles_n);
+  const int m_first = group * gg::kRasterGroup;
+  const int group_m = min(gg::kRasterGroup, tiles_m - m_first);
+  const int mtile = m_first + in_group % group_m, ntile = in_group / group_m;
+
+  const int e = gg::setup_tile_rows<BM>(p, mtile, ntile, s_id, s_tok);
+  if (e < 0) return;
+  const int tid = threadIdx.x;
+  const int n0 = ntile * BN;
+  const int K = p.K;
+  const T* a = static_cast<const T*>(p.a);
+  const T* w = static_cast<const T*>(p.w) + int64_t(e) * Cfg::kSets * p.N * K;
+
+  // Thread tid copies chunk tid % 8 of rows tid / 8 + pass * kRowsPerPass (A rows, then B rows) of
+  // every stage; their sources and swizzled offsets are fixed, so resolve them once.
+  const int chunk = tid % 8;
+  const T* src[Cfg::kPasses];
+  uint32_t dst[Cfg::kPasses];
+#pragma unroll
+  for (int i = 0; i < Cfg::kPasses; ++i) {
+    const int r = tid / 8 + i * Cfg::kRowsPerPass;
+    dst[i] = r * Cfg::kRowBytes + ((chunk ^ (r % 8)) * 16);
+    if (r < BM) {
+      const int tok = s_tok[r];
+      src[i] = tok >= 0 ? a + int64_t(tok) * K : nullptr;
+    } else {  // B row: set (r - BM) / BN (gate, up), column n0 + (r - BM) % BN
+      const int rb = r - BM, n = n0 + rb % BN;
+      src[i] = n < p.N ? w + (int64_t(rb / BN) * p.N + n) * K : nullptr;
+    }
+  }
+  const uint32_t smem_base = gg::smem_addr(gg_smem);
+  const uint32_t ring = (smem_base + 1023u) & ~1023u;  // the swizzle pattern is anchored at 1024 bytes
+  unsigned char* ring_ptr = gg_smem + (ring - smem_base);
+
+  auto load_stage = [&](int stage, int k0) {
+    unsigned char* s = ring_ptr + stage * Cfg::kStageBytes;
+    const int k = k0 + chunk * 8;
+#pragma unroll
+    for (int i = 0; i < Cfg::kPasses; ++i) {
+      const bool ok = src[i] != nullptr && k < K;  // K % 8 == 0: the whole chunk is in range
+      gg::cp_async16(s + dst[i], ok ? src[i] + k : a, ok ? 16 : 0);
+    }
+  };
+
+  const int wg = tid / gg::kWarpgroupThreads;
+  const int wg_m = wg / Cfg::WG_N, wg_n = wg % Cfg::WG_N;
+  float acc[Cfg::kSets][Cfg::kUnits][64];
+#pragma unroll
+  for (int s = 0; s < Cfg::kSets; ++s)
+#pragma unroll
+    for (int u = 0; u < Cfg::kUnits; ++u)
+#pragma unroll
+      for (int j = 0; j < 64; ++j) acc[s][u][j] = 0.0f;
+
+  const int k_tiles = gg::ceil_div(K, BK);
+#pragma unroll
+  for (int s = 0; s < STAGES - 2; ++s) {
+    if (s < k_tiles) load_stage(s, s * BK);
+    gg::cp_async_commit();
+  }
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    gg::cp_async_wait<STAGES - 3>();  // this thread's copies of tile kt have landed
+    gg::fence_proxy_async_shared();   // ... and are visible to wgmma's (async proxy) reads
+    // All copies of tile kt visible; every warpgroup's tile kt - 2 group retired (wait_group 1 of
+    // the last iteration), so its stage, refilled below, is free.
+    __syncthreads();
+    const int next = kt + STAGES - 2;
+    if (next < k_tiles) load_stage(next % STAGES, next * BK);
+    gg::cp_async_commit();
+
+    const uint32_t stage = ring + (kt % STAGES) * Cfg::kStageBytes;
+    const uint32_t a_addr = stage + wg_m * 64 * Cfg::kRowBytes;
+    gg::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk) {
+      const uint64_t desc_a = gg::wgmma_desc_sw128(a_addr + kk * 32);
+#pragma unroll
+      for (int s = 0; s < Cfg::kSets; ++s)
+#pragma unroll
+        for (int u = 0; u < Cfg::kUnits; ++u) {
+          const uint32_t b_addr = stage + Cfg::kABytes + (s * BN + wg_n * Cfg::WN + u * 128) * Cfg::kRowBytes;
+          gg::wgmma_m64n128k16<T>(acc[s][u], desc_a, gg::wgmma_desc_sw128(b_addr + kk * 32));
+        }
+    }
+    gg::wgmma_commit();
+    gg::wgmma_wait<1>();
+  }
+  gg::wgmma_wait<0>();
+  gg::cp_async_wait<0>();  // no copy may outlive the CTA (only empty groups remain here)
+
+  // Unit accumulator d[4 j + 0, 1]: row lane / 4 of the warp's 16, columns 8 j + 2 (lane % 4) + 0, 1;
+  // d[4 j + 2, 3]: 8 rows below.
+  const int lane = tid % kWarpSize, warp_in_wg = (tid / kWarpSize) % 4;
+  const int r = wg_m * 64 + warp_in_wg * 16 + lane / 4;
+  const int id_lo = s_id[r], id_hi = s_id[r + 8];
+  const float s_lo = gg::row_scale(p, id_lo), s_hi = gg::row_scale(p, id_hi);
+  const bool paired = p.N % 2 == 0;
+#pragma unroll
+  for (int u = 0; u < Cfg::kUnits; ++u) {
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const int col = n0 + wg_n * Cfg::WN + u * 128 + j * 8 + (lane % 4) * 2;
+      float v[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        if constexpr (Cfg::kSiluMul) {
+          v[q] = silu_mul(acc[0][u][4 * j + q], acc[Cfg::kSets - 1][u][4 * j + q]);
+        } else {
+          v[q] = acc[0][u][4 * j + q];
+        }
+      }
+      gg::store_pair<T>(p, id_lo, s_lo, col, v[0], v[1], paired);
+      gg::store_pair<T>(p, id_hi, s_hi, col, v[2], v[3], paired);
+    }
+  }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // never launched: the launcher takes this path on cc 9.0 builds with sm_90a code only
+#endif
+}
+#endif  // MOE_GG_HAS_MMA
+
+}  // namespace moe_ext
