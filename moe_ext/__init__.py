@@ -25,7 +25,7 @@ def _load_library() -> str:
 LIBRARY_PATH = _load_library()
 
 from . import ops  # noqa: E402
-from .fused_moe import choose_block_size, fused_moe, fused_routing_threshold, route  # noqa: E402
+from .fused_moe import choose_block_size, fused_moe, fused_routing_threshold, hopper_tiles, route  # noqa: E402
 from .layer import MoE  # noqa: E402
 from .ops import (  # noqa: E402
     fused_topk_align,
@@ -52,6 +52,7 @@ __all__ = [
     "fused_moe",
     "fused_topk_align",
     "has_kernel",
+    "hopper_tiles",
     "moe_align_block_size",
     "moe_combine",
     "moe_gemv_combine",

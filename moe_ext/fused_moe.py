@@ -26,15 +26,29 @@ def fused_routing_threshold(num_experts: int) -> int:
     return FUSED_ROUTING_MAX_TOKENS_SMALL_E if num_experts <= 128 else FUSED_ROUTING_MAX_TOKENS_LARGE_E
 
 
-def choose_block_size(num_tokens: int, topk: int, num_experts: int) -> int:
+@torch.compiler.assume_constant_result
+def hopper_tiles(device_index: int) -> bool:
+    """Whether CUDA device `device_index` is a cc 9.0 GPU, where the grouped GEMMs run the wgmma
+    tiles at block_size >= 64 (a build with sm_90a code, the default; without it the launcher runs
+    its mma.sync tiles, correct but slower there). A constant under torch.compile."""
+    return torch.cuda.get_device_capability(device_index) == (9, 0)
+
+
+def choose_block_size(num_tokens: int, topk: int, num_experts: int, hopper: bool = False) -> int:
     """Rows per grouped-GEMM block: the smallest of 16, 32, 64, 128 that holds the expected rows of
     one hit expert, T*k / min(E, T*k), so blocks are mostly full at decode and large at prefill
     (128-row tiles ran 20-29% faster than 64-row ones at T = 4096 on an H100: bench/NOTES.md).
+    hopper (hopper_tiles): 128 wherever 16 would not do. The wgmma tiles skip a block's empty
+    64-row halves, so a 128-row block costs no more tensor time than two 64-row ones, and they
+    beat the mma.sync tiles of 32- and 64-row blocks (H100, T = 1024: DeepSeek-V3's w13 5.39 ms at
+    128 against 6.80 at 32, GPT-OSS 1.57 against 1.81, Qwen3 0.33 against 0.35 at 64).
     Written as comparisons so a symbolic token count under torch.compile is guarded, not
     specialized."""
     rows = num_tokens * topk
     if rows <= 16 * num_experts:
         return 16
+    if hopper:
+        return 128
     if rows <= 32 * num_experts:
         return 32
     if rows <= 64 * num_experts:
@@ -174,7 +188,8 @@ def fused_moe(
         h = ops.moe_gemv_silu(hidden_states, w13, ids, expert_map)       # [T*k, I]
         return ops.moe_gemv_combine(h, w2, ids, weights, expert_map)     # [T, H]
     if block_size is None:
-        block_size = choose_block_size(T, topk, E)
+        hopper = hidden_states.is_cuda and hopper_tiles(hidden_states.device.index)
+        block_size = choose_block_size(T, topk, E, hopper)
     weights, _, sorted_ids, expert_ids, num_post_padded = route(
         router_logits, topk, block_size, scoring_func=scoring_func, renormalize=renormalize,
         correction_bias=correction_bias, num_expert_group=num_expert_group, topk_group=topk_group,

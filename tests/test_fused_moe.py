@@ -143,6 +143,15 @@ def test_module(device, style):
                                 layer.router_logits(flat).detach(), s["topk"], routing)
 
 
+@pytest.mark.parametrize("T,topk,E,plain,hopper", [(1, 8, 256, 16, 16), (64, 8, 256, 16, 16), (1024, 8, 256, 32, 128),
+                                                    (1024, 8, 128, 64, 128), (4096, 2, 8, 128, 128)])
+def test_choose_block_size(T, topk, E, plain, hopper):
+    """Decode sizes keep 16-row blocks; prefill takes 128 on Hopper's wgmma tiles, else the smallest
+    block holding an expert's expected rows."""
+    assert moe_ext.choose_block_size(T, topk, E) == plain
+    assert moe_ext.choose_block_size(T, topk, E, hopper=True) == hopper
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_compile_fullgraph(device):
     """torch.compile(fullgraph=True) of fused_moe with a dynamic token count: no graph break, the

@@ -3,8 +3,8 @@
 // grouped_gemm.cuh), with the multiply issued as wgmma.mma_async from shared memory.
 //
 // A CTA is WG_M x WG_N warpgroups (4 warps each); warpgroup (i, j) owns rows [64 i, 64 i + 64) and
-// columns [j WN, (j + 1) WN) of the BM x BN tile, as kUnits m64n128k16 accumulators per set (fp32
-// in registers, the mma.sync fragment layout repeated over the 16 n8 column groups of each unit).
+// columns [j WN, (j + 1) WN) of the BM x BN tile, as kUnits m64n256k16 (or m64n128k16) fp32
+// accumulators per set in registers: the mma.sync fragment layout repeated over n8 column groups.
 // Every thread streams the gathered A rows and the B (weight) rows with cp.async into a STAGES-deep
 // ring, laid out as wgmma's K-major 128-byte swizzle reads it: BK = 64 elements (128 bytes) a row,
 // 16-byte chunk c of row r at chunk c ^ (r % 8), each stage 1024-byte aligned; the descriptor
@@ -43,7 +43,8 @@ struct WgmmaConfig {
   static constexpr int kBRows = kSets * BN;       // weight rows of a stage's B tile
   static constexpr int kThreads = WG_M * WG_N * kWarpgroupThreads;
   static constexpr int WN = BN / WG_N;       // a warpgroup's columns (per set)
-  static constexpr int kUnits = WN / 128;    // m64n128k16 accumulators per set
+  static constexpr int kUnitN = WN % 256 == 0 ? 256 : 128;  // one wgmma's columns (m64n256k16 if it fits)
+  static constexpr int kUnits = WN / kUnitN;  // wgmma accumulators per set
   static constexpr int kRowBytes = 128;      // BK 16-bit elements: one swizzle row
   static constexpr int kABytes = BM * kRowBytes;
   static constexpr int kStageBytes = (BM + kBRows) * kRowBytes;
@@ -89,31 +90,52 @@ MOE_DEVICE MOE_FORCEINLINE void wgmma_wait() {
 #define MOE_WGMMA_D8(i)                                                                                      \
   "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), \
       "+f"(d[i + 7])
-#define MOE_WGMMA_M64N128K16(ab_type)                                                                         \
-  asm volatile(                                                                                              \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                                           \
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32." ab_type "." ab_type " {"                                 \
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                               \
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "                     \
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "                      \
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "                    \
-      "%64, %65, p, 1, 1, 0, 0;\n}\n"                                                                        \
-      : MOE_WGMMA_D8(0), MOE_WGMMA_D8(8), MOE_WGMMA_D8(16), MOE_WGMMA_D8(24), MOE_WGMMA_D8(32), MOE_WGMMA_D8(40), \
-        MOE_WGMMA_D8(48), MOE_WGMMA_D8(56)                                                                   \
-      : "l"(desc_a), "l"(desc_b), "n"(1))
+#define MOE_WGMMA_D64(i)                                                                                        \
+  MOE_WGMMA_D8(i), MOE_WGMMA_D8(i + 8), MOE_WGMMA_D8(i + 16), MOE_WGMMA_D8(i + 24), MOE_WGMMA_D8(i + 32),      \
+      MOE_WGMMA_D8(i + 40), MOE_WGMMA_D8(i + 48), MOE_WGMMA_D8(i + 56)
+#define MOE_WGMMA_REGS_0_63 \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define MOE_WGMMA_REGS_64_127 \
+  "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
+  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
+  "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
+  "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+// One m64nNk16 instruction: N/2 accumulators per thread, then the two descriptors, then scale-d
+// (1: accumulate); A and B K-major (no transpose), unscaled.
+#define MOE_WGMMA_ASM(shape, ab_type, regs, desc_ops, scale_op, ...)                                          \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " scale_op ", 0;\n"                                        \
+               "wgmma.mma_async.sync.aligned." shape ".f32." ab_type "." ab_type " {" regs "}, " desc_ops     \
+               ", p, 1, 1, 0, 0;\n}\n"                                                                       \
+               : __VA_ARGS__                                                                                  \
+               : "l"(desc_a), "l"(desc_b), "n"(1))
 
-// d += A[64, 16] * B[128, 16]^T, both K-major in shared memory (descriptors), fp32 accumulators.
-template <typename T>
-MOE_DEVICE MOE_FORCEINLINE void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
+// d += A[64, 16] * B[kN, 16]^T, both K-major in shared memory (descriptors), fp32 accumulators;
+// kN 128 or 256.
+template <typename T, int kN>
+MOE_DEVICE MOE_FORCEINLINE void wgmma_m64k16(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b) {
+  static_assert(kN == 128 || kN == 256, "wgmma tile widths built here: 128, 256");
 #if MOE_GG_WGMMA_DEVICE
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    MOE_WGMMA_M64N128K16("bf16");
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  if constexpr (kN == 128 && kBf16) {
+    MOE_WGMMA_ASM("m64n128k16", "bf16", MOE_WGMMA_REGS_0_63, "%64, %65", "%66", MOE_WGMMA_D64(0));
+  } else if constexpr (kN == 128) {
+    MOE_WGMMA_ASM("m64n128k16", "f16", MOE_WGMMA_REGS_0_63, "%64, %65", "%66", MOE_WGMMA_D64(0));
+  } else if constexpr (kBf16) {
+    MOE_WGMMA_ASM("m64n256k16", "bf16", MOE_WGMMA_REGS_0_63 ", " MOE_WGMMA_REGS_64_127, "%128, %129", "%130",
+                  MOE_WGMMA_D64(0), MOE_WGMMA_D64(64));
   } else {
-    MOE_WGMMA_M64N128K16("f16");
+    MOE_WGMMA_ASM("m64n256k16", "f16", MOE_WGMMA_REGS_0_63 ", " MOE_WGMMA_REGS_64_127, "%128, %129", "%130",
+                  MOE_WGMMA_D64(0), MOE_WGMMA_D64(64));
   }
 #endif
 }
-#undef MOE_WGMMA_M64N128K16
+#undef MOE_WGMMA_ASM
+#undef MOE_WGMMA_REGS_64_127
+#undef MOE_WGMMA_REGS_0_63
+#undef MOE_WGMMA_D64
 #undef MOE_WGMMA_D8
 #endif  // MOE_GG_HAS_MMA
 
@@ -178,13 +200,20 @@ __global__ void __launch_bounds__(Cfg::kThreads) grouped_gemm_wgmma_kernel(const
 
   const int wg = tid / gg::kWarpgroupThreads;
   const int wg_m = wg / Cfg::WG_N, wg_n = wg % Cfg::WG_N;
-  float acc[Cfg::kSets][Cfg::kUnits][64];
+  // A warpgroup whose 64 rows hold no token (the padded tail of an expert's last block) skips its
+  // MMAs, so a block's padding costs tensor time in 64-row steps, not BM-row ones. Every warp of
+  // the warpgroup reads the same 64 rows: the flag is warpgroup-uniform, as wgmma requires.
+  bool wg_active = false;
+  for (int r = lane_id(); r < 64; r += kWarpSize) wg_active |= s_tok[wg_m * 64 + r] >= 0;
+  wg_active = any_lane(wg_active);
+  constexpr int kUnitN = Cfg::kUnitN;
+  float acc[Cfg::kSets][Cfg::kUnits][kUnitN / 2];
 #pragma unroll
   for (int s = 0; s < Cfg::kSets; ++s)
 #pragma unroll
     for (int u = 0; u < Cfg::kUnits; ++u)
 #pragma unroll
-      for (int j = 0; j < 64; ++j) acc[s][u][j] = 0.0f;
+      for (int j = 0; j < kUnitN / 2; ++j) acc[s][u][j] = 0.0f;
 
   const int k_tiles = gg::ceil_div(K, BK);
 #pragma unroll
@@ -202,21 +231,24 @@ __global__ void __launch_bounds__(Cfg::kThreads) grouped_gemm_wgmma_kernel(const
     if (next < k_tiles) load_stage(next % STAGES, next * BK);
     gg::cp_async_commit();
 
-    const uint32_t stage = ring + (kt % STAGES) * Cfg::kStageBytes;
-    const uint32_t a_addr = stage + wg_m * 64 * Cfg::kRowBytes;
-    gg::wgmma_fence();
+    if (wg_active) {
+      const uint32_t stage = ring + (kt % STAGES) * Cfg::kStageBytes;
+      const uint32_t a_addr = stage + wg_m * 64 * Cfg::kRowBytes;
+      gg::wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < BK / 16; ++kk) {
-      const uint64_t desc_a = gg::wgmma_desc_sw128(a_addr + kk * 32);
+      for (int kk = 0; kk < BK / 16; ++kk) {
+        const uint64_t desc_a = gg::wgmma_desc_sw128(a_addr + kk * 32);
 #pragma unroll
-      for (int s = 0; s < Cfg::kSets; ++s)
+        for (int s = 0; s < Cfg::kSets; ++s)
 #pragma unroll
-        for (int u = 0; u < Cfg::kUnits; ++u) {
-          const uint32_t b_addr = stage + Cfg::kABytes + (s * BN + wg_n * Cfg::WN + u * 128) * Cfg::kRowBytes;
-          gg::wgmma_m64n128k16<T>(acc[s][u], desc_a, gg::wgmma_desc_sw128(b_addr + kk * 32));
-        }
+          for (int u = 0; u < Cfg::kUnits; ++u) {
+            const uint32_t b_addr =
+                stage + Cfg::kABytes + (s * BN + wg_n * Cfg::WN + u * kUnitN) * Cfg::kRowBytes;
+            gg::wgmma_m64k16<T, kUnitN>(acc[s][u], desc_a, gg::wgmma_desc_sw128(b_addr + kk * 32));
+          }
+      }
+      gg::wgmma_commit();
     }
-    gg::wgmma_commit();
     gg::wgmma_wait<1>();
   }
   gg::wgmma_wait<0>();
@@ -232,8 +264,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) grouped_gemm_wgmma_kernel(const
 #pragma unroll
   for (int u = 0; u < Cfg::kUnits; ++u) {
 #pragma unroll
-    for (int j = 0; j < 16; ++j) {
-      const int col = n0 + wg_n * Cfg::WN + u * 128 + j * 8 + (lane % 4) * 2;
+    for (int j = 0; j < kUnitN / 8; ++j) {
+      const int col = n0 + wg_n * Cfg::WN + u * kUnitN + j * 8 + (lane % 4) * 2;
       float v[4];
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
