@@ -15,6 +15,7 @@
 // (cp.async src-size 0) so they add nothing. When K % 8 != 0 (or a base is not 16-byte aligned)
 // rows are not 16-byte aligned: the same pipeline then loads with guarded scalar reads.
 // SIMT path (fp32, and any target without mma): shared-memory tiles, fp32 FMA, same row logic.
+// Hopper (sm_90a) prefill tiles on warpgroup MMA: grouped_gemm_wgmma.cuh, same params and rows.
 //
 // Epilogue: fp32 accumulator times the routed weight, one rounding to T, scattered to row id.
 // Rows never written (blocks of expert -1, ids the alignment dropped) are zeroed by the caller:
