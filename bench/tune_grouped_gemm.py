@@ -90,7 +90,8 @@ def main():
         hit = int(ids.unique().numel())
         flops = 2 * T * k * N * K
         nbytes = (hit * N * K + a.numel() + T * k * (N // 2 if args.silu else N)) * esize
-        for bs in args.block_size or [moe_ext.choose_block_size(T, k, E, moe_ext.hopper_tiles(a.device.index))]:
+        hopper = moe_ext.hopper_tiles(a.device.index)
+        for bs in args.block_size or [moe_ext.choose_block_size(T, k, E, hopper)]:
             s, e, n = moe_ext.moe_align_block_size(ids, E, bs)
             times = {}
             baseline = op(a, ws[0], s, e, n, op_topk, tw)  # the heuristic's answer

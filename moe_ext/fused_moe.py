@@ -26,12 +26,18 @@ def fused_routing_threshold(num_experts: int) -> int:
     return FUSED_ROUTING_MAX_TOKENS_SMALL_E if num_experts <= 128 else FUSED_ROUTING_MAX_TOKENS_LARGE_E
 
 
+_HOPPER_TILES: dict[int, bool] = {}
+
+
 @torch.compiler.assume_constant_result
 def hopper_tiles(device_index: int) -> bool:
     """Whether CUDA device `device_index` is a cc 9.0 GPU, where the grouped GEMMs run the wgmma
     tiles at block_size >= 64 (a build with sm_90a code, the default; without it the launcher runs
-    its mma.sync tiles, correct but slower there). A constant under torch.compile."""
-    return torch.cuda.get_device_capability(device_index) == (9, 0)
+    its mma.sync tiles, correct but slower there). Cached per device; a constant under
+    torch.compile."""
+    if device_index not in _HOPPER_TILES:
+        _HOPPER_TILES[device_index] = torch.cuda.get_device_capability(device_index) == (9, 0)
+    return _HOPPER_TILES[device_index]
 
 
 def choose_block_size(num_tokens: int, topk: int, num_experts: int, hopper: bool = False) -> int:

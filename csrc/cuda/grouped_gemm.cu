@@ -56,10 +56,12 @@ using Cfg14 = gg::WgmmaConfig<64, 256, 1, 2, 4>;
 constexpr int kNumMmaConfigs = 12;  // indices below are mma.sync, from here on wgmma
 constexpr int kNumConfigs = 15;
 constexpr int kWgmmaFallback[kNumConfigs - kNumMmaConfigs] = {9, 9, 3};
-constexpr int kConfigBM[kNumConfigs] = {Cfg0::BM, Cfg1::BM, Cfg2::BM,  Cfg3::BM,  Cfg4::BM,  Cfg5::BM,  Cfg6::BM, Cfg7::BM,
-                                        Cfg8::BM, Cfg9::BM, Cfg10::BM, Cfg11::BM, Cfg12::BM, Cfg13::BM, Cfg14::BM};
-constexpr int kConfigBN[kNumConfigs] = {Cfg0::BN, Cfg1::BN, Cfg2::BN,  Cfg3::BN,  Cfg4::BN,  Cfg5::BN,  Cfg6::BN, Cfg7::BN,
-                                        Cfg8::BN, Cfg9::BN, Cfg10::BN, Cfg11::BN, Cfg12::BN, Cfg13::BN, Cfg14::BN};
+constexpr int kConfigBM[kNumConfigs] = {Cfg0::BM,  Cfg1::BM,  Cfg2::BM,  Cfg3::BM,  Cfg4::BM,
+                                        Cfg5::BM,  Cfg6::BM,  Cfg7::BM,  Cfg8::BM,  Cfg9::BM,
+                                        Cfg10::BM, Cfg11::BM, Cfg12::BM, Cfg13::BM, Cfg14::BM};
+constexpr int kConfigBN[kNumConfigs] = {Cfg0::BN,  Cfg1::BN,  Cfg2::BN,  Cfg3::BN,  Cfg4::BN,
+                                        Cfg5::BN,  Cfg6::BN,  Cfg7::BN,  Cfg8::BN,  Cfg9::BN,
+                                        Cfg10::BN, Cfg11::BN, Cfg12::BN, Cfg13::BN, Cfg14::BN};
 // K % 8 != 0 or a base not 16-byte aligned (rows not 16-byte aligned: guarded scalar loads) always
 // takes this config: one extra instance per dtype instead of a second copy of the table, for shapes
 // no production model has.
@@ -201,7 +203,8 @@ cudaError_t launch_mma_config(int cfg, bool aligned, const GroupedGemmParams& p,
   if (!aligned) return launch_mma<T, Cfg1, false>(p, num_blocks, stream);
   static_assert(kUnalignedConfig == 1, "the unaligned instance above must match kUnalignedConfig");
   if (cfg >= kNumMmaConfigs) {
-    if (!wgmma_available()) return launch_mma_config<T>(kWgmmaFallback[cfg - kNumMmaConfigs], true, p, num_blocks, stream);
+    if (!wgmma_available())
+      return launch_mma_config<T>(kWgmmaFallback[cfg - kNumMmaConfigs], true, p, num_blocks, stream);
     return dispatch_config<Cfg12, Cfg13, Cfg14>(cfg - kNumMmaConfigs, [&](auto c) {
       return launch_wgmma<T, decltype(c)>(p, num_blocks, stream);
     });
