@@ -84,14 +84,20 @@ def use_decode_gemv(hidden_states: torch.Tensor, topk: int, num_experts: int, nu
     return hidden_states.is_cuda and hidden_states.shape[0] * topk * GEMV_EXPERTS_PER_SLOT <= reach
 
 
-def use_fused_silu(hidden_states: torch.Tensor, block_size: int) -> bool:
+def use_fused_silu(hidden_states: torch.Tensor, block_size: int, topk: int = 1, num_experts: int = 1,
+                   hopper: bool = False) -> bool:
     """fused_moe's default for fuse_silu: the fused first GEMM where it is a tensor-core kernel of its
     own (bf16/fp16 on CUDA) and the blocks are prefill-sized (block_size >= 32). On an H100 it was
     1-6% faster from T = 1024 (Qwen3 T=4096 1428 against 1491 µs, Mixtral 10.13 against 10.81 ms)
     and 0.5-2% slower with the 16-row decode blocks (its grid has half the CTAs of the plain GEMM's:
     Mixtral T=16 1026 against 1005 µs; bench/results/h100-80gb-hbm3-moe-silu-epilogue.md). Elsewhere
-    the op would compose the same two ops, or (CPU) run slower."""
-    return hidden_states.is_cuda and hidden_states.dtype in (torch.bfloat16, torch.float16) and block_size >= 32
+    the op would compose the same two ops, or (CPU) run slower. hopper (hopper_tiles): only above 64
+    rows per expert. With the wgmma tiles the two ops were 1.5-6% faster at T = 1024 (Qwen3 560
+    against 597 µs, GPT-OSS 2.42 against 2.50 ms) and 1-3% slower at T = 4096
+    (bench/results/h100-80gb-hbm3-moe-silu-epilogue-wgmma.md)."""
+    if not (hidden_states.is_cuda and hidden_states.dtype in (torch.bfloat16, torch.float16) and block_size >= 32):
+        return False
+    return not hopper or hidden_states.shape[0] * topk > 64 * num_experts
 
 
 def route(
@@ -155,7 +161,8 @@ def fused_moe(
         block_size: grouped-GEMM block rows; default from choose_block_size.
         fuse_silu: the first grouped GEMM and SiLU-and-mul as one op (moe_grouped_gemm_silu: no
             [T*k, 2I] intermediate, which is then not rounded to the dtype either) or as two.
-            None: fused for bf16/fp16 on CUDA with block_size >= 32 (use_fused_silu), two ops otherwise.
+            None: fused for bf16/fp16 on CUDA with block_size >= 32 (on cc 9.0 above 64 rows per
+            expert; use_fused_silu), two ops otherwise.
         decode_gemv: run the experts as GEMVs straight from the router's ids (moe_gemv_silu, then
             moe_gemv_combine with the weighted sum fused in; no alignment) instead of the grouped
             GEMMs. None: on CUDA while T * topk <= E / 4 (use_decode_gemv; for grouped top-k, E
@@ -193,15 +200,15 @@ def fused_moe(
             routed_scaling_factor=routed_scaling_factor)
         h = ops.moe_gemv_silu(hidden_states, w13, ids, expert_map)       # [T*k, I]
         return ops.moe_gemv_combine(h, w2, ids, weights, expert_map)     # [T, H]
+    hopper = hidden_states.is_cuda and hopper_tiles(hidden_states.device.index)
     if block_size is None:
-        hopper = hidden_states.is_cuda and hopper_tiles(hidden_states.device.index)
         block_size = choose_block_size(T, topk, E, hopper)
     weights, _, sorted_ids, expert_ids, num_post_padded = route(
         router_logits, topk, block_size, scoring_func=scoring_func, renormalize=renormalize,
         correction_bias=correction_bias, num_expert_group=num_expert_group, topk_group=topk_group,
         routed_scaling_factor=routed_scaling_factor, expert_map=expert_map)
     if fuse_silu is None:
-        fuse_silu = use_fused_silu(hidden_states, block_size)
+        fuse_silu = use_fused_silu(hidden_states, block_size, topk, E, hopper)
     if fuse_silu:
         h = ops.moe_grouped_gemm_silu(hidden_states, w13, sorted_ids, expert_ids, num_post_padded, topk)  # [T*k, I]
     else:
