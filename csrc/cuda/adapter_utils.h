@@ -21,18 +21,27 @@ inline DType to_dtype(c10::ScalarType t) {
   }
 }
 
-// A device attribute (nonzero for those read here), queried once per device and attribute.
+// A device attribute, queried once per device and attribute (the cache holds value + 1, so 0 means
+// not yet asked and zero-valued attributes such as a compute capability's minor are cached too).
 template <cudaDeviceAttr kAttr>
 inline int device_attribute(c10::DeviceIndex device) {
   static int cache[64] = {};
-  int& v = cache[device & 63];
-  if (v == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, kAttr, device));
-  return v;
+  int& c = cache[device & 63];
+  if (c == 0) {
+    int v = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, kAttr, device));
+    c = v + 1;
+  }
+  return c - 1;
 }
 
 inline int num_sms(c10::DeviceIndex device) { return device_attribute<cudaDevAttrMultiProcessorCount>(device); }
 inline int compute_major(c10::DeviceIndex device) {
   return device_attribute<cudaDevAttrComputeCapabilityMajor>(device);
+}
+// major * 10 + minor: 80 for sm_80, 90 for sm_90.
+inline int compute_capability(c10::DeviceIndex device) {
+  return compute_major(device) * 10 + device_attribute<cudaDevAttrComputeCapabilityMinor>(device);
 }
 inline int64_t l2_bytes(c10::DeviceIndex device) { return device_attribute<cudaDevAttrL2CacheSize>(device); }
 

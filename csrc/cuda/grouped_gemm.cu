@@ -1,7 +1,6 @@
 // Launcher of the grouped expert GEMM and of its SiLU-and-mul variant: the config tables, the shape
 // heuristics over them, and the zeroing of rows no valid block writes.
 #include <algorithm>
-#include <atomic>
 #include <climits>
 
 #include "../kernels/grouped_gemm.cuh"
@@ -137,24 +136,13 @@ constexpr HeuristicRow kSiluHeuristic[] = {
     {INT_MAX, 3, 2},
 };
 
-// Whether the current device runs this build's wgmma kernels: sm_90a code built (MOE_EXT_WGMMA)
-// and a cc 9.0 device (sm_90a code runs on no other). Cached per device.
-bool wgmma_available() {
+// Whether a device of compute capability cc runs this build's wgmma kernels: sm_90a code built
+// (MOE_EXT_WGMMA) and a cc 9.0 device (sm_90a code runs on no other).
+bool wgmma_available(int cc) {
 #if defined(MOE_EXT_WGMMA)
-  static std::atomic<int8_t> cached[64];  // 0 unknown, 1 yes, -1 no
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return false;
-  std::atomic<int8_t>& c = cached[dev & 63];
-  int8_t v = c.load(std::memory_order_relaxed);
-  if (v == 0) {
-    int major = 0, minor = 0;
-    const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-                    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess;
-    v = ok && major == 9 && minor == 0 ? 1 : -1;
-    c.store(v, std::memory_order_relaxed);
-  }
-  return v > 0;
+  return cc == 90;
 #else
+  (void)cc;
   return false;
 #endif
 }
@@ -198,13 +186,12 @@ cudaError_t launch_mma(GroupedGemmParams p, int64_t num_blocks, cudaStream_t str
 }
 
 template <typename T>
-cudaError_t launch_mma_config(int cfg, bool aligned, const GroupedGemmParams& p, int64_t num_blocks,
+cudaError_t launch_mma_config(int cfg, bool aligned, bool wgmma, const GroupedGemmParams& p, int64_t num_blocks,
                               cudaStream_t stream) {
   if (!aligned) return launch_mma<T, Cfg1, false>(p, num_blocks, stream);
   static_assert(kUnalignedConfig == 1, "the unaligned instance above must match kUnalignedConfig");
   if (cfg >= kNumMmaConfigs) {
-    if (!wgmma_available())
-      return launch_mma_config<T>(kWgmmaFallback[cfg - kNumMmaConfigs], true, p, num_blocks, stream);
+    if (!wgmma) return launch_mma_config<T>(kWgmmaFallback[cfg - kNumMmaConfigs], true, false, p, num_blocks, stream);
     return dispatch_config<Cfg12, Cfg13, Cfg14>(cfg - kNumMmaConfigs, [&](auto c) {
       return launch_wgmma<T, decltype(c)>(p, num_blocks, stream);
     });
@@ -215,13 +202,13 @@ cudaError_t launch_mma_config(int cfg, bool aligned, const GroupedGemmParams& p,
 }
 
 template <typename T>
-cudaError_t launch_silu_config(int cfg, bool aligned, const GroupedGemmParams& p, int64_t num_blocks,
+cudaError_t launch_silu_config(int cfg, bool aligned, bool wgmma, const GroupedGemmParams& p, int64_t num_blocks,
                                cudaStream_t stream) {
   if (!aligned) return launch_mma<T, SiluCfg0, false>(p, num_blocks, stream);
   static_assert(kSiluUnalignedConfig == 0, "the unaligned instance above must match kSiluUnalignedConfig");
   if (cfg >= kNumSiluMmaConfigs) {
-    if (!wgmma_available())
-      return launch_silu_config<T>(kSiluWgmmaFallback[cfg - kNumSiluMmaConfigs], true, p, num_blocks, stream);
+    if (!wgmma)
+      return launch_silu_config<T>(kSiluWgmmaFallback[cfg - kNumSiluMmaConfigs], true, false, p, num_blocks, stream);
     return launch_wgmma<T, SiluCfg4>(p, num_blocks, stream);
   }
   return dispatch_config<SiluCfg0, SiluCfg1, SiluCfg2, SiluCfg3>(cfg, [&](auto c) {
@@ -268,7 +255,7 @@ int grouped_gemm_silu_num_configs() { return kNumSiluConfigs; }
 cudaError_t moe_grouped_gemm(DType dtype, const void* a, const void* w, const int32_t* sorted_ids,
                              const int32_t* expert_ids, const int32_t* num_post_padded, const float* topk_weights,
                              void* out, uint8_t* covered, int64_t M, int64_t topk, int64_t N, int64_t K, int64_t E,
-                             int64_t num_blocks, int64_t block_size, int config, bool tensor_cores, int num_sms,
+                             int64_t num_blocks, int64_t block_size, int config, int compute_capability, int num_sms,
                              cudaStream_t stream) {
   const int64_t rows = M * topk;
   if (rows == 0 || N == 0) return cudaSuccess;
@@ -285,14 +272,14 @@ cudaError_t moe_grouped_gemm(DType dtype, const void* a, const void* w, const in
         err = launch_simt<T>(p, num_blocks, stream);
       } else {
 #if MOE_GG_HAS_MMA
-        if (tensor_cores) {
+        if (compute_capability >= 80) {
           const bool aligned = K % 8 == 0 && aligned16(a) && aligned16(w);
+          const bool wgmma = wgmma_available(compute_capability);
           int cfg = config;
-          if (cfg < 0 && aligned && wgmma_available())
-            cfg = choose_wgmma_config(rows, E, N, num_blocks, block_size, num_sms);
+          if (cfg < 0 && aligned && wgmma) cfg = choose_wgmma_config(rows, E, N, num_blocks, block_size, num_sms);
           if (cfg < 0)
             cfg = choose_config(kHeuristic, kConfigBM, kConfigBN, 1, rows, E, N, num_blocks, block_size, num_sms);
-          err = launch_mma_config<T>(cfg, aligned, p, num_blocks, stream);
+          err = launch_mma_config<T>(cfg, aligned, wgmma, p, num_blocks, stream);
         } else {
           err = launch_simt<T>(p, num_blocks, stream);
         }
@@ -310,8 +297,8 @@ cudaError_t moe_grouped_gemm(DType dtype, const void* a, const void* w, const in
 cudaError_t moe_grouped_gemm_silu(DType dtype, const void* a, const void* w13, const int32_t* sorted_ids,
                                   const int32_t* expert_ids, const int32_t* num_post_padded, void* out,
                                   uint8_t* covered, int64_t M, int64_t topk, int64_t I, int64_t K, int64_t E,
-                                  int64_t num_blocks, int64_t block_size, int config, int num_sms,
-                                  cudaStream_t stream) {
+                                  int64_t num_blocks, int64_t block_size, int config, int compute_capability,
+                                  int num_sms, cudaStream_t stream) {
   const int64_t rows = M * topk;
   if (rows == 0 || I == 0) return cudaSuccess;
   if (config >= kNumSiluConfigs || rows > INT_MAX || 2 * I > INT_MAX || K > INT_MAX || block_size > INT_MAX)
@@ -327,12 +314,13 @@ cudaError_t moe_grouped_gemm_silu(DType dtype, const void* a, const void* w13, c
                                   static_cast<int>(rows), static_cast<int>(topk), static_cast<int>(I),
                                   static_cast<int>(K), static_cast<int>(E), static_cast<int>(block_size), 1};
         const bool aligned = K % 8 == 0 && aligned16(a) && aligned16(w13);
+        const bool wgmma = wgmma_available(compute_capability);
         int cfg = config;
-        if (cfg < 0 && aligned && block_size >= 128 && wgmma_available()) cfg = kNumSiluMmaConfigs;
+        if (cfg < 0 && aligned && block_size >= 128 && wgmma) cfg = kNumSiluMmaConfigs;
         if (cfg < 0)
           cfg = choose_config(kSiluHeuristic, kSiluConfigBM, kSiluConfigBN, 0, rows, E, I, num_blocks, block_size,
                               num_sms);
-        const cudaError_t err = launch_silu_config<T>(cfg, aligned, p, num_blocks, stream);
+        const cudaError_t err = launch_silu_config<T>(cfg, aligned, wgmma, p, num_blocks, stream);
         if (err != cudaSuccess) return err;
       }
       if (covered == nullptr) return cudaSuccess;

@@ -20,11 +20,12 @@ int grouped_gemm_silu_num_configs();
 // [num_blocks]; num_post_padded: [1] (device, never read on the host); topk_weights: [M * topk]
 // fp32 or null; out: [M * topk, N]. covered: null when out was zeroed beforehand, else
 // [M * topk] uint8 zeroed beforehand: the launch then also zeroes every row no valid block writes.
-// tensor_cores: the device is sm_80+ (bf16/fp16 then take the mma path).
+// compute_capability: the device's, major * 10 + minor (bf16/fp16 take tensor-core tiles from 80;
+// at 90 the Hopper wgmma tiles too, when the build has sm_90a code).
 cudaError_t moe_grouped_gemm(DType dtype, const void* a, const void* w, const int32_t* sorted_ids,
                              const int32_t* expert_ids, const int32_t* num_post_padded, const float* topk_weights,
                              void* out, uint8_t* covered, int64_t M, int64_t topk, int64_t N, int64_t K, int64_t E,
-                             int64_t num_blocks, int64_t block_size, int config, bool tensor_cores, int num_sms,
+                             int64_t num_blocks, int64_t block_size, int config, int compute_capability, int num_sms,
                              cudaStream_t stream);
 
 // out[id] = silu(a[id // topk] @ w13[e][:I]^T) * (a[id // topk] @ w13[e][I:]^T), both products in
@@ -34,7 +35,7 @@ cudaError_t moe_grouped_gemm(DType dtype, const void* a, const void* w, const in
 cudaError_t moe_grouped_gemm_silu(DType dtype, const void* a, const void* w13, const int32_t* sorted_ids,
                                   const int32_t* expert_ids, const int32_t* num_post_padded, void* out,
                                   uint8_t* covered, int64_t M, int64_t topk, int64_t I, int64_t K, int64_t E,
-                                  int64_t num_blocks, int64_t block_size, int config, int num_sms,
-                                  cudaStream_t stream);
+                                  int64_t num_blocks, int64_t block_size, int config, int compute_capability,
+                                  int num_sms, cudaStream_t stream);
 
 }  // namespace moe_ext::cuda

@@ -62,7 +62,7 @@ at::Tensor alloc_output(const char* op, const at::Tensor& a, int64_t rows, int64
 }
 
 // Whether a device has mma.sync bf16/fp16 tensor cores (sm_80+).
-bool has_tensor_cores(c10::DeviceIndex device) { return compute_major(device) >= 8; }
+bool has_tensor_cores(c10::DeviceIndex device) { return compute_capability(device) >= 80; }
 
 }  // namespace
 
@@ -89,7 +89,7 @@ at::Tensor moe_grouped_gemm_cuda(const at::Tensor& a, const at::Tensor& w, const
       to_dtype(a.scalar_type()), a.const_data_ptr(), w.const_data_ptr(), sorted_token_ids.const_data_ptr<int32_t>(),
       expert_ids.const_data_ptr<int32_t>(), num_tokens_post_padded.const_data_ptr<int32_t>(), tw, out.data_ptr(),
       covered.defined() ? covered.data_ptr<uint8_t>() : nullptr, M, topk, N, K, E, num_blocks,
-      num_blocks == 0 ? 0 : sorted_token_ids.numel() / num_blocks, config, has_tensor_cores(a.device().index()),
+      num_blocks == 0 ? 0 : sorted_token_ids.numel() / num_blocks, config, compute_capability(a.device().index()),
       num_sms(a.device().index()), c10::cuda::getCurrentCUDAStream()));
   return out;
 }
@@ -123,7 +123,8 @@ at::Tensor moe_grouped_gemm_silu_cuda(const at::Tensor& a, const at::Tensor& w13
       to_dtype(a.scalar_type()), a.const_data_ptr(), w13.const_data_ptr(), sorted_token_ids.const_data_ptr<int32_t>(),
       expert_ids.const_data_ptr<int32_t>(), num_tokens_post_padded.const_data_ptr<int32_t>(), out.data_ptr(),
       covered.defined() ? covered.data_ptr<uint8_t>() : nullptr, M, topk, I, K, E, num_blocks,
-      num_blocks == 0 ? 0 : sorted_token_ids.numel() / num_blocks, config, num_sms(a.device().index()),
+      num_blocks == 0 ? 0 : sorted_token_ids.numel() / num_blocks, config, compute_capability(a.device().index()),
+      num_sms(a.device().index()),
       c10::cuda::getCurrentCUDAStream()));
   return out;
 }

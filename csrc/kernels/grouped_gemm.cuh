@@ -125,6 +125,18 @@ MOE_DEVICE MOE_FORCEINLINE void store_pair(const GroupedGemmParams& p, int id, f
   }
 }
 
+// Stores an accumulator quad: q[0], q[1] at row id_lo, columns col and col + 1; q[2], q[3] at row
+// id_hi; each row times its routed weight. q is the gate quad; with kSiluMul, silu(gate) * up.
+template <typename T, bool kSiluMul>
+MOE_DEVICE MOE_FORCEINLINE void store_quad(const GroupedGemmParams& p, const float* gate, const float* up, int id_lo,
+                                           float s_lo, int id_hi, float s_hi, int col, bool paired) {
+  float v[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) v[q] = kSiluMul ? silu_mul(gate[q], up[q]) : gate[q];
+  store_pair<T>(p, id_lo, s_lo, col, v[0], v[1], paired);
+  store_pair<T>(p, id_hi, s_hi, col, v[2], v[3], paired);
+}
+
 MOE_DEVICE MOE_FORCEINLINE uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -326,17 +338,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) grouped_gemm_mma_kernel(const G
 #pragma unroll
     for (int ni = 0; ni < Cfg::NI; ++ni) {
       const int col = n0 + wn + ni * 8 + (lane % 4) * 2;
-      float v[4];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        if constexpr (Cfg::kSiluMul) {
-          v[j] = silu_mul(acc[0][mi][ni][j], acc[Cfg::kSets - 1][mi][ni][j]);
-        } else {
-          v[j] = acc[0][mi][ni][j];
-        }
-      }
-      gg::store_pair<T>(p, id_lo, s_lo, col, v[0], v[1], paired);
-      gg::store_pair<T>(p, id_hi, s_hi, col, v[2], v[3], paired);
+      gg::store_quad<T, Cfg::kSiluMul>(p, acc[0][mi][ni], acc[Cfg::kSets - 1][mi][ni], id_lo, s_lo, id_hi, s_hi, col,
+                                       paired);
     }
   }
 #endif

@@ -266,17 +266,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) grouped_gemm_wgmma_kernel(const
 #pragma unroll
     for (int j = 0; j < kUnitN / 8; ++j) {
       const int col = n0 + wg_n * Cfg::WN + u * kUnitN + j * 8 + (lane % 4) * 2;
-      float v[4];
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        if constexpr (Cfg::kSiluMul) {
-          v[q] = silu_mul(acc[0][u][4 * j + q], acc[Cfg::kSets - 1][u][4 * j + q]);
-        } else {
-          v[q] = acc[0][u][4 * j + q];
-        }
-      }
-      gg::store_pair<T>(p, id_lo, s_lo, col, v[0], v[1], paired);
-      gg::store_pair<T>(p, id_hi, s_hi, col, v[2], v[3], paired);
+      gg::store_quad<T, Cfg::kSiluMul>(p, &acc[0][u][4 * j], &acc[Cfg::kSets - 1][u][4 * j], id_lo, s_lo, id_hi,
+                                       s_hi, col, paired);
     }
   }
 #elif defined(__CUDA_ARCH__)
