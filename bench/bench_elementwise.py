@@ -4,7 +4,9 @@ Floor: (bytes read + bytes written) / copy bandwidth. silu_and_mul reads [T*k, 2
 [T*k, I]; combine reads [T, k, H] and writes [T, H]. Inputs rotate over more than L2 holds, so the
 cache does not flatter small sizes.
 
-    python bench/bench_elementwise.py [--tokens 1 16 1024 4096 16384]
+    python bench/bench_elementwise.py [--tokens 1 16 1024 4096 16384] [--variants NAME:ENV=V ...]
+
+--variants as in bench_routing.py (e.g. `pdl-off:MOE_EXT_PDL=0`): each case is timed once per variant.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import argparse
 import torch
 
 import moe_ext
-from common import copy_bandwidth, markdown_table, time_events, time_graph, write_results
+from common import copy_bandwidth, environment, markdown_table, parse_variant, time_events, time_graph, write_results
 from moe_ext.models import MODELS
 
 
@@ -33,7 +35,10 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 1024, 4096, 16384])
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--variants", nargs="+", default=["default"], help="NAME:ENV=V,ENV=V")
+    p.add_argument("--stem", default="elementwise")
     args = p.parse_args()
+    variants = [parse_variant(v) for v in args.variants]
     dtype = getattr(torch, args.dtype)
     bw = copy_bandwidth()
     print(f"copy bandwidth (read + write): {bw:.0f} GB/s on {torch.cuda.get_device_name()}")
@@ -48,21 +53,26 @@ def main():
             for op, (shape, fn, elems) in cases.items():
                 nbytes = elems * torch.empty((), dtype=dtype).element_size()
                 get = rotating(lambda: torch.randn(shape, device="cuda", dtype=dtype), nbytes)
-                eager = time_events(lambda: fn(get()), iters=200)
-                # Graph replay removes the host's launch cost (about 25 µs per eager call on the
-                # device image), so it measures the kernel at every size.
-                graph = time_graph(lambda: fn(get()), calls_per_graph=20 if nbytes < (64 << 20) else 4)
-                floor = nbytes / (bw * 1e9) * 1e6
-                rows.append(dict(op=op, model=cfg.name, T=T, shape=str(list(shape)), bytes=nbytes, eager_us=eager,
-                                 graph_us=graph, floor_us=floor, gbps=nbytes / (graph * 1e-6) / 1e9,
-                                 pct_of_copy=100 * floor / graph))
-                r = rows[-1]
-                print(f"{op:13s} {cfg.name:14s} T={T:6d} {eager:9.2f} us (graph {graph:7.2f}) "
-                      f"{r['gbps']:7.0f} GB/s  {r['pct_of_copy']:5.1f}% of copy")
-    table = markdown_table(rows, [("op", "op", ""), ("model", "model", ""), ("T", "T", "d"), ("shape", "input", ""),
-                                  ("eager_us", "event µs", ".2f"), ("graph_us", "graph µs/call", ".2f"),
-                                  ("gbps", "GB/s (graph)", ".0f"), ("pct_of_copy", "% of copy BW (graph)", ".1f")])
-    path = write_results("elementwise", {"copy_bandwidth_gbps": round(bw, 1), "dtype": args.dtype}, rows, table)
+                for variant, env in variants:
+                    with environment(env):
+                        eager = time_events(lambda: fn(get()), iters=200)
+                        # Graph replay removes the host's launch cost (about 25 µs per eager call on the
+                        # device image), so it measures the kernel at every size.
+                        graph = time_graph(lambda: fn(get()), calls_per_graph=20 if nbytes < (64 << 20) else 4)
+                    floor = nbytes / (bw * 1e9) * 1e6
+                    rows.append(dict(variant=variant, op=op, model=cfg.name, T=T, shape=str(list(shape)), bytes=nbytes,
+                                     eager_us=eager, graph_us=graph, floor_us=floor,
+                                     gbps=nbytes / (graph * 1e-6) / 1e9, pct_of_copy=100 * floor / graph))
+                    r = rows[-1]
+                    print(f"{variant:>8s} {op:13s} {cfg.name:14s} T={T:6d} {eager:9.2f} us (graph {graph:7.2f}) "
+                          f"{r['gbps']:7.0f} GB/s  {r['pct_of_copy']:5.1f}% of copy")
+    first = [("variant", "variant", "")] if len(variants) > 1 else []
+    table = markdown_table(rows, first + [
+        ("op", "op", ""), ("model", "model", ""), ("T", "T", "d"), ("shape", "input", ""),
+        ("eager_us", "event µs", ".2f"), ("graph_us", "graph µs/call", ".2f"), ("gbps", "GB/s (graph)", ".0f"),
+        ("pct_of_copy", "% of copy BW (graph)", ".1f")])
+    path = write_results(args.stem, {"copy_bandwidth_gbps": round(bw, 1), "dtype": args.dtype,
+                                     "variants": dict(variants)}, rows, table)
     print(f"\nwrote {path}.json/.md")
 
 

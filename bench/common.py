@@ -3,7 +3,9 @@ warm-up (median of many runs), CUDA-graph replay time per call, and result files
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import platform
 import statistics
 import sys
@@ -123,3 +125,24 @@ class Calibration:
     def kernel_time(self, skip: bool) -> dict:
         self.times["kernel_us"] = float("nan") if skip else time_kernels(self.add)
         return {k: round(v, 2) for k, v in self.times.items()}
+
+
+@contextlib.contextmanager
+def environment(settings):
+    """Sets the variables of `settings` ({name: value}) for the body, then restores them."""
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def parse_variant(spec):
+    """'name:ENV=V,ENV2=V2' (or 'name') -> (name, {ENV: V, ...})."""
+    name, _, env = spec.partition(":")
+    return name, dict(kv.split("=", 1) for kv in env.split(",") if kv)

@@ -428,11 +428,12 @@ def test_fused_decode_kernel_bit_identical(E, variant):
 @pytest.mark.parametrize("T", [65, 129, 1000, 1024, 2000, 4096])
 @pytest.mark.parametrize("E,topk", [(8, 2), (128, 4), (256, 8), (1024, 8)])
 @pytest.mark.parametrize("repeats", [False, True])
-def test_align_cuda_token_mask_path(T, E, topk, repeats):
-    """Mid sizes (the single-block token-mask path where it fits): ids distinct within each row, as
-    the router produces them, and rows with a repeated expert (the counting fallback), both equal to
-    the CPU kernel."""
+def test_align_cuda_token_mask_path(T, E, topk, repeats, monkeypatch):
+    """Mid sizes on the single-block token-mask path (forced; it takes up to 4096 ids where the masks
+    fit, the automatic choice only below 2048): ids distinct within each row, as the router produces
+    them, and rows with a repeated expert (the counting fallback), both equal to the CPU kernel."""
     require_kernel("moe_align_block_size", "cuda")
+    monkeypatch.setenv("MOE_EXT_ALIGN_PATH", "1")
     g = torch.Generator().manual_seed(T * 3 + E + repeats)
     ids = torch.stack([torch.randperm(E, generator=g)[:topk] for _ in range(T)])
     if repeats:
@@ -452,18 +453,28 @@ def test_align_cuda_token_mask_path(T, E, topk, repeats):
                 assert torch.equal(a.cpu(), b)
 
 
-# Sizes of the one-launch grid path (4096 < ids <= 32768), as (T, topk), and one past it.
+# Sizes of the one-launch grid path (4096 < ids <= 32768), as (T, topk), and one past it; the
+# forced two-launch path also at decode sizes.
 GRID_SIZES = [(4097, 1), (750, 8), (1024, 8), (2048, 8), (4096, 8), (5461, 6), (32769, 1)]
+TWO_LAUNCH_SIZES = [(1, 1), (16, 8), (33, 3), (300, 8)] + GRID_SIZES
+# The automatic path; the one-launch grid and the two launches (count, place) forced where they take
+# the size; and the two launches without programmatic dependent launch.
+ALIGN_PATHS = {"auto": {}, "grid": {"MOE_EXT_ALIGN_PATH": "2"}, "two-launch": {"MOE_EXT_ALIGN_PATH": "3"},
+               "two-launch-nopdl": {"MOE_EXT_ALIGN_PATH": "3", "MOE_EXT_PDL": "0"}}
 
 
 @cuda_only
-@pytest.mark.parametrize("T,topk", GRID_SIZES)
+@pytest.mark.parametrize("T,topk,path", [(T, k, "auto") for T, k in GRID_SIZES] +
+                         [(T, k, p) for T, k in TWO_LAUNCH_SIZES for p in ("grid", "two-launch", "two-launch-nopdl")])
 @pytest.mark.parametrize("E", [8, 256, 257, 1024])
-def test_align_cuda_grid_path(T, topk, E):
-    """The one-launch grid path equals the CPU kernel bit for bit, and is deterministic: ids
-    distinct within each row (as the router gives them), one expert taking most ids (rows repeat
-    it), invalid ids with an expert map, and ids starting off a 16-byte boundary."""
+def test_align_cuda_multi_block_paths(T, topk, E, path, monkeypatch):
+    """The multi-block paths (the one-launch grid, the two launches) equal the CPU kernel bit for
+    bit, and are deterministic: ids distinct within each row (as the router gives them), one expert
+    taking most ids (rows repeat it), invalid ids with an expert map, and ids starting off a 16-byte
+    boundary."""
     require_kernel("moe_align_block_size", "cuda")
+    for name, value in ALIGN_PATHS[path].items():
+        monkeypatch.setenv(name, value)
     g = torch.Generator().manual_seed(T * topk + E)
     if topk <= E:
         routed = torch.rand(T, E, generator=g).argsort(dim=1)[:, :topk]

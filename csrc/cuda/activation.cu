@@ -25,7 +25,7 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % kVecByte
 
 }  // namespace
 
-cudaError_t silu_and_mul(DType dtype, const void* x, void* out, int64_t rows, int64_t d, int num_sms,
+cudaError_t silu_and_mul(DType dtype, const void* x, void* out, int64_t rows, int64_t d, int num_sms, bool pdl,
                          cudaStream_t stream) {
   if (rows == 0 || d == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tag) {
@@ -33,24 +33,23 @@ cudaError_t silu_and_mul(DType dtype, const void* x, void* out, int64_t rows, in
     const bool vec = d % Vec<T>::kSize == 0 && aligned16(x) && aligned16(out);
     return BOOL_SWITCH(vec, kVec, [&] {
       const int64_t per_row = d / (kVec ? Vec<T>::kSize : 1);
-      silu_and_mul_kernel<T, kVec><<<grid_size(rows, num_sms), block_threads(per_row), 0, stream>>>(
-          static_cast<const T*>(x), static_cast<T*>(out), rows, d);
-      return cudaGetLastError();
+      return launch_kernel(silu_and_mul_kernel<T, kVec>, dim3(grid_size(rows, num_sms)), dim3(block_threads(per_row)),
+                           0, stream, pdl, static_cast<const T*>(x), static_cast<T*>(out), rows, d);
     });
   });
 }
 
 cudaError_t moe_combine(DType dtype, const void* x, const float* weights, void* out, int64_t num_tokens,
-                        int topk, int64_t h, int num_sms, cudaStream_t stream) {
+                        int topk, int64_t h, int num_sms, bool pdl, cudaStream_t stream) {
   if (num_tokens == 0 || h == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const bool vec = h % Vec<T>::kSize == 0 && aligned16(x) && aligned16(out);
     return BOOL_SWITCH(vec, kVec, [&] {
       const int64_t per_row = h / (kVec ? Vec<T>::kSize : 1);
-      moe_combine_kernel<T, kVec><<<grid_size(num_tokens, num_sms), block_threads(per_row), 0, stream>>>(
-          static_cast<const T*>(x), weights, static_cast<T*>(out), num_tokens, topk, h);
-      return cudaGetLastError();
+      return launch_kernel(moe_combine_kernel<T, kVec>, dim3(grid_size(num_tokens, num_sms)),
+                           dim3(block_threads(per_row)), 0, stream, pdl, static_cast<const T*>(x), weights,
+                           static_cast<T*>(out), num_tokens, topk, h);
     });
   });
 }

@@ -1,5 +1,6 @@
 // CUDA adapters for SiLU-and-mul and the top-k combine: validate, allocate through PyTorch, launch
-// on the current stream under a device guard.
+// on the current stream under a device guard. MOE_EXT_PDL="0" launches without programmatic
+// dependent launch (sm_90+ uses it; read on every call).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -22,7 +23,8 @@ at::Tensor silu_and_mul_cuda(const at::Tensor& x) {  // x: [..., 2 * I]
   auto out = at::empty(out_shape, x.options());  // [..., I]
   const int64_t rows = d == 0 ? 0 : x.numel() / (2 * d);
   C10_CUDA_CHECK(cuda::silu_and_mul(to_dtype(x.scalar_type()), x.const_data_ptr(), out.data_ptr(), rows, d,
-                                    num_sms(x.device().index()), c10::cuda::getCurrentCUDAStream()));
+                                    num_sms(x.device().index()), use_pdl(x.device().index()),
+                                    c10::cuda::getCurrentCUDAStream()));
   return out;
 }
 
@@ -34,7 +36,7 @@ at::Tensor moe_combine_cuda(const at::Tensor& x, const std::optional<at::Tensor>
   const float* w = topk_weights.has_value() ? topk_weights->const_data_ptr<float>() : nullptr;
   C10_CUDA_CHECK(cuda::moe_combine(to_dtype(x.scalar_type()), x.const_data_ptr(), w, out.data_ptr(), x.size(0),
                                    static_cast<int>(x.size(1)), x.size(2), num_sms(x.device().index()),
-                                   c10::cuda::getCurrentCUDAStream()));
+                                   use_pdl(x.device().index()), c10::cuda::getCurrentCUDAStream()));
   return out;
 }
 

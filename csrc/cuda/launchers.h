@@ -10,13 +10,14 @@
 
 namespace moe_ext::cuda {
 
-// x: [rows, 2 * d]; out: [rows, d]; both of `dtype`, contiguous.
-cudaError_t silu_and_mul(DType dtype, const void* x, void* out, int64_t rows, int64_t d, int num_sms,
+// x: [rows, 2 * d]; out: [rows, d]; both of `dtype`, contiguous. pdl: launch with programmatic
+// dependent launch (sm_90+; the kernel waits for the one ahead of it before its first load).
+cudaError_t silu_and_mul(DType dtype, const void* x, void* out, int64_t rows, int64_t d, int num_sms, bool pdl,
                          cudaStream_t stream);
 
-// x: [num_tokens, topk, h]; weights: [num_tokens, topk] fp32 or null; out: [num_tokens, h].
+// x: [num_tokens, topk, h]; weights: [num_tokens, topk] fp32 or null; out: [num_tokens, h]. pdl: as above.
 cudaError_t moe_combine(DType dtype, const void* x, const float* weights, void* out, int64_t num_tokens,
-                        int topk, int64_t h, int num_sms, cudaStream_t stream);
+                        int topk, int64_t h, int num_sms, bool pdl, cudaStream_t stream);
 
 }  // namespace moe_ext::cuda
 
@@ -24,19 +25,32 @@ cudaError_t moe_combine(DType dtype, const void* x, const float* weights, void* 
 
 namespace moe_ext::cuda {
 
+// Every routing launcher takes `pdl`: launch with programmatic dependent launch (sm_90+; the
+// kernels wait for the one ahead of them before touching global memory, and let the one behind
+// them launch at once).
+
 // logits: [num_tokens, E] rows `row_stride` elements apart; weights/ids: [num_tokens, topk].
 // p.bias, if set, is a device pointer [E] fp32.
 cudaError_t topk_gating(DType dtype, const void* logits, int64_t row_stride, int num_tokens, const GatingParams& p,
-                        float* weights, int32_t* ids, cudaStream_t stream);
+                        float* weights, int32_t* ids, bool pdl, cudaStream_t stream);
 
-// Int32 workspace elements moe_align needs for [num_tokens, topk] ids (0 on the single-launch paths).
-int64_t moe_align_workspace(int64_t num_tokens, int topk, int num_experts);
+// How moe_align places the ids (csrc/kernels/align.cuh): one block ranking within runs, one block
+// ranking by token masks, one launch over a grid, or two launches (count, place) for any size.
+enum class AlignPath : int { kSmall = 0, kRows = 1, kGrid = 2, kTwoLaunch = 3 };
+constexpr int kAlignPaths = 4;
+
+// The path for [num_tokens, topk] ids: `forced` (an AlignPath value) where it takes the size, else
+// the automatic choice (forced = -1).
+AlignPath moe_align_path(int64_t num_tokens, int topk, int num_experts, int forced);
+
+// Int32 workspace elements moe_align needs on `path` (0 on the single-launch paths).
+int64_t moe_align_workspace(int64_t num_tokens, int topk, int num_experts, AlignPath path);
 
 // ids: [num_tokens, topk] int32; expert_map: [E] int32 or null; sorted: [max_padded]; expert_ids:
 // [max_padded / block_size]; num_post_padded: [1]; workspace: moe_align_workspace(...) ints.
 cudaError_t moe_align(const int32_t* ids, int64_t num_tokens, int topk, int num_experts, int block_size,
                       const int32_t* expert_map, int64_t max_padded, int32_t* sorted, int32_t* expert_ids,
-                      int32_t* num_post_padded, int32_t* workspace, cudaStream_t stream);
+                      int32_t* num_post_padded, AlignPath path, int32_t* workspace, bool pdl, cudaStream_t stream);
 
 // Most tokens fused_topk_align takes in its single launch.
 int fused_routing_max_tokens();
@@ -46,6 +60,6 @@ int fused_routing_max_tokens();
 cudaError_t fused_topk_align(DType dtype, const void* logits, int64_t row_stride, int num_tokens,
                              const GatingParams& p, int block_size, const int32_t* expert_map, int64_t max_padded,
                              float* weights, int32_t* ids, int32_t* sorted, int32_t* expert_ids,
-                             int32_t* num_post_padded, cudaStream_t stream);
+                             int32_t* num_post_padded, bool pdl, cudaStream_t stream);
 
 }  // namespace moe_ext::cuda

@@ -1,6 +1,9 @@
 // CUDA adapters for router top-k gating, block alignment and the fused pair (one launch up to
 // fused_routing_max_tokens() tokens, the two kernels in turn above): validate, allocate through
 // PyTorch, launch on the current stream under a device guard. Nothing here synchronizes with the host.
+// Environment, read on every call (for A/B timing in one process):
+//   MOE_EXT_PDL         "0": launch without programmatic dependent launch (sm_90+ uses it).
+//   MOE_EXT_ALIGN_PATH  0-3: force moe_align's path (cuda::AlignPath) where it takes the size.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -30,7 +33,7 @@ std::tuple<at::Tensor, at::Tensor> gating_launch(const at::Tensor& logits, int64
   auto [weights, ids] = gating_outputs(logits, topk);
   C10_CUDA_CHECK(cuda::topk_gating(to_dtype(logits.scalar_type()), logits.const_data_ptr(), logits.stride(0),
                                    static_cast<int>(logits.size(0)), with_bias(p, correction_bias),
-                                   weights.data_ptr<float>(), ids.data_ptr<int32_t>(),
+                                   weights.data_ptr<float>(), ids.data_ptr<int32_t>(), use_pdl(logits.device().index()),
                                    c10::cuda::getCurrentCUDAStream()));
   return {weights, ids};
 }
@@ -52,14 +55,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> align_launch(const at::Tensor& to
                                                             const std::optional<at::Tensor>& expert_map) {
   const int64_t T = topk_ids.size(0), k = topk_ids.size(1);
   AlignOutputs out = align_outputs(topk_ids, T * k, num_experts, block_size);
-  const int64_t ws = cuda::moe_align_workspace(T, static_cast<int>(k), static_cast<int>(num_experts));
+  const int forced = config_override("moe_align_block_size", "MOE_EXT_ALIGN_PATH", cuda::kAlignPaths);
+  const cuda::AlignPath path = cuda::moe_align_path(T, static_cast<int>(k), static_cast<int>(num_experts), forced);
+  const int64_t ws = cuda::moe_align_workspace(T, static_cast<int>(k), static_cast<int>(num_experts), path);
   at::Tensor workspace = ws ? at::empty({ws}, topk_ids.options()) : at::Tensor();
   C10_CUDA_CHECK(cuda::moe_align(topk_ids.const_data_ptr<int32_t>(), T, static_cast<int>(k),
                                  static_cast<int>(num_experts), static_cast<int>(block_size),
                                  expert_map.has_value() ? expert_map->const_data_ptr<int32_t>() : nullptr,
                                  out.sorted.numel(), out.sorted.data_ptr<int32_t>(), out.expert_ids.data_ptr<int32_t>(),
-                                 out.num_post_padded.data_ptr<int32_t>(),
-                                 ws ? workspace.data_ptr<int32_t>() : nullptr, c10::cuda::getCurrentCUDAStream()));
+                                 out.num_post_padded.data_ptr<int32_t>(), path,
+                                 ws ? workspace.data_ptr<int32_t>() : nullptr, use_pdl(topk_ids.device().index()),
+                                 c10::cuda::getCurrentCUDAStream()));
   return {out.sorted, out.expert_ids, out.num_post_padded};
 }
 
@@ -106,7 +112,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_top
       static_cast<int>(T), with_bias(checked, correction_bias), static_cast<int>(block_size),
       expert_map.has_value() ? expert_map->const_data_ptr<int32_t>() : nullptr, out.sorted.numel(),
       weights.data_ptr<float>(), ids.data_ptr<int32_t>(), out.sorted.data_ptr<int32_t>(),
-      out.expert_ids.data_ptr<int32_t>(), out.num_post_padded.data_ptr<int32_t>(), c10::cuda::getCurrentCUDAStream()));
+      out.expert_ids.data_ptr<int32_t>(), out.num_post_padded.data_ptr<int32_t>(),
+      use_pdl(router_logits.device().index()), c10::cuda::getCurrentCUDAStream()));
   return {weights, ids, out.sorted, out.expert_ids, out.num_post_padded};
 }
 

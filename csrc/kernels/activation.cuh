@@ -3,7 +3,9 @@
 // Blocks stride over rows and threads over each row's 16-byte vectors (no index division per
 // element). The vector path needs the row length to be a multiple of the vector
 // width (then every row start is 16-byte aligned, given an aligned base); other lengths take the
-// scalar path, so any hidden size is correct. Math in fp32.
+// scalar path, so any hidden size is correct. Math in fp32. Both kernels let a kernel queued behind
+// them with programmatic dependent launch start at once, and wait for the kernel ahead of them before
+// their first load (csrc/core/compat.h), so their launch and ramp overlap the kernel before.
 #pragma once
 
 #include <cstdint>
@@ -20,6 +22,8 @@ template <typename T, bool kVectorized>
 __global__ void silu_and_mul_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t rows, int64_t d) {
   constexpr int kW = kVectorized ? Vec<T>::kSize : 1;
   const int per_row = static_cast<int>(d / kW);
+  grid_dependents_launch();
+  grid_dependency_wait();
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const T* gate = x + r * 2 * d;
     T* o = out + r * d;
@@ -45,6 +49,8 @@ __global__ void moe_combine_kernel(const T* __restrict__ x, const float* __restr
                                    int64_t num_tokens, int topk, int64_t h) {
   constexpr int kW = kVectorized ? Vec<T>::kSize : 1;
   const int per_row = static_cast<int>(h / kW);
+  grid_dependents_launch();
+  grid_dependency_wait();
   for (int64_t t = blockIdx.x; t < num_tokens; t += gridDim.x) {
     const T* src = x + t * topk * h;
     for (int c = threadIdx.x; c < per_row; c += blockDim.x) {

@@ -14,7 +14,11 @@
 // - up to 32768 ids, one launch over a grid (moe_align_grid_kernel): each block does step 1 for
 //   all the ids (the counts before and after its chunk too) and step 2 redundantly, then step 3
 //   for its chunk; no workspace, no memset, no block waits on another;
-// - above, three launches, one per step, over chunks of `chunk` ids with an int32 workspace [chunks, E].
+// - any size, two launches over chunks (moe_align_count_kernel, moe_align_place_kernel) with an
+//   int32 workspace [E, chunks rounded up to 4]: step 1 per chunk, then steps 2 and 3, each block
+//   summing the table itself.
+// Every kernel here waits for the kernel ahead of it before it touches global memory
+// (grid_dependency_wait), so the launchers may use programmatic dependent launch.
 #pragma once
 
 #include <cstdint>
@@ -25,19 +29,11 @@ namespace moe_ext {
 
 constexpr int kAlignMatchBits = 11;            // slots are -1 .. 1023
 constexpr int kAlignSmemInts = 48 * 1024 / 4;  // static-limit shared memory, in ints
-constexpr int kAlignMaxChunk = 4096;           // ids per block on the multi-block path, at most
-constexpr int kAlignScanThreads = 1024;
 
 MOE_DEVICE MOE_FORCEINLINE int align_slot_device(int32_t id, int E, const int32_t* __restrict__ expert_map) {
   if (id < 0 || id >= E) return -1;
   if (expert_map && expert_map[id] < 0) return -1;
   return id;
-}
-
-// Warps per block for the per-warp count table [warps, E] to fit beside the offsets.
-MOE_HOST_DEVICE MOE_FORCEINLINE int align_warps(int E) {
-  const int w = (kAlignSmemInts - 2 * (E + 1) - 64) / E;
-  return w < 1 ? 1 : (w > 1024 / kWarpSize ? 1024 / kWarpSize : w);
 }
 
 // Exclusive scan of vals[0..n) in place by the whole block; returns the total to every thread.
@@ -223,7 +219,9 @@ __global__ void __launch_bounds__(1024) moe_align_small_kernel(
   int* starts = cursor + E;
   int* offsets = starts + E;
   int* stage = offsets + E;
+  grid_dependents_launch();
   for (int s = threadIdx.x; s < E; s += blockDim.x) counts[s] = cursor[s] = 0;
+  grid_dependency_wait();
   for (int i = threadIdx.x; i < max_padded; i += blockDim.x) sorted[i] = numel;  // sentinel
   const int f = threadIdx.x;  // this thread's id
   const int slot = f < numel ? align_slot_device(ids[f], E, expert_map) : -1;
@@ -287,8 +285,10 @@ __global__ void __launch_bounds__(1024) moe_align_rows_kernel(
   int* scratch = offsets + E + 1;
   int* repeated = scratch + kWarpSize + 1;
   const int tid = threadIdx.x, nthreads = blockDim.x;
+  grid_dependents_launch();
   for (int i = tid; i < E * Wp; i += nthreads) words[i] = 0;
   if (tid == 0) *repeated = 0;
+  grid_dependency_wait();
   for (int i = tid; i < max_padded; i += nthreads) sorted[i] = numel;  // sentinel; ids overwrite below
   for (int f = tid; f < numel; f += nthreads) slots[f] = align_slot_device(ids[f], E, expert_map);
   __syncthreads();
@@ -338,26 +338,27 @@ __global__ void __launch_bounds__(1024) moe_align_rows_kernel(
 // [b * chunk, (b + 1) * chunk) of the flat ids and scatters only those, so blocks never wait on each
 // other. Every block reads all the ids (32 KB at 8192, L2-resident) and counts them by expert, one
 // shared atomic per id (an order-free sum), into a table with a row for the ids before its chunk,
-// a row per scatter warp for the warp's segment of the chunk, and a row for the ids after it. The
+// a row per warp for its warp-round of the chunk (chunk = warps * kWarpSize), and a row for the ids
+// after it. The launcher sizes blocks to about 32 ids a thread in that count, so a block's fixed work
+// (the table, the scan, the fills) is spread over no more warps than it needs. The
 // running sum down each expert's column then starts every warp's cursor past the ids of earlier
 // chunks and earlier warps, and ends at the expert's total: each block scans the same padded
 // totals into the same offsets. The other outputs are split over the grid so each element is
 // written once: expert_ids and the tail past num_tokens_post_padded by grid stride, each expert's
 // padding by one warp, num_tokens_post_padded by block 0.
 // Shared: map [E] | offsets [E + 1] | scratch [kWarpSize + 1] | table [(warps + 2) * E].
-constexpr int kAlignGridThreads = 1024;
 constexpr int kAlignVecBatch = 4;  // int4 loads of ids a thread issues before the first use
 
 // Scatter warps (table rows less two) that fit in the static-limit shared memory.
 MOE_HOST_DEVICE MOE_FORCEINLINE int align_grid_warps(int E) {
   const int w = (kAlignSmemInts - 2 * E - kWarpSize - 2) / E - 2;
-  return w < 1 ? 1 : (w > kAlignGridThreads / kWarpSize ? kAlignGridThreads / kWarpSize : w);
+  return w < 1 ? 1 : (w > 1024 / kWarpSize ? 1024 / kWarpSize : w);
 }
 MOE_HOST_DEVICE MOE_FORCEINLINE int align_grid_smem_ints(int E, int warps) {
   return 2 * E + kWarpSize + 2 + (warps + 2) * E;
 }
 
-__global__ void __launch_bounds__(kAlignGridThreads) moe_align_grid_kernel(
+__global__ void __launch_bounds__(1024, 1) moe_align_grid_kernel(
     const int32_t* __restrict__ ids,  // [numel] int32
     int numel, int chunk, int warps, int E, int block_size, const int32_t* __restrict__ expert_map, int max_padded,
     int32_t* __restrict__ sorted, int32_t* __restrict__ expert_ids, int32_t* __restrict__ num_post_padded) {
@@ -367,14 +368,15 @@ __global__ void __launch_bounds__(kAlignGridThreads) moe_align_grid_kernel(
   int* scratch = offsets + E + 1;
   int* table = scratch + kWarpSize + 1;  // rows: before the chunk | the warps' segments | after it
   const int tid = threadIdx.x, nthreads = blockDim.x, rows = warps + 2;
-  const int c0 = blockIdx.x * chunk, c1 = min(numel, c0 + chunk);
-  const int seg = static_cast<int>(warp_segment_length(c1 - c0, warps));
+  const int c0 = blockIdx.x * chunk, c1 = min(numel, c0 + chunk);  // chunk = warps * kWarpSize: a round each
   // Ids before the first 16-byte boundary (a sliced tensor may start anywhere) are read one by one.
   const int head = min(numel, static_cast<int>((16 - reinterpret_cast<uintptr_t>(ids) % 16) % 16 / 4));
   const int nvec = (numel - head) / 4;
   const int4* vec = reinterpret_cast<const int4*>(ids + head);
   const int step = kAlignVecBatch * nthreads;
   int4 q[kAlignVecBatch];
+  grid_dependents_launch();
+  grid_dependency_wait();
   auto load = [&](int v0) {
 #pragma unroll
     for (int r = 0; r < kAlignVecBatch; ++r)
@@ -391,7 +393,7 @@ __global__ void __launch_bounds__(kAlignGridThreads) moe_align_grid_kernel(
   auto tally = [&](int f, int32_t id) {
     const int s = align_slot_device(id, E, smap);
     if (s < 0) return;
-    const int row = f < c0 ? 0 : (f >= c1 ? rows - 1 : 1 + static_cast<int>(unsigned(f - c0) / unsigned(seg)));
+    const int row = f < c0 ? 0 : (f >= c1 ? rows - 1 : 1 + static_cast<int>(unsigned(f - c0) / kWarpSize));
     atomicAdd(&table[row * E + s], 1);
   };
   for (int v0 = 0; v0 < nvec; v0 += step) {
@@ -423,55 +425,122 @@ __global__ void __launch_bounds__(kAlignGridThreads) moe_align_grid_kernel(
   for (int p = total + gtid; p < max_padded; p += gstride) sorted[p] = numel;  // tail: sentinel
 }
 
-// Multi-block step 1: chunk c's per-expert counts -> workspace[c * E + s]; also fills the sentinel.
-__global__ void moe_align_count_kernel(const int32_t* __restrict__ ids, int numel, int chunk, int E,
-                                       const int32_t* __restrict__ expert_map, int max_padded,
-                                       int32_t* __restrict__ sorted, int32_t* __restrict__ workspace) {
+// Two launches for more ids than one block takes (the fallback of the single-launch paths):
+// 1. moe_align_count_kernel: chunk c's per-expert counts -> table[s * stride + c] (expert-major, rows
+//    of stride = chunks rounded up to 4 ints). Every entry below `chunks` is written, so the table
+//    needs no memset.
+// 2. moe_align_place_kernel: every block sums the table's rows itself (a thread an expert, its row in
+//    16-byte loads, all in flight: each expert's total, and its ids in earlier chunks; B * E ints
+//    from L2), scans the padded totals into the offsets, and
+//    scatters its own chunk in order (steps 1-3 of the header over the chunk's warps, each warp's
+//    cursor starting past the earlier chunks' ids). expert_ids, the padding and the tail past
+//    num_tokens_post_padded are split over the grid; block 0 writes num_tokens_post_padded.
+// Both trigger their dependents at once and wait for the kernel ahead of them before touching global
+// memory, so under programmatic dependent launch each one's launch overlaps the kernel before it.
+
+// Copies expert_map into shared `map` (E ints) and returns it, or null without a map: the per-id
+// slot checks then read shared memory instead of a dependent global load. Callers sync after.
+MOE_DEVICE MOE_FORCEINLINE const int32_t* stage_expert_map(const int32_t* __restrict__ expert_map, int E, int* map) {
+  if (!expert_map) return nullptr;
+  for (int s = threadIdx.x; s < E; s += blockDim.x) map[s] = expert_map[s];
+  return map;
+}
+
+// Shared: counts [E] | map [E].
+MOE_HOST_DEVICE MOE_FORCEINLINE int align_table_stride(int chunks) { return (chunks + 3) / 4 * 4; }
+
+__global__ void __launch_bounds__(1024) moe_align_count_kernel(const int32_t* __restrict__ ids, int numel, int chunk,
+                                                               int E, const int32_t* __restrict__ expert_map,
+                                                               int32_t* __restrict__ table) {
   extern __shared__ __align__(16) int align_smem[];
-  for (int s = threadIdx.x; s < E; s += blockDim.x) align_smem[s] = 0;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < max_padded; i += int64_t(gridDim.x) * blockDim.x)
-    sorted[i] = numel;
+  int* counts = align_smem;
+  grid_dependents_launch();
+  for (int s = threadIdx.x; s < E; s += blockDim.x) counts[s] = 0;
+  grid_dependency_wait();
+  const int32_t* smap = stage_expert_map(expert_map, E, counts + E);
   __syncthreads();
-  const int64_t begin = int64_t(blockIdx.x) * chunk, end = min(static_cast<int64_t>(numel), begin + chunk);
-  for (int64_t f = begin + threadIdx.x; f < end; f += blockDim.x) {
-    const int slot = align_slot_device(ids[f], E, expert_map);
-    if (slot >= 0) atomicAdd(&align_smem[slot], 1);
+  const int begin = blockIdx.x * chunk, end = min(numel, begin + chunk);
+  for (int f0 = begin; f0 < end; f0 += kAlignVecBatch * blockDim.x) {  // kAlignVecBatch loads in flight
+    int32_t id[kAlignVecBatch];
+#pragma unroll
+    for (int r = 0; r < kAlignVecBatch; ++r) {
+      const int f = f0 + r * blockDim.x + threadIdx.x;
+      id[r] = f < end ? ids[f] : -1;
+    }
+#pragma unroll
+    for (int r = 0; r < kAlignVecBatch; ++r) {
+      const int slot = align_slot_device(id[r], E, smap);
+      if (slot >= 0) atomicAdd(&counts[slot], 1);
+    }
   }
   __syncthreads();
-  for (int s = threadIdx.x; s < E; s += blockDim.x) workspace[blockIdx.x * E + s] = align_smem[s];
+  const int stride = align_table_stride(gridDim.x);
+  for (int s = threadIdx.x; s < E; s += blockDim.x) table[s * stride + blockIdx.x] = counts[s];
 }
 
-// Multi-block step 2 (one block): per expert, scan the chunks' counts into chunk bases; padded
-// offsets; num_tokens_post_padded; expert_ids. Shared: offsets [E + 1] | scratch.
-__global__ void moe_align_scan_kernel(int num_chunks, int E, int block_size, const int32_t* __restrict__ expert_map,
-                                      int max_padded, int32_t* __restrict__ workspace, int32_t* __restrict__ expert_ids,
-                                      int32_t* __restrict__ num_post_padded) {
+// Shared: map [E] | totals [E] | base [E] | offsets [E + 1] | scratch [kWarpSize + 1] | counts [warps * E].
+MOE_HOST_DEVICE MOE_FORCEINLINE int align_place_smem_ints(int E, int warps) {
+  return 4 * E + kWarpSize + 2 + warps * E;
+}
+// Warps of a place block: as many as the per-warp count table leaves room for, at most 32.
+MOE_HOST_DEVICE MOE_FORCEINLINE int align_place_warps(int E) {
+  const int w = (kAlignSmemInts - 4 * E - kWarpSize - 2) / E;
+  return w < 1 ? 1 : (w > 1024 / kWarpSize ? 1024 / kWarpSize : w);
+}
+
+__global__ void __launch_bounds__(1024) moe_align_place_kernel(
+    const int32_t* __restrict__ ids, int numel, int chunk, int E, int block_size,
+    const int32_t* __restrict__ expert_map, int max_padded,
+    const int32_t* __restrict__ table,  // [E, stride] chunk counts from moe_align_count_kernel
+    int32_t* __restrict__ sorted, int32_t* __restrict__ expert_ids, int32_t* __restrict__ num_post_padded) {
   extern __shared__ __align__(16) int align_smem[];
-  int* offsets = align_smem;
+  int* map = align_smem;
+  int* totals = map + E;
+  int* base = totals + E;
+  int* offsets = base + E;
   int* scratch = offsets + E + 1;
-  for (int s = threadIdx.x; s < E; s += blockDim.x) offsets[s] = column_exclusive_sum(workspace, num_chunks, E, s, 0);
+  int* counts = scratch + kWarpSize + 1;
+  const int tid = threadIdx.x, nthreads = blockDim.x, warps = nthreads / kWarpSize;
+  const int chunks = gridDim.x, b = blockIdx.x;
+  grid_dependents_launch();
+  for (int i = tid; i < warps * E; i += nthreads) counts[i] = 0;
+  grid_dependency_wait();
+  const int32_t* smap = stage_expert_map(expert_map, E, map);
   __syncthreads();
-  pad_and_scan(offsets, E, block_size, scratch, num_post_padded);
-  for (int i = threadIdx.x; i < num_chunks * E; i += blockDim.x) workspace[i] += offsets[i % E];
-  write_expert_ids(offsets, offsets[E], E, block_size, max_padded / block_size, expert_map, expert_ids, threadIdx.x,
-                   blockDim.x);
-}
-
-// Multi-block step 3: chunk c scatters its ids from workspace[c * E + s]. Shared: counts [warps * E].
-__global__ void moe_align_scatter_kernel(const int32_t* __restrict__ ids, int numel, int chunk, int E,
-                                         const int32_t* __restrict__ expert_map, const int32_t* __restrict__ workspace,
-                                         int32_t* __restrict__ sorted) {
-  extern __shared__ __align__(16) int align_smem[];
-  const int num_warps = blockDim.x / kWarpSize;
-  int* counts = align_smem;
-  for (int i = threadIdx.x; i < num_warps * E; i += blockDim.x) counts[i] = 0;
+  // Expert s's row of the table: its total, and its ids in chunks before this one.
+  const int stride = align_table_stride(chunks);
+  for (int s = tid; s < E; s += nthreads) {
+    const int4* row = reinterpret_cast<const int4*>(table + s * stride);
+    int total = 0, before = 0;
+#pragma unroll 4
+    for (int q = 0; q < stride / 4; ++q) {
+      const int4 v = row[q];
+      const int c = 4 * q, x[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        total += c + k < chunks ? x[k] : 0;  // past `chunks`: never written
+        before += c + k < b ? x[k] : 0;
+      }
+    }
+    totals[s] = total;
+    base[s] = before;
+  }
+  const int c0 = b * chunk, c1 = min(numel, c0 + chunk);
+  count_segments(ids, c0, c1, E, smap, counts);
   __syncthreads();
-  const int64_t begin = int64_t(blockIdx.x) * chunk, end = min(static_cast<int64_t>(numel), begin + chunk);
-  count_segments(ids, begin, end, E, expert_map, counts);
+  for (int s = tid; s < E; s += nthreads) offsets[s] = totals[s];  // padded and scanned in place:
+  pad_and_scan(offsets, E, block_size, scratch, b == 0 ? num_post_padded : nullptr);  // ends with a barrier
+  for (int s = tid; s < E; s += nthreads) base[s] += offsets[s];
   __syncthreads();
-  counts_to_cursors(counts, E, workspace + int64_t(blockIdx.x) * E);
+  counts_to_cursors(counts, E, base);
   __syncthreads();
-  scatter_segments(ids, begin, end, num_warps, E, expert_map, counts, nullptr, sorted);
+  scatter_segments(ids, c0, c1, warps, E, smap, counts, nullptr, sorted);
+  const int total = offsets[E];
+  const int gtid = b * nthreads + tid, gstride = chunks * nthreads;
+  write_expert_ids(offsets, total, E, block_size, max_padded / block_size, smap, expert_ids, gtid, gstride);
+  for (int s = b * warps + tid / kWarpSize; s < E; s += chunks * warps)  // padding: sentinel
+    for (int p = offsets[s] + totals[s] + lane_id(); p < offsets[s + 1]; p += kWarpSize) sorted[p] = numel;
+  for (int p = total + gtid; p < max_padded; p += gstride) sorted[p] = numel;  // tail: sentinel
 }
 
 }  // namespace moe_ext

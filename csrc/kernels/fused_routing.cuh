@@ -66,7 +66,9 @@ __global__ void __launch_bounds__(1024) fused_gating_align_kernel(
   const int tid = threadIdx.x, warp = tid / kWarpSize, lane = lane_id();
   const int numel = num_tokens * topk;
 
+  grid_dependents_launch();  // programmatic dependent launch: see topk_gating_kernel
   if (tid < E) masks[tid] = 0;
+  grid_dependency_wait();
   for (int i = tid; i < max_padded; i += blockDim.x) sorted[i] = numel;  // sentinel; ids overwrite below
   __syncthreads();  // masks zeroed (every warp arrives before its gating work)
 

@@ -287,15 +287,22 @@ MOE_DEVICE MOE_FORCEINLINE void gate_token(const T* __restrict__ row, const Gati
 
 // One token per 32-lane group, kGroupsPerBlock groups per block.
 constexpr int kGateGroupsPerBlock = 4;
+constexpr int kGateEarlyTriggerBlocks = 32;  // up to 128 tokens
 
 template <typename T, int kPerLane>
 __global__ void __launch_bounds__(kGateGroupsPerBlock* kGateLanes)
     topk_gating_kernel(const T* __restrict__ logits, int64_t row_stride, int num_tokens, GatingParams p,
                        float* __restrict__ weights, int32_t* __restrict__ ids) {
   extern __shared__ __align__(16) char gate_smem[];
-  // A kernel queued behind this one with programmatic dependent launch (the expert GEMVs) may start
-  // now and wait there for these results; kernels launched without it are unaffected.
-  grid_dependents_launch();
+  // A kernel queued behind this one with programmatic dependent launch (alignment, the expert
+  // GEMVs) may start once every block here has triggered, and waits there for these results;
+  // kernels launched without it are unaffected. A small grid (decode) triggers at once, so the next
+  // launch overlaps all of this one; a large grid triggers after its stores (on the H100, router
+  // calls of 256+ blocks that triggered at once ran up to 30% slower back to back). This kernel,
+  // launched so, waits for the kernel ahead of it (which writes the logits).
+  const bool early = gridDim.x <= kGateEarlyTriggerBlocks;
+  if (early) grid_dependents_launch();
+  grid_dependency_wait();
   const int group = threadIdx.x / kGateLanes;
   const int lane = threadIdx.x % kGateLanes;
   const int t = blockIdx.x * kGateGroupsPerBlock + group;
@@ -308,6 +315,7 @@ __global__ void __launch_bounds__(kGateGroupsPerBlock* kGateLanes)
     weights[int64_t(t) * p.topk + lane] = w;
     ids[int64_t(t) * p.topk + lane] = id;
   }
+  if (!early) grid_dependents_launch();
 }
 
 }  // namespace moe_ext

@@ -1,9 +1,11 @@
 """Routing kernels on a few shapes each, for compute-sanitizer (run by tests/sanitizer/run.sh):
 the fused decode kernel over T = 1..32 with every routing variant, and the alignment paths (one
-block, token masks with and without repeated experts, the one-launch grid, multi-block). Exits
-non-zero on a mismatch."""
+block, token masks with and without repeated experts, the one-launch grid, the two launches, also
+forced at small sizes). Exits non-zero on a mismatch."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -47,5 +49,19 @@ for T, E, topk, bs in [(513, 256, 8, 16), (4096, 256, 8, 64), (3000, 1024, 8, 12
         a = moe_ext.moe_align_block_size(x, E, bs, m)
         c = moe_ext.moe_align_block_size(x.cpu(), E, bs, None if m is None else m.cpu())
         assert all(torch.equal(y.cpu(), z) for y, z in zip(a, c)), (T, E, topk, bs)
+# The two launches (count, place) forced where another path would run, with and without programmatic
+# dependent launch, and the one-launch grid forced.
+for path, pdl in (("3", "1"), ("3", "0"), ("2", "1")):
+    os.environ.update(MOE_EXT_ALIGN_PATH=path, MOE_EXT_PDL=pdl)
+    for T, E, topk, bs in [(3, 256, 8, 16), (1024, 256, 8, 16), (4096, 1024, 8, 64), (9000, 8, 2, 1)]:
+        ids = torch.randint(0, E, (T, topk), device=dev, dtype=torch.int32)
+        ids[torch.rand(T, topk, device=dev) < 0.3] = E // 3
+        ids[torch.rand(T, topk, device=dev) < 0.05] = E
+        emap = torch.where(torch.arange(E, device=dev) % 3 == 1, -1, torch.arange(E, device=dev)).to(torch.int32)
+        for m in (None, emap):
+            a = moe_ext.moe_align_block_size(ids, E, bs, m)
+            c = moe_ext.moe_align_block_size(ids.cpu(), E, bs, None if m is None else m.cpu())
+            assert all(torch.equal(y.cpu(), z) for y, z in zip(a, c)), (T, E, topk, bs, path, pdl)
+del os.environ["MOE_EXT_ALIGN_PATH"], os.environ["MOE_EXT_PDL"]
 torch.cuda.synchronize()
 print("routing sanitizer cases: ok")
