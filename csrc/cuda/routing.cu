@@ -33,11 +33,12 @@ bool align_small_fits(int64_t numel, int E) {
 }
 
 // Above that, one block ranking by token bit masks while they fit in shared memory (a limit every
-// sm_80+ part grants a block), below 2048 ids: on the H100 the one-launch grid beat it at 2048 and
-// 4096 ids (5.7 against 6.2 us, 6.4 against 9.0 at E=256, top-8; bench/NOTES.md, align v9).
+// sm_80+ part grants a block), up to 1536 ids: on the H100 it beat the one-launch grid at 1032 and
+// 1536 ids (4.9 against 5.4 us, 5.2 against 5.3 at E=128, top-8) and lost at 2040 and above (5.1
+// against 5.8; 6.4 against 9.0 at 4096 ids, E=256; bench/NOTES.md, align v9).
 constexpr int64_t kMaxBlockSmem = 160 * 1024;
 constexpr int64_t kAlignRowsMaxIds = 4096;  // what it takes when forced
-constexpr int64_t kAlignRowsAutoMaxIds = 2047;
+constexpr int64_t kAlignRowsAutoMaxIds = 1536;
 
 bool align_rows_fits(int64_t num_tokens, int topk, int E) {
   const int64_t numel = num_tokens * topk;
