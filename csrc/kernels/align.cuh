@@ -334,6 +334,29 @@ __global__ void __launch_bounds__(1024) moe_align_rows_kernel(
   write_expert_ids(offsets, total, E, block_size, max_padded / block_size, expert_map, expert_ids, tid, nthreads);
 }
 
+// Copies expert_map into shared `map` (E ints) and returns it, or null without a map: the per-id
+// slot checks then read shared memory instead of a dependent global load. Callers sync after.
+MOE_DEVICE MOE_FORCEINLINE const int32_t* stage_expert_map(const int32_t* __restrict__ expert_map, int E, int* map) {
+  if (!expert_map) return nullptr;
+  for (int s = threadIdx.x; s < E; s += blockDim.x) map[s] = expert_map[s];
+  return map;
+}
+
+// The outputs besides the ids, split over a grid of blocks that each hold the same padded offsets
+// [E + 1] and per-expert id counts: expert_ids and the tail past num_tokens_post_padded by grid
+// stride, each expert's padding by one warp (sentinel numel), every element written once.
+MOE_DEVICE MOE_FORCEINLINE void write_grid_fills(const int* offsets, const int* count, int E, int block_size,
+                                                 int max_padded, int numel, const int32_t* __restrict__ expert_map,
+                                                 int32_t* __restrict__ expert_ids, int32_t* __restrict__ sorted) {
+  const int total = offsets[E];
+  const int gtid = blockIdx.x * blockDim.x + threadIdx.x, gstride = gridDim.x * blockDim.x;
+  write_expert_ids(offsets, total, E, block_size, max_padded / block_size, expert_map, expert_ids, gtid, gstride);
+  const int warps = blockDim.x / kWarpSize;
+  for (int s = blockIdx.x * warps + threadIdx.x / kWarpSize; s < E; s += gridDim.x * warps)  // padding
+    for (int p = offsets[s] + count[s] + lane_id(); p < offsets[s + 1]; p += kWarpSize) sorted[p] = numel;
+  for (int p = total + gtid; p < max_padded; p += gstride) sorted[p] = numel;  // tail
+}
+
 // Single launch over a grid for mid sizes (4K to 32K ids), with no workspace: block b owns the chunk
 // [b * chunk, (b + 1) * chunk) of the flat ids and scatters only those, so blocks never wait on each
 // other. Every block reads all the ids (32 KB at 8192, L2-resident) and counts them by expert, one
@@ -343,9 +366,8 @@ __global__ void __launch_bounds__(1024) moe_align_rows_kernel(
 // (the table, the scan, the fills) is spread over no more warps than it needs. The
 // running sum down each expert's column then starts every warp's cursor past the ids of earlier
 // chunks and earlier warps, and ends at the expert's total: each block scans the same padded
-// totals into the same offsets. The other outputs are split over the grid so each element is
-// written once: expert_ids and the tail past num_tokens_post_padded by grid stride, each expert's
-// padding by one warp, num_tokens_post_padded by block 0.
+// totals into the same offsets. The other outputs are split over the grid (write_grid_fills);
+// num_tokens_post_padded is block 0's.
 // Shared: map [E] | offsets [E + 1] | scratch [kWarpSize + 1] | table [(warps + 2) * E].
 constexpr int kAlignVecBatch = 4;  // int4 loads of ids a thread issues before the first use
 
@@ -384,11 +406,7 @@ __global__ void __launch_bounds__(1024, 1) moe_align_grid_kernel(
   };
   load(0);  // in flight across the zeroing and the map copy
   for (int i = tid; i < rows * E; i += nthreads) table[i] = 0;
-  const int32_t* smap = nullptr;  // the expert map in shared memory: no dependent global load per id
-  if (expert_map) {
-    for (int s = tid; s < E; s += nthreads) map[s] = expert_map[s];
-    smap = map;
-  }
+  const int32_t* smap = stage_expert_map(expert_map, E, map);
   __syncthreads();
   auto tally = [&](int f, int32_t id) {
     const int s = align_slot_device(id, E, smap);
@@ -416,13 +434,7 @@ __global__ void __launch_bounds__(1024, 1) moe_align_grid_kernel(
   for (int s = tid; s < E; s += nthreads) offsets[s] = count[s] = column_exclusive_sum(table, rows, E, s, 0);
   pad_and_scan(offsets, E, block_size, scratch, blockIdx.x == 0 ? num_post_padded : nullptr);  // ends with a barrier
   scatter_segments(ids, c0, c1, warps, E, smap, table + E, offsets, sorted);
-  const int total = offsets[E];
-  const int gtid = blockIdx.x * nthreads + tid, gstride = gridDim.x * nthreads;
-  write_expert_ids(offsets, total, E, block_size, max_padded / block_size, smap, expert_ids, gtid, gstride);
-  const int nwarps = nthreads / kWarpSize;
-  for (int s = blockIdx.x * nwarps + tid / kWarpSize; s < E; s += gridDim.x * nwarps)  // padding: sentinel
-    for (int p = offsets[s] + count[s] + lane_id(); p < offsets[s + 1]; p += kWarpSize) sorted[p] = numel;
-  for (int p = total + gtid; p < max_padded; p += gstride) sorted[p] = numel;  // tail: sentinel
+  write_grid_fills(offsets, count, E, block_size, max_padded, numel, smap, expert_ids, sorted);
 }
 
 // Two launches for more ids than one block takes (the fallback of the single-launch paths):
@@ -433,18 +445,9 @@ __global__ void __launch_bounds__(1024, 1) moe_align_grid_kernel(
 //    16-byte loads, all in flight: each expert's total, and its ids in earlier chunks; B * E ints
 //    from L2), scans the padded totals into the offsets, and
 //    scatters its own chunk in order (steps 1-3 of the header over the chunk's warps, each warp's
-//    cursor starting past the earlier chunks' ids). expert_ids, the padding and the tail past
-//    num_tokens_post_padded are split over the grid; block 0 writes num_tokens_post_padded.
+//    cursor starting past the earlier chunks' ids). The other outputs as in the grid kernel.
 // Both trigger their dependents at once and wait for the kernel ahead of them before touching global
 // memory, so under programmatic dependent launch each one's launch overlaps the kernel before it.
-
-// Copies expert_map into shared `map` (E ints) and returns it, or null without a map: the per-id
-// slot checks then read shared memory instead of a dependent global load. Callers sync after.
-MOE_DEVICE MOE_FORCEINLINE const int32_t* stage_expert_map(const int32_t* __restrict__ expert_map, int E, int* map) {
-  if (!expert_map) return nullptr;
-  for (int s = threadIdx.x; s < E; s += blockDim.x) map[s] = expert_map[s];
-  return map;
-}
 
 // Shared: counts [E] | map [E].
 MOE_HOST_DEVICE MOE_FORCEINLINE int align_table_stride(int chunks) { return (chunks + 3) / 4 * 4; }
@@ -535,12 +538,7 @@ __global__ void __launch_bounds__(1024) moe_align_place_kernel(
   counts_to_cursors(counts, E, base);
   __syncthreads();
   scatter_segments(ids, c0, c1, warps, E, smap, counts, nullptr, sorted);
-  const int total = offsets[E];
-  const int gtid = b * nthreads + tid, gstride = chunks * nthreads;
-  write_expert_ids(offsets, total, E, block_size, max_padded / block_size, smap, expert_ids, gtid, gstride);
-  for (int s = b * warps + tid / kWarpSize; s < E; s += chunks * warps)  // padding: sentinel
-    for (int p = offsets[s] + totals[s] + lane_id(); p < offsets[s + 1]; p += kWarpSize) sorted[p] = numel;
-  for (int p = total + gtid; p < max_padded; p += gstride) sorted[p] = numel;  // tail: sentinel
+  write_grid_fills(offsets, totals, E, block_size, max_padded, numel, smap, expert_ids, sorted);
 }
 
 }  // namespace moe_ext
