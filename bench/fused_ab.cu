@@ -1,0 +1,153 @@
+// A/B harness for the decode routing kernels: the fused gating + alignment kernel
+// (fused_gating_align_kernel), the router (topk_gating_kernel), the one-block alignment
+// (moe_align_small_kernel) and an empty kernel, each timed per launch in a CUDA graph of 100
+// launches with programmatic dependent launch (as the extension launches them), median of 35
+// replays. Torch-free, so variants of csrc/kernels (an ablation, a candidate) build in seconds and run
+// in one device call; the output hash shows whether two variants agree. bench/fused_ab.py builds the
+// variants; used for fused_topk_align v6 (bench/NOTES.md).
+//
+//   nvcc -std=c++17 -O3 -arch=sm_90a --expt-relaxed-constexpr --fmad=false -I<variant>/kernels \
+//        -DVARIANT='"name"' bench/fused_ab.cu -o fused_ab_name
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#include "align.cuh"
+#include "fused_routing.cuh"
+#include "gating.cuh"
+#include "../csrc/cuda/dispatch.cuh"
+using namespace moe_ext;
+
+#define CK(x)                                                                       \
+  do {                                                                              \
+    cudaError_t e = (x);                                                            \
+    if (e != cudaSuccess) {                                                         \
+      printf("CUDA %s at %d\n", cudaGetErrorString(e), __LINE__);                   \
+      exit(1);                                                                      \
+    }                                                                               \
+  } while (0)
+
+__global__ void empty_kernel() {
+  grid_dependents_launch();
+  grid_dependency_wait();
+}
+
+// The extension's launcher (programmatic dependent launch on), whichever kernels are on the path.
+template <typename... P, typename... A>
+void launch(void (*k)(P...), int blocks, int threads, size_t smem, cudaStream_t s, A... args) {
+  CK(moe_ext::cuda::launch_kernel(k, dim3(blocks), dim3(threads), smem, s, true, args...));
+}
+
+// Median microseconds per launch of `body` (one launch) over a graph of 100 launches.
+template <typename F>
+float time_graph(cudaStream_t s, F body) {
+  const int kLaunches = 100;
+  cudaGraph_t g;
+  cudaGraphExec_t ge;
+  CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+  for (int i = 0; i < kLaunches; ++i) body();
+  CK(cudaStreamEndCapture(s, &g));
+  CK(cudaGraphInstantiate(&ge, g, 0));
+  cudaEvent_t a, b;
+  CK(cudaEventCreate(&a));
+  CK(cudaEventCreate(&b));
+  std::vector<float> ts;
+  for (int r = 0; r < 40; ++r) {
+    CK(cudaEventRecord(a, s));
+    CK(cudaGraphLaunch(ge, s));
+    CK(cudaEventRecord(b, s));
+    CK(cudaEventSynchronize(b));
+    float ms;
+    CK(cudaEventElapsedTime(&ms, a, b));
+    if (r >= 5) ts.push_back(ms * 1000.0f / kLaunches);
+  }
+  std::sort(ts.begin(), ts.end());
+  CK(cudaGraphExecDestroy(ge));
+  CK(cudaGraphDestroy(g));
+  return ts[ts.size() / 2];
+}
+
+template <typename T>
+T* upload(const std::vector<T>& h) {
+  T* d;
+  CK(cudaMalloc(&d, h.size() * sizeof(T)));
+  CK(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+  return d;
+}
+template <typename T>
+std::vector<T> download(const T* d, size_t n) {
+  std::vector<T> h(n);
+  CK(cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost));
+  return h;
+}
+
+template <int kPerLane>
+void run(const char* variant, int E, int k, int T, bool grouped, cudaStream_t s) {
+  const int bs = 16;
+  std::vector<__nv_bfloat16> hl(size_t(T) * E);
+  srand(1234 + T);
+  for (auto& v : hl) v = __float2bfloat16((rand() / float(RAND_MAX) - 0.5f) * 6.0f);
+  std::vector<float> hb(E);
+  for (auto& v : hb) v = (rand() / float(RAND_MAX) - 0.5f) * 0.2f;
+  __nv_bfloat16* logits = upload(hl);
+  float* bias = upload(hb);
+  const int numel = T * k, max_padded = static_cast<int>(align_max_padded(numel, E, bs)), nblocks = max_padded / bs;
+  float* w;
+  int32_t *ids, *sorted, *eids, *npp;
+  CK(cudaMalloc(&w, numel * 4));
+  CK(cudaMalloc(&ids, numel * 4));
+  CK(cudaMalloc(&sorted, max_padded * 4));
+  CK(cudaMalloc(&eids, nblocks * 4));
+  CK(cudaMalloc(&npp, 4));
+  GatingParams p{E,       k, grouped ? ScoringFunc::kSigmoid : ScoringFunc::kSoftmax, true, grouped ? bias : nullptr,
+                 grouped ? 8 : 1, grouped ? 4 : 1, grouped ? 2.5f : 1.0f};
+  const int G = p.num_expert_group;
+  const int fsmem = fused_smem_bytes(E, G, T);
+  const float fused = time_graph(s, [&] {
+    launch(fused_gating_align_kernel<__nv_bfloat16, kPerLane>, 1, fused_threads(E, T), fsmem, s,
+           (const __nv_bfloat16*)logits, int64_t(E), T, p, bs, 4, (const int32_t*)nullptr, max_padded, w, ids, sorted,
+           eids, npp);
+  });
+  CK(cudaMemset(sorted, 0x7f, max_padded * 4));  // poison: a fill the kernel skips shows in the hash
+  CK(cudaMemset(eids, 0x7f, nblocks * 4));
+  launch(fused_gating_align_kernel<__nv_bfloat16, kPerLane>, 1, fused_threads(E, T), fsmem, s,
+         (const __nv_bfloat16*)logits, int64_t(E), T, p, bs, 4, (const int32_t*)nullptr, max_padded, w, ids, sorted,
+         eids, npp);
+  CK(cudaStreamSynchronize(s));
+  long h = 0;
+  for (int v : download(ids, numel)) h = h * 31 + v;
+  for (int v : download(sorted, max_padded)) h = h * 31 + v;
+  for (int v : download(eids, nblocks)) h = h * 31 + v;
+  h = h * 31 + download(npp, 1)[0];
+  double ws = 0;
+  const auto hw = download(w, numel);
+  for (int i = 0; i < numel; ++i) ws += hw[i] * (i + 1);
+  const int gblocks = (T + kGateGroupsPerBlock - 1) / kGateGroupsPerBlock;
+  const int gsmem = grouped ? kGateGroupsPerBlock * grouped_smem_bytes(E, G) : 0;
+  const float router = time_graph(s, [&] {
+    launch(topk_gating_kernel<__nv_bfloat16, kPerLane>, gblocks, kGateGroupsPerBlock * kGateLanes, gsmem, s,
+           (const __nv_bfloat16*)logits, int64_t(E), T, p, w, ids);
+  });
+  const int athreads = std::min(1024, std::max(128, (std::max(numel, E) + 31) / 32 * 32));
+  const size_t asmem = size_t(align_small_smem_ints(E, numel)) * 4;
+  const float align = time_graph(s, [&] {
+    launch(moe_align_small_kernel, 1, athreads, asmem, s, (const int32_t*)ids, numel, E, bs, (const int32_t*)nullptr,
+           max_padded, sorted, eids, npp);
+  });
+  printf("%-12s E=%4d k=%d T=%2d %-7s | fused %.3f | router %.3f | align %.3f | hash %ld wsum %.6f\n", variant, E, k, T,
+         grouped ? "grouped" : "softmax", fused, router, align, h, ws);
+  cudaFree(logits); cudaFree(bias); cudaFree(w); cudaFree(ids); cudaFree(sorted); cudaFree(eids); cudaFree(npp);
+}
+
+int main() {
+  cudaStream_t s;
+  CK(cudaStreamCreate(&s));
+  for (int rep = 0; rep < 2; ++rep) {
+    printf("%-12s empty kernel %.3f us\n", VARIANT, time_graph(s, [&] { launch(empty_kernel, 1, 32, 0, s); }));
+    for (int T : {1, 2, 4, 8, 12, 16}) run<8>(VARIANT, 256, 8, T, false, s);
+    for (int T : {1, 4}) run<4>(VARIANT, 128, 4, T, false, s);
+    run<8>(VARIANT, 256, 8, 1, true, s);
+  }
+  return 0;
+}
