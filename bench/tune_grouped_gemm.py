@@ -53,6 +53,8 @@ def main():
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--max-weight-gib", type=float, default=24.0, help="skip shapes whose weights exceed this")
     p.add_argument("--silu", action="store_true", help="tune moe_grouped_gemm_silu (first GEMMs; N = 2I)")
+    p.add_argument("--configs", type=int, nargs="+", default=None, help="only these config indices (default: all)")
+    p.add_argument("--stem", default=None, help="results/<device>-<stem>.json/.md (default tune-grouped-gemm[-silu])")
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
     esize = torch.empty((), dtype=dtype).element_size()
@@ -97,7 +99,7 @@ def main():
             baseline = op(a, ws[0], s, e, n, op_topk, tw)  # the heuristic's answer
             # The heuristic (-1) is timed last: timed first, right after a shape's allocation, it
             # read up to 17% high on the H100 (bench/NOTES.md).
-            for cfg in [*range(n_cfg), -1]:
+            for cfg in [*(args.configs if args.configs is not None else range(n_cfg)), -1]:
                 os.environ[env] = str(cfg)
                 # Every config must give the heuristic's answer: bit for bit within one family of
                 # configs (same k-order of mma steps), to bf16 rounding across mma.sync and wgmma.
@@ -154,7 +156,8 @@ def main():
     table += "\n\nLeast total time per block size: " + ", ".join(f"{b}: config {c}" for b, c in suggested.items())
     print(table)
     meta = dict(silu=args.silu, dtype=args.dtype, configs=n_cfg, best=best, suggested=suggested)
-    path = write_results("tune-grouped-gemm-silu" if args.silu else "tune-grouped-gemm", meta, rows, table)
+    stem = args.stem or ("tune-grouped-gemm-silu" if args.silu else "tune-grouped-gemm")
+    path = write_results(stem, meta, rows, table)
     print(f"wrote {path}.json / .md")
 
 
