@@ -72,24 +72,23 @@ MOE_DEVICE T block_exclusive_scan(T* vals, int n, T* scratch) {
 constexpr int kAlignBatch = 8;
 
 // Ids in each warp's segment when `num_warps` warps split n ids: whole warp-rounds, contiguous.
-MOE_DEVICE MOE_FORCEINLINE int64_t warp_segment_length(int64_t n, int num_warps) {
+MOE_DEVICE MOE_FORCEINLINE int warp_segment_length(int n, int num_warps) {
   return ((n + num_warps - 1) / num_warps + kWarpSize - 1) / kWarpSize * kWarpSize;
 }
 
 // Segment of warp `warp` among `num_warps` over [begin, end) (empty for warp >= num_warps).
-MOE_DEVICE MOE_FORCEINLINE void warp_segment(int64_t begin, int64_t end, int num_warps, int warp, int64_t& s0,
-                                             int64_t& s1) {
-  const int64_t seg = warp_segment_length(end - begin, num_warps);
+MOE_DEVICE MOE_FORCEINLINE void warp_segment(int begin, int end, int num_warps, int warp, int& s0, int& s1) {
+  const int seg = warp_segment_length(end - begin, num_warps);
   s0 = min(end, begin + warp * seg);
   s1 = min(end, s0 + seg);
 }
 
-MOE_DEVICE MOE_FORCEINLINE void load_slots(const int32_t* __restrict__ ids, int64_t base, int64_t s1, int E,
+MOE_DEVICE MOE_FORCEINLINE void load_slots(const int32_t* __restrict__ ids, int base, int s1, int E,
                                            const int32_t* __restrict__ expert_map, int (&slot)[kAlignBatch]) {
   int32_t id[kAlignBatch];
 #pragma unroll
   for (int r = 0; r < kAlignBatch; ++r) {
-    const int64_t f = base + r * kWarpSize + lane_id();
+    const int f = base + r * kWarpSize + lane_id();
     id[r] = f < s1 ? ids[f] : -1;
   }
 #pragma unroll
@@ -97,12 +96,12 @@ MOE_DEVICE MOE_FORCEINLINE void load_slots(const int32_t* __restrict__ ids, int6
 }
 
 // Step 1 for one block: warp w counts its segment's ids into counts[w * E + slot].
-MOE_DEVICE MOE_FORCEINLINE void count_segments(const int32_t* __restrict__ ids, int64_t begin, int64_t end,
-                                               int E, const int32_t* __restrict__ expert_map, int* counts) {
+MOE_DEVICE MOE_FORCEINLINE void count_segments(const int32_t* __restrict__ ids, int begin, int end, int E,
+                                               const int32_t* __restrict__ expert_map, int* counts) {
   const int num_warps = blockDim.x / kWarpSize, warp = threadIdx.x / kWarpSize;
-  int64_t s0, s1;
+  int s0, s1;
   warp_segment(begin, end, num_warps, warp, s0, s1);
-  for (int64_t base = s0; base < s1; base += kAlignBatch * kWarpSize) {
+  for (int base = s0; base < s1; base += kAlignBatch * kWarpSize) {
     int slot[kAlignBatch];
     load_slots(ids, base, s1, E, expert_map, slot);
 #pragma unroll
@@ -114,15 +113,15 @@ MOE_DEVICE MOE_FORCEINLINE void count_segments(const int32_t* __restrict__ ids, 
 // Step 3 for one block: warp w < num_warps writes each id of its segment at base[slot] (0 when base
 // is null) + cursor[w * E + slot] + rank, rank = same-slot ids before it in the segment (match_any
 // within each warp-round, in round order). Warps from num_warps on have no segment.
-MOE_DEVICE MOE_FORCEINLINE void scatter_segments(const int32_t* __restrict__ ids, int64_t begin, int64_t end,
-                                                 int num_warps, int E, const int32_t* __restrict__ expert_map,
-                                                 int* cursor, const int* base, int32_t* __restrict__ sorted) {
+MOE_DEVICE MOE_FORCEINLINE void scatter_segments(const int32_t* __restrict__ ids, int begin, int end, int num_warps,
+                                                 int E, const int32_t* __restrict__ expert_map, int* cursor,
+                                                 const int* base, int32_t* __restrict__ sorted) {
   const int warp = threadIdx.x / kWarpSize;
   if (warp >= num_warps) return;  // warp-uniform
-  int64_t s0, s1;
+  int s0, s1;
   warp_segment(begin, end, num_warps, warp, s0, s1);
   int* my = cursor + warp * E;
-  for (int64_t f0 = s0; f0 < s1; f0 += kAlignBatch * kWarpSize) {  // warp-uniform trip count
+  for (int f0 = s0; f0 < s1; f0 += kAlignBatch * kWarpSize) {  // warp-uniform trip count
     int slot[kAlignBatch];
     load_slots(ids, f0, s1, E, expert_map, slot);
 #pragma unroll
@@ -185,6 +184,27 @@ MOE_DEVICE MOE_FORCEINLINE void write_expert_ids(const int* offsets, int total, 
 // unless it is null.
 MOE_DEVICE MOE_FORCEINLINE void pad_and_scan(int* offsets, int E, int block_size, int* scan_scratch,
                                              int32_t* __restrict__ num_post_padded) {
+  if (E <= static_cast<int>(blockDim.x)) {  // a thread an expert: one warp scan and the warp totals
+    const int tid = threadIdx.x, warp = tid / kWarpSize, num_warps = (blockDim.x + kWarpSize - 1) / kWarpSize;
+    const int c = tid < E ? offsets[tid] : 0;
+    const int padded = (c + block_size - 1) / block_size * block_size;
+    const int incl = warp_inclusive_scan(padded);
+    if (lane_id() == kWarpSize - 1) scan_scratch[warp] = incl;
+    __syncthreads();
+    int before = 0, total = 0;
+    for (int v = 0; v < num_warps; ++v) {
+      const int t = scan_scratch[v];
+      before += v < warp ? t : 0;
+      total += t;
+    }
+    if (tid < E) offsets[tid] = before + incl - padded;
+    if (tid == 0) {
+      offsets[E] = total;
+      if (num_post_padded) *num_post_padded = total;
+    }
+    __syncthreads();
+    return;
+  }
   for (int s = threadIdx.x; s < E; s += blockDim.x) offsets[s] = (offsets[s] + block_size - 1) / block_size * block_size;
   __syncthreads();
   const int total = block_exclusive_scan(offsets, E, scan_scratch);
@@ -343,17 +363,21 @@ MOE_DEVICE MOE_FORCEINLINE const int32_t* stage_expert_map(const int32_t* __rest
 }
 
 // The outputs besides the ids, split over a grid of blocks that each hold the same padded offsets
-// [E + 1] and per-expert id counts: expert_ids and the tail past num_tokens_post_padded by grid
-// stride, each expert's padding by one warp (sentinel numel), every element written once.
+// [E + 1] and per-expert id counts: each expert's blocks in expert_ids and its padding (sentinel
+// numel) by one warp, the blocks and the tail past num_tokens_post_padded by grid stride; every
+// element written once.
 MOE_DEVICE MOE_FORCEINLINE void write_grid_fills(const int* offsets, const int* count, int E, int block_size,
                                                  int max_padded, int numel, const int32_t* __restrict__ expert_map,
                                                  int32_t* __restrict__ expert_ids, int32_t* __restrict__ sorted) {
   const int total = offsets[E];
   const int gtid = blockIdx.x * blockDim.x + threadIdx.x, gstride = gridDim.x * blockDim.x;
-  write_expert_ids(offsets, total, E, block_size, max_padded / block_size, expert_map, expert_ids, gtid, gstride);
-  const int warps = blockDim.x / kWarpSize;
-  for (int s = blockIdx.x * warps + threadIdx.x / kWarpSize; s < E; s += gridDim.x * warps)  // padding
-    for (int p = offsets[s] + count[s] + lane_id(); p < offsets[s + 1]; p += kWarpSize) sorted[p] = numel;
+  const int warps = blockDim.x / kWarpSize, lane = lane_id();
+  for (int s = blockIdx.x * warps + threadIdx.x / kWarpSize; s < E; s += gridDim.x * warps) {
+    const int32_t e = expert_map ? expert_map[s] : s;  // an expert with blocks is mapped
+    for (int b = offsets[s] / block_size + lane; b < offsets[s + 1] / block_size; b += kWarpSize) expert_ids[b] = e;
+    for (int p = offsets[s] + count[s] + lane; p < offsets[s + 1]; p += kWarpSize) sorted[p] = numel;
+  }
+  for (int b = total / block_size + gtid; b < max_padded / block_size; b += gstride) expert_ids[b] = -1;
   for (int p = total + gtid; p < max_padded; p += gstride) sorted[p] = numel;  // tail
 }
 
@@ -485,13 +509,17 @@ __global__ void __launch_bounds__(1024) moe_align_count_kernel(const int32_t* __
 MOE_HOST_DEVICE MOE_FORCEINLINE int align_place_smem_ints(int E, int warps) {
   return 4 * E + kWarpSize + 2 + warps * E;
 }
-// Warps of a place block: as many as the per-warp count table leaves room for, at most 32.
+constexpr int kPlaceRowVecs = 8;  // table vectors (32 chunks) a place thread loads ahead of the count
+
+// Warps of a place block: as many as the per-warp count table leaves room for, at most 16 (512
+// threads: registers for the table row loaded ahead).
+constexpr int kPlaceMaxThreads = 512;
 MOE_HOST_DEVICE MOE_FORCEINLINE int align_place_warps(int E) {
   const int w = (kAlignSmemInts - 4 * E - kWarpSize - 2) / E;
-  return w < 1 ? 1 : (w > 1024 / kWarpSize ? 1024 / kWarpSize : w);
+  return w < 1 ? 1 : (w > kPlaceMaxThreads / kWarpSize ? kPlaceMaxThreads / kWarpSize : w);
 }
 
-__global__ void __launch_bounds__(1024) moe_align_place_kernel(
+__global__ void __launch_bounds__(kPlaceMaxThreads) moe_align_place_kernel(
     const int32_t* __restrict__ ids, int numel, int chunk, int E, int block_size,
     const int32_t* __restrict__ expert_map, int max_padded,
     const int32_t* __restrict__ table,  // [E, stride] chunk counts from moe_align_count_kernel
@@ -510,26 +538,40 @@ __global__ void __launch_bounds__(1024) moe_align_place_kernel(
   grid_dependency_wait();
   const int32_t* smap = stage_expert_map(expert_map, E, map);
   __syncthreads();
-  // Expert s's row of the table: its total, and its ids in chunks before this one.
-  const int stride = align_table_stride(chunks);
+  // Expert s's row of the table: its total, and its ids in chunks before this one. The first
+  // kPlaceRowVecs vectors of this thread's first row are loaded before the chunk's ids are counted,
+  // so the two round trips to L2 overlap.
+  const int stride = align_table_stride(chunks), nvec = stride / 4;
+  int4 head[kPlaceRowVecs];
+#pragma unroll
+  for (int q = 0; q < kPlaceRowVecs; ++q)
+    if (tid < E && q < nvec) head[q] = reinterpret_cast<const int4*>(table + tid * stride)[q];
+  const int c0 = b * chunk, c1 = min(numel, c0 + chunk);
+  count_segments(ids, c0, c1, E, smap, counts);
   for (int s = tid; s < E; s += nthreads) {
     const int4* row = reinterpret_cast<const int4*>(table + s * stride);
     int total = 0, before = 0;
-#pragma unroll 4
-    for (int q = 0; q < stride / 4; ++q) {
-      const int4 v = row[q];
+    auto add = [&](const int4 v, int q) {
       const int c = 4 * q, x[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         total += c + k < chunks ? x[k] : 0;  // past `chunks`: never written
         before += c + k < b ? x[k] : 0;
       }
+    };
+    if (s == tid) {  // the first row: its head is in registers
+#pragma unroll
+      for (int q = 0; q < kPlaceRowVecs; ++q)
+        if (q < nvec) add(head[q], q);
+    } else {
+#pragma unroll
+      for (int q = 0; q < kPlaceRowVecs; ++q)
+        if (q < nvec) add(row[q], q);
     }
+    for (int q = kPlaceRowVecs; q < nvec; ++q) add(row[q], q);
     totals[s] = total;
     base[s] = before;
   }
-  const int c0 = b * chunk, c1 = min(numel, c0 + chunk);
-  count_segments(ids, c0, c1, E, smap, counts);
   __syncthreads();
   for (int s = tid; s < E; s += nthreads) offsets[s] = totals[s];  // padded and scanned in place:
   pad_and_scan(offsets, E, block_size, scratch, b == 0 ? num_post_padded : nullptr);  // ends with a barrier
