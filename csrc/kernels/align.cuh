@@ -36,8 +36,27 @@ MOE_DEVICE MOE_FORCEINLINE int align_slot_device(int32_t id, int E, const int32_
   return id;
 }
 
+// Exclusive scan across the block of one value a thread (blockDim a multiple of the warp): a warp
+// scan, then every thread adds the totals of the warps before its own, so one barrier; `total` gets
+// the block's sum. scratch: >= blockDim / kWarpSize elements of T, reusable after a barrier.
+template <typename T>
+MOE_DEVICE MOE_FORCEINLINE T block_scan_one(T v, T* scratch, T& total) {
+  const int warp = threadIdx.x / kWarpSize, num_warps = blockDim.x / kWarpSize;
+  const T incl = warp_inclusive_scan(v);
+  if (lane_id() == kWarpSize - 1) scratch[warp] = incl;
+  __syncthreads();
+  T before = 0;
+  total = 0;
+  for (int w = 0; w < num_warps; ++w) {
+    const T t = scratch[w];
+    before += w < warp ? t : T(0);
+    total += t;
+  }
+  return before + incl - v;
+}
+
 // Exclusive scan of vals[0..n) in place by the whole block; returns the total to every thread.
-// scratch: >= kWarpSize + 1 elements of T.
+// Thread t scans a contiguous range of vals; scratch: >= kWarpSize elements of T.
 template <typename T>
 MOE_DEVICE T block_exclusive_scan(T* vals, int n, T* scratch) {
   const int tid = threadIdx.x, nthreads = blockDim.x;
@@ -45,25 +64,13 @@ MOE_DEVICE T block_exclusive_scan(T* vals, int n, T* scratch) {
   const int begin = min(n, tid * per), end = min(n, begin + per);
   T local = 0;
   for (int i = begin; i < end; ++i) local += vals[i];
-  const int lane = lane_id(), warp = tid / kWarpSize;
-  const T incl = warp_inclusive_scan(local);  // of the per-thread sums
-  if (lane == kWarpSize - 1) scratch[warp] = incl;
-  __syncthreads();
-  const int num_warps = (nthreads + kWarpSize - 1) / kWarpSize;
-  if (warp == 0) {
-    const T w = lane < num_warps ? scratch[lane] : T(0);
-    const T wincl = warp_inclusive_scan(w);
-    if (lane < num_warps) scratch[lane] = wincl - w;  // exclusive warp offsets
-    if (lane == num_warps - 1) scratch[kWarpSize] = wincl;
-  }
-  __syncthreads();
-  T run = scratch[warp] + incl - local;
+  T total;
+  T run = block_scan_one(local, scratch, total);  // of the per-thread sums
   for (int i = begin; i < end; ++i) {
     const T v = vals[i];
     vals[i] = run;
     run += v;
   }
-  const T total = scratch[kWarpSize];
   __syncthreads();
   return total;
 }
@@ -184,20 +191,12 @@ MOE_DEVICE MOE_FORCEINLINE void write_expert_ids(const int* offsets, int total, 
 // unless it is null.
 MOE_DEVICE MOE_FORCEINLINE void pad_and_scan(int* offsets, int E, int block_size, int* scan_scratch,
                                              int32_t* __restrict__ num_post_padded) {
-  if (E <= static_cast<int>(blockDim.x)) {  // a thread an expert: one warp scan and the warp totals
-    const int tid = threadIdx.x, warp = tid / kWarpSize, num_warps = (blockDim.x + kWarpSize - 1) / kWarpSize;
+  if (E <= static_cast<int>(blockDim.x)) {  // a thread an expert: the scan of one value a thread
+    const int tid = threadIdx.x;
     const int c = tid < E ? offsets[tid] : 0;
-    const int padded = (c + block_size - 1) / block_size * block_size;
-    const int incl = warp_inclusive_scan(padded);
-    if (lane_id() == kWarpSize - 1) scan_scratch[warp] = incl;
-    __syncthreads();
-    int before = 0, total = 0;
-    for (int v = 0; v < num_warps; ++v) {
-      const int t = scan_scratch[v];
-      before += v < warp ? t : 0;
-      total += t;
-    }
-    if (tid < E) offsets[tid] = before + incl - padded;
+    int total;
+    const int offset = block_scan_one((c + block_size - 1) / block_size * block_size, scan_scratch, total);
+    if (tid < E) offsets[tid] = offset;
     if (tid == 0) {
       offsets[E] = total;
       if (num_post_padded) *num_post_padded = total;

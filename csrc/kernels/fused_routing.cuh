@@ -102,10 +102,10 @@ __global__ void __launch_bounds__(1024) fused_gating_align_kernel(
 
   if (one_block_each) {  // each id's lane writes it, the first token's lane its expert's block
     int below = 0, hits = 0;  // hit experts below this lane's slot, and in all
-    for (int w = 0; w < hit_words; ++w) {
-      const uint32_t h = hit[w];
+    for (int v = 0; v < hit_words; ++v) {
+      const uint32_t h = hit[v];
       hits += __popc(h);
-      if (slot >= 0) below += __popc(w < slot / 32 ? h : (w == slot / 32 ? h & ((1u << (slot % 32)) - 1u) : 0u));
+      if (slot >= 0) below += __popc(v < slot / 32 ? h : (v == slot / 32 ? h & ((1u << (slot % 32)) - 1u) : 0u));
     }
     if (slot >= 0) {
       const int rank = popcount(masks[slot] & (lane_bit(warp) - 1));
@@ -117,21 +117,11 @@ __global__ void __launch_bounds__(1024) fused_gating_align_kernel(
     return;
   }
 
-  // Thread s owns expert s: its padded count, then an inclusive scan within the warp ...
+  // Thread s owns expert s: its padded count, scanned across the block (one warp scan, the warp totals).
   const int count = tid < E ? popcount(masks[tid]) : 0;
   const int padded = pad_to_blocks(count, block_size, block_shift);
-  const int incl = warp_inclusive_scan(padded);
-  if (lane == kWarpSize - 1) warp_total[warp] = incl;
-  __syncthreads();  // warp totals ready
-  // ... plus the totals of the warps before (at most 32, read by every lane at once).
-  const int num_warps = blockDim.x / kWarpSize;
-  int before = 0, total = 0;
-  for (int v = 0; v < num_warps; ++v) {
-    const int t = warp_total[v];
-    before += v < warp ? t : 0;
-    total += t;
-  }
-  const int offset = before + incl - padded;
+  int total;
+  const int offset = block_scan_one(padded, warp_total, total);
   if (tid < E) offsets[tid] = offset;
   if (tid == 0) *num_post_padded = total;
   if (tid < E && padded > 0) {  // this expert's blocks (one or two at decode)
