@@ -7,6 +7,8 @@ Paths, each on the same inputs:
                expert GEMVs moe_gemv_silu + moe_gemv_combine on CUDA while T * topk <= E / 4).
   moe_ext_unfused  decode_gemv=False and fuse_silu=False: moe_grouped_gemm + silu_and_mul for the
                first GEMM (moe_ext fuses them through moe_grouped_gemm_silu for bf16 on CUDA).
+  moe_ext_fused_silu  decode_gemv=False and fuse_silu=True: moe_grouped_gemm_silu at every T (the
+               default fuses only from block_size 32).
   eager_ref    moe_ext.reference.fused_moe_ref with bf16 compute: PyTorch's loop over the hit experts.
   compile_ref  torch.compile(fused_moe_ref, dynamic=False) of the same, compiled once per (model, T).
   grouped_mm   torch ops: top-k routing, tokens sorted by expert, torch._grouped_mm over w13 with
@@ -55,7 +57,8 @@ from common import copy_bandwidth, markdown_table, time_events, time_graph, writ
 from moe_ext import reference as ref  # noqa: E402
 from moe_ext.models import MODELS  # noqa: E402
 
-PATHS = ["moe_ext", "moe_ext_grouped", "moe_ext_unfused", "eager_ref", "compile_ref", "grouped_mm"]
+PATHS = ["moe_ext", "moe_ext_grouped", "moe_ext_unfused", "moe_ext_fused_silu", "eager_ref", "compile_ref",
+         "grouped_mm"]
 OPS = ["topk_gating", "moe_align_block_size", "fused_topk_align", "silu_and_mul", "moe_grouped_gemm", "moe_grouped_gemm_silu",
        "moe_combine"]
 GRAPH_MAX_TOKENS = 16   # decode sizes, where the host's launch cost would hide the kernels
@@ -316,12 +319,14 @@ def main():
             "moe_ext_grouped": lambda x, w13, w2, lg: moe_ext.fused_moe(x, w13, w2, lg, k, decode_gemv=False, **routing),
             "moe_ext_unfused": lambda x, w13, w2, lg: moe_ext.fused_moe(x, w13, w2, lg, k, decode_gemv=False,
                                                                         fuse_silu=False, **routing),
+            "moe_ext_fused_silu": lambda x, w13, w2, lg: moe_ext.fused_moe(x, w13, w2, lg, k, decode_gemv=False,
+                                                                           fuse_silu=True, **routing),
             "eager_ref": lambda x, w13, w2, lg: ref.fused_moe_ref(x, w13, w2, lg, k, compute_dtype=dtype, **routing),
             "compile_ref": lambda x, w13, w2, lg: compiled(x, w13, w2, lg, k, compute_dtype=dtype, **routing),
             "grouped_mm": lambda x, w13, w2, lg: grouped_mm_moe(x, w13, w2, lg, k, **routing),
         }
-        skip = {p: f"skipped: no {device} kernel for {', '.join(missing)}" for p in ("moe_ext", "moe_ext_grouped", "moe_ext_unfused")
-                if missing}
+        ours = ("moe_ext", "moe_ext_grouped", "moe_ext_unfused", "moe_ext_fused_silu")
+        skip = {p: f"skipped: no {device} kernel for {', '.join(missing)}" for p in ours if missing}
         for T in tokens:
             x = torch.randn(T, H, dtype=dtype, device=device)
             logits = torch.randn(T, E, dtype=torch.float32, device=device)  # fp32, as moe_ext.MoE's router gives

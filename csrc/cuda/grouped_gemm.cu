@@ -77,9 +77,13 @@ struct HeuristicRow {
 // 128): config 0 is fastest or within 6% at block size 16 (decode), 8 has the least total time at
 // 32, 3 at 64, 9 at 128. Config 11 (a quarter of config 0's columns, 2 warps) is for decode shapes
 // whose config-0 grid leaves multiprocessors with one CTA and others with two (e.g. Qwen3's w13 at
-// T=1: 8 blocks x 24 N-tiles = 192 CTAs on 132 multiprocessors).
+// T=1: 8 blocks x 24 N-tiles = 192 CTAs on 132 multiprocessors). On an H200 (session 8,
+// results/h200-tune-stream.md, the four models' two GEMMs at T = 1, 4, 16) config 11 was fastest or
+// within 2% of the fastest at 20 of the 24 decode GEMMs (7% at worst: Qwen3's w2 at T=1, 13.1 against
+// 12.2 us) and config 0 up to 14% slower than it (DeepSeek-V3 w13 T=16: 1662 against 1468 us), so
+// block size 16 takes config 11 whatever the CTA count.
 constexpr HeuristicRow kHeuristic[] = {
-    {16, 0, 11},
+    {16, 11, 11},
     {32, 8, 10},
     {64, 3, 4},
     {128, 9, 6},
