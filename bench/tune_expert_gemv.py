@@ -10,7 +10,7 @@ call reads plus activations in and out, over the measured read bandwidth for % o
     python bench/tune_expert_gemv.py                    # the four models of moe_ext.models, T = 1 2 4 8
     python bench/tune_expert_gemv.py --models qwen3-30b-a3b --tokens 1
 
-Writes results/<device>-tune-expert-gemv.{json,md}.
+Writes results/<device>-<stem>.{json,md} (stem: tune-expert-gemv unless --stem).
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ def main():
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--rotations", type=int, default=8, help="routings cycled through, one per call")
+    p.add_argument("--stem", default="tune-expert-gemv", help="results/<device>-<stem>.json/.md")
     args = p.parse_args()
     dtype, esize = torch.bfloat16, 2
     read_gbps = read_bandwidth()
@@ -108,7 +109,7 @@ def main():
                                   ("best", "best config", "d"), ("best_us", "best µs", ".2f"),
                                   ("default_us", "config 0 µs", ".2f"), ("pct_read", "% of read bw", ".1f")])
     print(table)
-    path = write_results("tune-expert-gemv", dict(read_gbps=read_gbps, rotations=args.rotations, best=best), rows,
+    path = write_results(args.stem, dict(read_gbps=read_gbps, rotations=args.rotations, best=best), rows,
                          table)
     print(f"wrote {path}.json / .md")
 

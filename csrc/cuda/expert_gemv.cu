@@ -25,17 +25,22 @@ using CombineCfg1 = CombineConfig<2, 2, 2>;
 using CombineCfg2 = CombineConfig<1, 8, 1>;
 using CombineCfg3 = CombineConfig<2, 4, 1>;
 using CombineCfg4 = CombineConfig<1, 2, 4>;
-constexpr int kNumCombineConfigs = 5;
+using CombineCfg5 = CombineConfig<1, 2, 2>;
+constexpr int kNumCombineConfigs = 6;
 
-// Defaults from the H100 tuning at T = 1..8 of the four model shapes. SiLU: config 3 was fastest
-// or within 1% everywhere (GPT-OSS T=1: 47 us, config 0 57). Combine: config 4 (two experts a pass,
-// four vectors in flight) fastest on DeepSeek, GPT-OSS and Mixtral (Mixtral T=1: 89 us, config 0
-// 125); rows under 32 lanes x 4 vectors leave its lanes idle, and there eight experts a pass with
-// one vector each (config 2) won where topk >= 8 (Qwen3, K = 768, T=1: 14.9 us, config 4 17.1).
+// Defaults from the H100 tuning at T = 1..8 of the four model shapes, checked on an H200 at T = 1, 4
+// (session 8: results/h200-tune-expert-gemv-prefetch2.md, where config 5 below ran as config 8).
+// SiLU: config 3 fastest or within 1% everywhere on both (H100 GPT-OSS T=1: 47 us, config 0 57).
+// Combine: on the H200 config 5 (two experts a pass, two vectors in flight: half config 4's loads in
+// registers, so more CTAs a multiprocessor) beat config 4, the H100's pick, by 4-22% (DeepSeek-V3
+// T=1 56.5 against 72.8 us, GPT-OSS T=1 20.4 against 24.7, Mixtral T=4 218 against 261: 74-101% of
+// read bandwidth); rows under 32 lanes x 4 vectors leave lanes idle, and there eight experts a pass
+// with one vector each (config 2) won where topk >= 8 for one token (Qwen3, K = 768, T=1: 12.4 us,
+// config 5 13.5); at T=4 config 5 led there too (33.6 against 35.7).
 constexpr int kDefaultSiluConfig = 3;
-int default_combine_config(int64_t K, int64_t topk, int elem_bytes) {
+int default_combine_config(int64_t M, int64_t K, int64_t topk, int elem_bytes) {
   const int64_t vectors = K * elem_bytes / kVecBytes;
-  return vectors < int64_t{kWarpSize} * CombineCfg4::kU && topk >= CombineCfg2::kSlots ? 2 : 4;
+  return M == 1 && vectors < int64_t{kWarpSize} * CombineCfg4::kU && topk >= CombineCfg2::kSlots ? 2 : 5;
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % kVecBytes == 0; }
@@ -101,8 +106,8 @@ cudaError_t moe_gemv_combine(DType dtype, const void* h, const void* w2, const i
   const bool vec = vectorized(dtype, h, w2, K);
   return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
-    return dispatch_config<CombineCfg0, CombineCfg1, CombineCfg2, CombineCfg3, CombineCfg4>(
-        config < 0 ? default_combine_config(K, topk, sizeof(T)) : config,
+    return dispatch_config<CombineCfg0, CombineCfg1, CombineCfg2, CombineCfg3, CombineCfg4, CombineCfg5>(
+        config < 0 ? default_combine_config(M, K, topk, sizeof(T)) : config,
         [&](auto c) { return launch_combine<T, decltype(c)>(p, M, vec, pdl, stream); });
   });
 }
