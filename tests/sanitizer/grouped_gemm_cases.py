@@ -1,8 +1,7 @@
 """The grouped GEMMs (moe_grouped_gemm with routed weights, moe_grouped_gemm_silu) on small edge
-shapes for compute-sanitizer (run by tests/sanitizer/run.sh): every config of each table (the
-weight-streaming decode configs included), the unaligned-load instance (K % 8 != 0), odd N and I,
-partial N-tiles and blocks, both zeroing paths; each output checked against the CPU op. Exits
-non-zero on a mismatch."""
+shapes for compute-sanitizer (run by tests/sanitizer/run.sh): every config of each table, the
+unaligned-load instance (K % 8 != 0), odd N and I, partial N-tiles and blocks, both zeroing paths;
+each output checked against the CPU op. Exits non-zero on a mismatch."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # compute-sanitizer memcheck and racecheck over the routing kernels (fused decode kernel included),
-# the grouped GEMMs, every config of both tables (grouped_gemm_cases.py) and the decode expert GEMVs (expert_gemv_cases.py).
+# the grouped GEMMs, every config of both tables (grouped_gemm_cases.py) and the decode expert GEMVs
+# (expert_gemv_cases.py).
 # PyTorch's caching allocator is turned off so an out-of-bounds access lands outside any allocation.
 # Usage (on a GPU machine, after the build): [SAN_CASES="routing_cases ..."] bash tests/sanitizer/run.sh [log-dir]
 set -uo pipefail
