@@ -226,10 +226,12 @@ def check_config_families(outs: dict[int, torch.Tensor], first_wgmma: int, name:
     assert any(torch.equal(outs[-1], o) for c, o in outs.items() if c >= 0), f"{name}: the heuristic matches no config"
 
 
-# The last two run many k-tiles (more than any config's stages: the copy ring wraps) with N tails.
+# The last three run many k-tiles (more than any config's stages: the copy ring wraps) with N tails;
+# the last has about 300 rows an expert at block size 128 (several full blocks of one expert, then a
+# partial one).
 @pytest.mark.parametrize("shape,block_size", [((17, 4, 8, 130, 200), 16), ((64, 8, 16, 384, 256), 64),
                                               ((100, 2, 4, 200, 136), 128), ((256, 4, 8, 392, 1032), 128),
-                                              ((200, 2, 4, 300, 776), 64)])
+                                              ((200, 2, 4, 300, 776), 64), ((600, 2, 4, 264, 520), 128)])
 def test_every_config_agrees(monkeypatch, shape, block_size):
     """Each config of the table gives the reference's answer; configs of one family agree bit for bit."""
     n = num_configs()
@@ -240,6 +242,21 @@ def test_every_config_agrees(monkeypatch, shape, block_size):
         monkeypatch.setenv(CONFIG_ENV, str(cfg))
         outs[cfg] = run_and_check(*case)
     check_config_families(outs, FIRST_WGMMA_CONFIG, "grouped GEMM")
+
+
+@pytest.mark.parametrize("cfg", range(FIRST_WGMMA_CONFIG, 17))
+def test_wgmma_configs_skip_blocks(monkeypatch, cfg):
+    """The prefill tiles (cp.async and TMA weight loads) with blocks of expert -1 or out of range,
+    one expert's blocks split by such a block, and num_tokens_post_padded cut short: skipped rows are
+    zero, all others as the reference."""
+    assert cfg < moe_ext.ops.num_tile_configs("moe_grouped_gemm")
+    monkeypatch.setenv(CONFIG_ENV, str(cfg))
+    a, w, s, e, ntpp, topk, tw = make_case(700, 2, 4, 264, 200, 128, torch.bfloat16, "one_expert", True)
+    run_and_check(a, w, s, e, ntpp, topk, tw)
+    e2 = e.clone()
+    e2[1], e2[4] = -1, 4  # 4 = E: out of range, skipped like -1
+    run_and_check(a, w, s, e2, ntpp, topk, tw)
+    run_and_check(a, w, s, e, ntpp - 3 * 128, topk, tw)
 
 
 def test_bad_env(monkeypatch):
@@ -269,11 +286,14 @@ def test_unaligned_base():
 
 
 @pytest.mark.parametrize("zero", ["memset", "flags"])
-def test_cuda_graph_replay(monkeypatch, zero):
+@pytest.mark.parametrize("cfg,T,bs", [(-1, 24, 16), (15, 300, 128)])
+def test_cuda_graph_replay(monkeypatch, zero, cfg, T, bs):
     """Captured once, replayed on new routing of the same shapes: num_tokens_post_padded is read on
-    the device only, so the replay follows the new routing."""
+    the device only, so the replay follows the new routing (config 15: the TMA config's tensor map,
+    a kernel parameter, is captured too)."""
     monkeypatch.setenv(ZERO_ENV, zero)
-    T, topk, E, N, K, bs = 24, 4, 8, 200, 136, 16
+    monkeypatch.setenv(CONFIG_ENV, str(cfg))
+    topk, E, N, K = 4, 8, 200, 136
     cases = [make_case(T, topk, E, N, K, bs, torch.bfloat16, mode, True, seed=s)
              for s, mode in enumerate(["random", "dropped", "one_expert"])]
     static = [t.cuda().clone() for t in (cases[0][:5] + (cases[0][6],))]
@@ -359,7 +379,8 @@ def test_silu_model_shapes(T, bs):
 
 @pytest.mark.usefixtures("_silu_kernel")
 @pytest.mark.parametrize("shape,block_size", [((17, 4, 8, 130, 200), 16), ((64, 8, 16, 200, 256), 64),
-                                              ((100, 2, 4, 77, 136), 128), ((256, 4, 8, 200, 1032), 128)])
+                                              ((100, 2, 4, 77, 136), 128), ((256, 4, 8, 200, 1032), 128),
+                                              ((600, 2, 4, 136, 520), 128)])
 def test_silu_every_config_agrees(monkeypatch, shape, block_size):
     """Each SiLU config gives the reference's answer; configs of one family agree bit for bit."""
     n = num_configs(SILU_CONFIG_ENV, moe_ext.moe_grouped_gemm_silu)

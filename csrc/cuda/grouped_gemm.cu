@@ -36,6 +36,10 @@ using gg::MmaConfig;
 //  12  128  128   64   2x1     5     164,864     block_size 128 (prefill), fewer CTAs
 //  13  128  256   64   2x1     4     197,632     block_size 128 (prefill)
 //  14   64  256   64   1x2     4     164,864     block_size 64 (prefill)
+// The same tiles with the weight tile copied by one thread's TMA (grouped_gemm_wgmma.cuh's kTma):
+//  15  128  256   64   2x1     4     197,632     13 by TMA: block_size 128 (prefill)
+//  16   64  256   64   1x2     4     164,864     14 by TMA: block_size 64
+// (12 by TMA was never the fastest on the H200, at any CTA count: results/h200-tune-tma2.md.)
 // Off Hopper (or in a build without sm_90a code) a forced wgmma index runs kWgmmaFallback's config.
 using Cfg0 = MmaConfig<16, 64, 128, 1, 4, 4>;
 using Cfg1 = MmaConfig<16, 128, 64, 1, 4, 4>;
@@ -52,15 +56,17 @@ using Cfg11 = MmaConfig<16, 32, 128, 1, 2, 4>;
 using Cfg12 = gg::WgmmaConfig<128, 128, 2, 1, 5>;
 using Cfg13 = gg::WgmmaConfig<128, 256, 2, 1, 4>;
 using Cfg14 = gg::WgmmaConfig<64, 256, 1, 2, 4>;
+using Cfg15 = gg::WgmmaConfig<128, 256, 2, 1, 4, false, true>;
+using Cfg16 = gg::WgmmaConfig<64, 256, 1, 2, 4, false, true>;
 constexpr int kNumMmaConfigs = 12;  // indices below are mma.sync, from here on wgmma
-constexpr int kNumConfigs = 15;
-constexpr int kWgmmaFallback[kNumConfigs - kNumMmaConfigs] = {9, 9, 3};
-constexpr int kConfigBM[kNumConfigs] = {Cfg0::BM,  Cfg1::BM,  Cfg2::BM,  Cfg3::BM,  Cfg4::BM,
-                                        Cfg5::BM,  Cfg6::BM,  Cfg7::BM,  Cfg8::BM,  Cfg9::BM,
-                                        Cfg10::BM, Cfg11::BM, Cfg12::BM, Cfg13::BM, Cfg14::BM};
-constexpr int kConfigBN[kNumConfigs] = {Cfg0::BN,  Cfg1::BN,  Cfg2::BN,  Cfg3::BN,  Cfg4::BN,
-                                        Cfg5::BN,  Cfg6::BN,  Cfg7::BN,  Cfg8::BN,  Cfg9::BN,
-                                        Cfg10::BN, Cfg11::BN, Cfg12::BN, Cfg13::BN, Cfg14::BN};
+constexpr int kNumConfigs = 17;
+constexpr int kWgmmaFallback[kNumConfigs - kNumMmaConfigs] = {9, 9, 3, 9, 3};
+constexpr int kConfigBM[kNumConfigs] = {Cfg0::BM,  Cfg1::BM,  Cfg2::BM,  Cfg3::BM,  Cfg4::BM,  Cfg5::BM,
+                                        Cfg6::BM,  Cfg7::BM,  Cfg8::BM,  Cfg9::BM,  Cfg10::BM, Cfg11::BM,
+                                        Cfg12::BM, Cfg13::BM, Cfg14::BM, Cfg15::BM, Cfg16::BM};
+constexpr int kConfigBN[kNumConfigs] = {Cfg0::BN,  Cfg1::BN,  Cfg2::BN,  Cfg3::BN,  Cfg4::BN,  Cfg5::BN,
+                                        Cfg6::BN,  Cfg7::BN,  Cfg8::BN,  Cfg9::BN,  Cfg10::BN, Cfg11::BN,
+                                        Cfg12::BN, Cfg13::BN, Cfg14::BN, Cfg15::BN, Cfg16::BN};
 // K % 8 != 0 or a base not 16-byte aligned (rows not 16-byte aligned: guarded scalar loads) always
 // takes this config: one extra instance per dtype instead of a second copy of the table, for shapes
 // no production model has.
@@ -119,6 +125,10 @@ int choose_config(const HeuristicRow (&heuristic)[kRows], const int (&bm)[kConfi
 //   2   64   64   64   2x2     4     110,592     block size 32 / 64 (prefill); config 3's bytes a stage
 //   3  128   64   64   2x4     3     110,592     block size 128 (prefill); 8 warps of 64 x 16 (x2 sets)
 //   4  128  128   64   2x1     4     197,632     wgmma (Hopper), block size 128; falls back to config 3 off Hopper
+//   5  128  128   64   2x1     4     197,632     4 with the weight tile by TMA; config 3 off Hopper
+// On an H200 (results/h200-tune-tma-silu2.md, three interleaved rounds) config 5 was the fastest or
+// within 1% at the four models' first GEMMs at T = 1024 and 4096 (GPT-OSS T=4096: 1795 against 1845
+// us for config 4), so block size 128 on Hopper takes it.
 // Not tuned on a GPU yet: the rows mirror the plain heuristic, halving BN where the fused tile
 // would otherwise double the stage. Qwen3's w13 at T=1 (I = 768, 8 blocks): config 1 gives 24
 // N-tiles of 2 x 32 weight rows, the CTA count and bytes of the plain op's config 0 over 2I = 1536,
@@ -128,11 +138,14 @@ using SiluCfg1 = MmaConfig<16, 32, 128, 1, 2, 4, true>;
 using SiluCfg2 = MmaConfig<64, 64, 64, 2, 2, 4, true>;
 using SiluCfg3 = MmaConfig<128, 64, 64, 2, 4, 3, true>;
 using SiluCfg4 = gg::WgmmaConfig<128, 128, 2, 1, 4, true>;
+using SiluCfg5 = gg::WgmmaConfig<128, 128, 2, 1, 4, true, true>;
 constexpr int kNumSiluMmaConfigs = 4;
-constexpr int kNumSiluConfigs = 5;
-constexpr int kSiluWgmmaFallback[kNumSiluConfigs - kNumSiluMmaConfigs] = {3};
-constexpr int kSiluConfigBM[kNumSiluConfigs] = {SiluCfg0::BM, SiluCfg1::BM, SiluCfg2::BM, SiluCfg3::BM, SiluCfg4::BM};
-constexpr int kSiluConfigBN[kNumSiluConfigs] = {SiluCfg0::BN, SiluCfg1::BN, SiluCfg2::BN, SiluCfg3::BN, SiluCfg4::BN};
+constexpr int kNumSiluConfigs = 6;
+constexpr int kSiluWgmmaFallback[kNumSiluConfigs - kNumSiluMmaConfigs] = {3, 3};
+constexpr int kSiluConfigBM[kNumSiluConfigs] = {SiluCfg0::BM, SiluCfg1::BM, SiluCfg2::BM,
+                                                SiluCfg3::BM, SiluCfg4::BM, SiluCfg5::BM};
+constexpr int kSiluConfigBN[kNumSiluConfigs] = {SiluCfg0::BN, SiluCfg1::BN, SiluCfg2::BN,
+                                                SiluCfg3::BN, SiluCfg4::BN, SiluCfg5::BN};
 constexpr int kSiluUnalignedConfig = 0;
 constexpr HeuristicRow kSiluHeuristic[] = {
     {16, 0, 1},
@@ -152,14 +165,51 @@ bool wgmma_available(int cc) {
 }
 
 // The heuristic's Hopper choice for prefill-sized blocks (>= 64 rows), or -1 to use the mma.sync
-// table: 128-row blocks take 128 x 256 tiles while those fill four waves of CTAs, 128 x 128 below;
-// 64-row blocks take 64 x 256.
-int choose_wgmma_config(int64_t rows, int64_t E, int64_t N, int64_t num_blocks, int64_t block_size, int num_sms) {
-  if (block_size >= 128) {
-    const int64_t ctas = estimated_ctas(Cfg13::BM, Cfg13::BN, rows, E, N, num_blocks, block_size);
-    return ctas >= 4 * int64_t(num_sms) ? 13 : 12;
-  }
-  return block_size >= 64 ? 14 : -1;
+// table: 128-row blocks take 128 x 256 tiles, 64-row blocks 64 x 256, both with the weight tile by
+// TMA. On an H200 (session 9, results/h200-tune-tma2.md: the four models' GEMMs at T = 128, 1024,
+// 4096, blocks of 64 and 128; configs 12-17 of that run, 17 there is 16 here) config 15 was the
+// fastest or within 4% of it at every 128-row shape, 3-18% faster than the cp.async config 13
+// (DeepSeek-V3 w13 T=4096: 5813 against 6039 us, Mixtral w13 T=1024: 996 against 1148), and faster
+// than 128 x 128 tiles at every CTA count, so the count no longer matters here; config 16 at 64-row
+// blocks was within 5% of the best.
+int choose_wgmma_config(int64_t block_size) {
+  if (block_size >= 128) return 15;
+  return block_size >= 64 ? 16 : -1;
+}
+
+// cuTensorMapEncodeTiled, taken from the driver through the runtime (no link against libcuda).
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+EncodeTiledFn encode_tiled_fn() {
+  static const EncodeTiledFn fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    const cudaError_t err =
+        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &found);
+    return err == cudaSuccess && found == cudaDriverEntryPointSuccess ? reinterpret_cast<EncodeTiledFn>(f) : nullptr;
+  }();
+  return fn;
+}
+
+// The weight tensor map of a TMA config: w as [E][sets][N][K] (K innermost, 16-byte aligned rows:
+// the launcher's K % 8 == 0), boxes of 64 x BN, the 128-byte swizzle the kernel's descriptors
+// read, rows and K past the ends zero-filled.
+template <typename T, typename Cfg>
+cudaError_t weight_tensor_map(const GroupedGemmParams& p, CUtensorMap& map) {
+  const EncodeTiledFn encode = encode_tiled_fn();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  constexpr auto kType = std::is_same_v<T, __nv_bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                                          : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  const cuuint64_t dims[4] = {cuuint64_t(p.K), cuuint64_t(p.N), cuuint64_t(Cfg::kSets), cuuint64_t(p.num_experts)};
+  const cuuint64_t row = cuuint64_t(p.K) * sizeof(T);
+  const cuuint64_t strides[3] = {row, row * p.N, row * p.N * Cfg::kSets};  // bytes, dims 1..3
+  const cuuint32_t box[4] = {Cfg::BK, Cfg::BN, 1, 1};
+  const cuuint32_t unit[4] = {1, 1, 1, 1};
+  const CUresult res = encode(&map, kType, 4, const_cast<void*>(p.w), dims, strides, box, unit,
+                              CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return res == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
 template <typename T, typename Cfg>
@@ -168,10 +218,15 @@ cudaError_t launch_wgmma(GroupedGemmParams p, int64_t num_blocks, cudaStream_t s
   const int64_t tiles = num_blocks * p.tiles_per_block * ceil_div64(p.N, Cfg::BN);
   if (tiles > INT_MAX) return cudaErrorInvalidValue;
   constexpr int smem = Cfg::kSmemBytes;
-  static_assert(smem + 8 * Cfg::BM <= 227 * 1024, "over the sm_90 per-block shared memory limit");
-  const cudaError_t err = allow_dynamic_smem<grouped_gemm_wgmma_kernel<T, Cfg>>(smem);
-  if (err != cudaSuccess) return err;
-  grouped_gemm_wgmma_kernel<T, Cfg><<<static_cast<unsigned>(tiles), Cfg::kThreads, smem, stream>>>(p);
+  static_assert(smem + 8 * Cfg::BM + 8 * Cfg::STAGES <= 227 * 1024, "over the sm_90 per-block shared memory limit");
+  CUtensorMap map{};
+  // K == 0 runs no k-tile and E == 0 no tile at all: no copy reads the map, and neither is a valid one.
+  if (Cfg::kTma && p.K > 0 && p.num_experts > 0) {
+    if (const cudaError_t err = weight_tensor_map<T, Cfg>(p, map); err != cudaSuccess) return err;
+  }
+  if (const cudaError_t err = allow_dynamic_smem<grouped_gemm_wgmma_kernel<T, Cfg>>(smem); err != cudaSuccess)
+    return err;
+  grouped_gemm_wgmma_kernel<T, Cfg><<<static_cast<unsigned>(tiles), Cfg::kThreads, smem, stream>>>(p, map);
   return cudaGetLastError();
 }
 
@@ -196,7 +251,7 @@ cudaError_t launch_mma_config(int cfg, bool aligned, bool wgmma, const GroupedGe
   static_assert(kUnalignedConfig == 1, "the unaligned instance above must match kUnalignedConfig");
   if (cfg >= kNumMmaConfigs) {
     if (!wgmma) return launch_mma_config<T>(kWgmmaFallback[cfg - kNumMmaConfigs], true, false, p, num_blocks, stream);
-    return dispatch_config<Cfg12, Cfg13, Cfg14>(cfg - kNumMmaConfigs, [&](auto c) {
+    return dispatch_config<Cfg12, Cfg13, Cfg14, Cfg15, Cfg16>(cfg - kNumMmaConfigs, [&](auto c) {
       return launch_wgmma<T, decltype(c)>(p, num_blocks, stream);
     });
   }
@@ -213,7 +268,9 @@ cudaError_t launch_silu_config(int cfg, bool aligned, bool wgmma, const GroupedG
   if (cfg >= kNumSiluMmaConfigs) {
     if (!wgmma)
       return launch_silu_config<T>(kSiluWgmmaFallback[cfg - kNumSiluMmaConfigs], true, false, p, num_blocks, stream);
-    return launch_wgmma<T, SiluCfg4>(p, num_blocks, stream);
+    return dispatch_config<SiluCfg4, SiluCfg5>(cfg - kNumSiluMmaConfigs, [&](auto c) {
+      return launch_wgmma<T, decltype(c)>(p, num_blocks, stream);
+    });
   }
   return dispatch_config<SiluCfg0, SiluCfg1, SiluCfg2, SiluCfg3>(cfg, [&](auto c) {
     return launch_mma<T, decltype(c), true>(p, num_blocks, stream);
@@ -280,7 +337,7 @@ cudaError_t moe_grouped_gemm(DType dtype, const void* a, const void* w, const in
           const bool aligned = K % 8 == 0 && aligned16(a) && aligned16(w);
           const bool wgmma = wgmma_available(compute_capability);
           int cfg = config;
-          if (cfg < 0 && aligned && wgmma) cfg = choose_wgmma_config(rows, E, N, num_blocks, block_size, num_sms);
+          if (cfg < 0 && aligned && wgmma) cfg = choose_wgmma_config(block_size);
           if (cfg < 0)
             cfg = choose_config(kHeuristic, kConfigBM, kConfigBN, 1, rows, E, N, num_blocks, block_size, num_sms);
           err = launch_mma_config<T>(cfg, aligned, wgmma, p, num_blocks, stream);
@@ -320,7 +377,7 @@ cudaError_t moe_grouped_gemm_silu(DType dtype, const void* a, const void* w13, c
         const bool aligned = K % 8 == 0 && aligned16(a) && aligned16(w13);
         const bool wgmma = wgmma_available(compute_capability);
         int cfg = config;
-        if (cfg < 0 && aligned && block_size >= 128 && wgmma) cfg = kNumSiluMmaConfigs;
+        if (cfg < 0 && aligned && block_size >= 128 && wgmma) cfg = kNumSiluConfigs - 1;  // TMA config 5
         if (cfg < 0)
           cfg = choose_config(kSiluHeuristic, kSiluConfigBM, kSiluConfigBN, 0, rows, E, I, num_blocks, block_size,
                               num_sms);

@@ -16,10 +16,20 @@
 // CTAs in flight share a few experts' weight columns and a few m-tiles' gathered rows in L2 (the
 // 2-D grid of the mma kernel runs all m-tiles of one N-tile first: every wave re-gathers A).
 //
+// Weight tiles by TMA (WgmmaConfig's kTma, configs marked TMA in the launcher's table): thread 0
+// issues the bulk tensor copy of a stage's B tile (a 4-D tensor map over w as [E, sets, N, K],
+// 128-byte swizzle: the bytes cp.async would write, out-of-range rows and K zero-filled) and arms
+// the stage's mbarrier with its byte count; every thread waits on that barrier before the tile's
+// MMAs. The A rows stay a per-thread cp.async gather, and the stage ring and its reuse are as
+// above. (2-CTA clusters multicasting the weight tile to two m-tiles of one expert were slower:
+// bench/experiments/tma-pair.patch, bench/NOTES.md.)
+//
 // Requirements, checked by the launcher: K % 8 == 0 and 16-byte aligned bases (the cp.async
 // zero-fill handles the K tail), a cc 9.0 device, a build with sm_90a code (MOE_EXT_WGMMA). Other
 // targets compile the kernel to a trap; the launcher never picks it there.
 #pragma once
+
+#include <cuda.h>  // CUtensorMap (a type only: the launcher encodes maps through the runtime's entry point)
 
 #include "grouped_gemm.cuh"
 
@@ -35,10 +45,11 @@ namespace gg {
 constexpr int kWarpgroupThreads = 128;  // wgmma's unit: 4 warps of 32 lanes
 constexpr int kRasterGroup = 8;         // m-tiles per raster group
 
-template <int BM_, int BN_, int WG_M_, int WG_N_, int STAGES_, bool kSiluMul_ = false>
+// kTma: the weight (B) tile of a stage by one thread's TMA instead of every thread's cp.async.
+template <int BM_, int BN_, int WG_M_, int WG_N_, int STAGES_, bool kSiluMul_ = false, bool kTma_ = false>
 struct WgmmaConfig {
   static constexpr int BM = BM_, BN = BN_, BK = 64, WG_M = WG_M_, WG_N = WG_N_, STAGES = STAGES_;
-  static constexpr bool kSiluMul = kSiluMul_;
+  static constexpr bool kSiluMul = kSiluMul_, kTma = kTma_;
   static constexpr int kSets = kSiluMul ? 2 : 1;  // accumulator sets (gate, up)
   static constexpr int kBRows = kSets * BN;       // weight rows of a stage's B tile
   static constexpr int kThreads = WG_M * WG_N * kWarpgroupThreads;
@@ -48,14 +59,26 @@ struct WgmmaConfig {
   static constexpr int kRowBytes = 128;      // BK 16-bit elements: one swizzle row
   static constexpr int kABytes = BM * kRowBytes;
   static constexpr int kStageBytes = (BM + kBRows) * kRowBytes;
+  static constexpr int kBBytes = kBRows * kRowBytes;
   static constexpr int kRowsPerPass = kThreads / 8;  // tile rows one pass of 16-byte copies covers
-  static constexpr int kPasses = (BM + kBRows) / kRowsPerPass;
+  static constexpr int kPasses = (BM + (kTma ? 0 : kBRows)) / kRowsPerPass;  // cp.async passes a stage
   static constexpr int kSmemBytes = STAGES * kStageBytes + 1024;  // + slack to align the ring
   static_assert(kWarpSize == 32, "a warpgroup is 4 warps of 32 lanes");
   static_assert(BM == 64 * WG_M && WN % 128 == 0, "a warpgroup computes 64 rows x multiples of 128 columns");
   static_assert(BM % kRowsPerPass == 0 && kBRows % kRowsPerPass == 0, "a copy pass is all A rows or all B rows");
   static_assert(kStageBytes % 1024 == 0 && STAGES >= 3, "stages must keep the swizzle's 1024-byte alignment");
+  static_assert(BN <= 256 && (BN * kRowBytes) % 1024 == 0, "a TMA box (one set's BN rows): <= 256, 1024-byte aligned");
 };
+
+// The 1-D grid's tile order (see the top of this file): CTA idx -> (m-tile, N-tile).
+MOE_DEVICE MOE_FORCEINLINE void raster_tile(int idx, int tiles_m, int tiles_n, int& mtile, int& ntile) {
+  const int group = idx / (kRasterGroup * tiles_n), in_group = idx % (kRasterGroup * tiles_n);
+  const int m_first = group * kRasterGroup;
+  const int group_m = min(kRasterGroup, tiles_m - m_first);
+  mtile = m_first + in_group % group_m;
+  ntile = in_group / group_m;
+}
+
 
 #if MOE_GG_HAS_MMA
 // Shared-memory matrix descriptor of a K-major tile in the 128-byte swizzle: start address,
@@ -84,6 +107,48 @@ template <int kPending>
 MOE_DEVICE MOE_FORCEINLINE void wgmma_wait() {
 #if MOE_GG_WGMMA_DEVICE
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
+
+// mbarriers and bulk tensor copies (sm_90). Barrier and shared addresses are
+// shared-window byte addresses (smem_addr).
+MOE_DEVICE MOE_FORCEINLINE void mbar_init(uint32_t bar, uint32_t count) {
+#if MOE_GG_WGMMA_DEVICE
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+#endif
+}
+// Makes the inits visible to the async proxy (the TMA unit's arrivals) before any copy.
+MOE_DEVICE MOE_FORCEINLINE void fence_mbar_init() {
+#if MOE_GG_WGMMA_DEVICE
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
+}
+MOE_DEVICE MOE_FORCEINLINE void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+#if MOE_GG_WGMMA_DEVICE
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+#endif
+}
+// Spins until the barrier's phase of the given parity has completed.
+MOE_DEVICE MOE_FORCEINLINE void mbar_wait(uint32_t bar, uint32_t parity) {
+#if MOE_GG_WGMMA_DEVICE
+  asm volatile(
+      "{\n.reg .pred done;\nretry:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra retry;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+#endif
+}
+// Box {c0 (K), c1 (row), c2 (set), c3 (expert)} of the tensor map into dst, completing its bytes
+// on bar.
+MOE_DEVICE MOE_FORCEINLINE void tma_load_4d(uint32_t dst, const void* tmap, uint32_t bar, int c0, int c1, int c2,
+                                            int c3) {
+#if MOE_GG_WGMMA_DEVICE
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, "
+      "%5}], [%6];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(tmap)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+      : "memory");
 #endif
 }
 
@@ -143,22 +208,20 @@ MOE_DEVICE MOE_FORCEINLINE void wgmma_m64k16(float (&d)[kN / 2], uint64_t desc_a
 
 #if MOE_GG_HAS_MMA
 // Cfg is a gg::WgmmaConfig, T bf16 or fp16. Grid: 1-D, tiles_m x ceil(N / BN) CTAs (see the tile
-// order above). Dynamic smem: Cfg::kSmemBytes.
+// order above). Dynamic smem: Cfg::kSmemBytes. tmap: w as a 4-D tensor map (Cfg::kTma only, unused
+// otherwise), box {64, BN, 1, 1}, 128-byte swizzle.
 template <typename T, typename Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads) grouped_gemm_wgmma_kernel(const GroupedGemmParams p) {
+__global__ void __launch_bounds__(Cfg::kThreads)
+    grouped_gemm_wgmma_kernel(const GroupedGemmParams p, const __grid_constant__ CUtensorMap tmap) {
 #if MOE_GG_WGMMA_DEVICE
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, STAGES = Cfg::STAGES;
   extern __shared__ unsigned char gg_smem[];
   __shared__ int s_id[BM], s_tok[BM];
+  __shared__ alignas(8) uint64_t s_full[STAGES];  // TMA configs: stage s's B tile has landed
 
   const int tiles_n = gg::ceil_div(p.N, BN);
-  const int tiles_m = static_cast<int>(gridDim.x) / tiles_n;
-  const int group = static_cast<int>(blockIdx.x) / (gg::kRasterGroup * tiles_n);
-  const int in_group = static_cast<int>(blockIdx.x) % (gg::kRasterGroup * tiles_n);
-  const int m_first = group * gg::kRasterGroup;
-  const int group_m = min(gg::kRasterGroup, tiles_m - m_first);
-  const int mtile = m_first + in_group % group_m, ntile = in_group / group_m;
-
+  int mtile, ntile;
+  gg::raster_tile(static_cast<int>(blockIdx.x), static_cast<int>(gridDim.x) / tiles_n, tiles_n, mtile, ntile);
   const int e = gg::setup_tile_rows<BM>(p, mtile, ntile, s_id, s_tok);
   if (e < 0) return;
   const int tid = threadIdx.x;
@@ -167,8 +230,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) grouped_gemm_wgmma_kernel(const
   const T* a = static_cast<const T*>(p.a);
   const T* w = static_cast<const T*>(p.w) + int64_t(e) * Cfg::kSets * p.N * K;
 
-  // Thread tid copies chunk tid % 8 of rows tid / 8 + pass * kRowsPerPass (A rows, then B rows) of
-  // every stage; their sources and swizzled offsets are fixed, so resolve them once.
+  // Thread tid copies chunk tid % 8 of rows tid / 8 + pass * kRowsPerPass (A rows, then, without
+  // TMA, B rows) of every stage; their sources and swizzled offsets are fixed, so resolve them once.
   const int chunk = tid % 8;
   const T* src[Cfg::kPasses];
   uint32_t dst[Cfg::kPasses];
@@ -187,6 +250,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) grouped_gemm_wgmma_kernel(const
   const uint32_t smem_base = gg::smem_addr(gg_smem);
   const uint32_t ring = (smem_base + 1023u) & ~1023u;  // the swizzle pattern is anchored at 1024 bytes
   unsigned char* ring_ptr = gg_smem + (ring - smem_base);
+  const uint32_t full0 = gg::smem_addr(s_full);
 
   auto load_stage = [&](int stage, int k0) {
     unsigned char* s = ring_ptr + stage * Cfg::kStageBytes;
@@ -197,6 +261,22 @@ __global__ void __launch_bounds__(Cfg::kThreads) grouped_gemm_wgmma_kernel(const
       gg::cp_async16(s + dst[i], ok ? src[i] + k : a, ok ? 16 : 0);
     }
   };
+  // Thread 0 only: arms the stage's barrier with the B tile's bytes and copies one box a set.
+  auto load_b = [&](int stage, int k0) {
+    const uint32_t bar = full0 + stage * 8;
+    const uint32_t b = ring + stage * Cfg::kStageBytes + Cfg::kABytes;
+    gg::mbar_arrive_expect_tx(bar, Cfg::kBBytes);
+#pragma unroll
+    for (int set = 0; set < Cfg::kSets; ++set)
+      gg::tma_load_4d(b + set * BN * Cfg::kRowBytes, &tmap, bar, k0, n0, set, e);
+  };
+  if constexpr (Cfg::kTma) {
+    if (tid == 0) {
+      for (int s = 0; s < STAGES; ++s) gg::mbar_init(full0 + s * 8, 1);
+      gg::fence_mbar_init();
+    }
+    __syncthreads();
+  }
 
   const int wg = tid / gg::kWarpgroupThreads;
   const int wg_m = wg / Cfg::WG_N, wg_n = wg % Cfg::WG_N;
@@ -218,18 +298,24 @@ __global__ void __launch_bounds__(Cfg::kThreads) grouped_gemm_wgmma_kernel(const
   const int k_tiles = gg::ceil_div(K, BK);
 #pragma unroll
   for (int s = 0; s < STAGES - 2; ++s) {
-    if (s < k_tiles) load_stage(s, s * BK);
+    if (s < k_tiles) {
+      load_stage(s, s * BK);
+      if (Cfg::kTma && tid == 0) load_b(s, s * BK);
+    }
     gg::cp_async_commit();
   }
   for (int kt = 0; kt < k_tiles; ++kt) {
     gg::cp_async_wait<STAGES - 3>();  // this thread's copies of tile kt have landed
     gg::fence_proxy_async_shared();   // ... and are visible to wgmma's (async proxy) reads
     // All copies of tile kt visible; every warpgroup's tile kt - 2 group retired (wait_group 1 of
-    // the last iteration), so its stage, refilled below, is free.
+    // the last iteration), so its stage, refilled below, is free in this CTA.
     __syncthreads();
     const int next = kt + STAGES - 2;
     if (next < k_tiles) load_stage(next % STAGES, next * BK);
     gg::cp_async_commit();
+    // Every thread, active or not, follows the full barrier's phases (thread 0 must have seen a
+    // stage's last phase complete before it arms the next).
+    if constexpr (Cfg::kTma) gg::mbar_wait(full0 + (kt % STAGES) * 8, (kt / STAGES) & 1);
 
     if (wg_active) {
       const uint32_t stage = ring + (kt % STAGES) * Cfg::kStageBytes;
@@ -249,6 +335,10 @@ __global__ void __launch_bounds__(Cfg::kThreads) grouped_gemm_wgmma_kernel(const
       }
       gg::wgmma_commit();
     }
+    // The B refill of stage (kt - 2) % STAGES (free since the barrier above), after this tile's
+    // MMAs are issued.
+    if (Cfg::kTma && tid == 0 && next < k_tiles) load_b(next % STAGES, next * BK);
+    sync_warp();  // warp 0 reconverges before the .aligned wait
     gg::wgmma_wait<1>();
   }
   gg::wgmma_wait<0>();
