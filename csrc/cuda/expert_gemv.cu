@@ -38,9 +38,10 @@ constexpr int kNumCombineConfigs = 6;
 // with one vector each (config 2) won where topk >= 8 for one token (Qwen3, K = 768, T=1: 12.4 us,
 // config 5 13.5); at T=4 config 5 led there too (33.6 against 35.7).
 constexpr int kDefaultSiluConfig = 3;
+constexpr int kShortRowVectors = kWarpSize * 4;  // "rows under 32 lanes x 4 vectors" above
 int default_combine_config(int64_t M, int64_t K, int64_t topk, int elem_bytes) {
   const int64_t vectors = K * elem_bytes / kVecBytes;
-  return M == 1 && vectors < int64_t{kWarpSize} * CombineCfg4::kU && topk >= CombineCfg2::kSlots ? 2 : 5;
+  return M == 1 && vectors < kShortRowVectors && topk >= CombineCfg2::kSlots ? 2 : 5;
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % kVecBytes == 0; }

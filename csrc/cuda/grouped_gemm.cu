@@ -129,10 +129,14 @@ int choose_config(const HeuristicRow (&heuristic)[kRows], const int (&bm)[kConfi
 // On an H200 (results/h200-tune-tma-silu2.md, three interleaved rounds) config 5 was the fastest or
 // within 1% at the four models' first GEMMs at T = 1024 and 4096 (GPT-OSS T=4096: 1795 against 1845
 // us for config 4), so block size 128 on Hopper takes it.
-// Not tuned on a GPU yet: the rows mirror the plain heuristic, halving BN where the fused tile
-// would otherwise double the stage. Qwen3's w13 at T=1 (I = 768, 8 blocks): config 1 gives 24
-// N-tiles of 2 x 32 weight rows, the CTA count and bytes of the plain op's config 0 over 2I = 1536,
-// but half the CTAs of the plain op's pick there (config 11: 48 N-tiles of 32 rows).
+// Decode blocks (16 rows) take config 1 whatever the CTA count: on an H200 (session 8,
+// results/h200-tune-silu-decode.md, the four models' first GEMMs at T = 1, 4, 16) it was the faster
+// of 0 and 1 at 10 of 12, by up to 17% (DeepSeek-V3 T=4: 429 against 516 us), and 7% slower at worst
+// (GPT-OSS T=1: 55.7 against 52.0); re-timed in session 9 with two rounds (h200-tune-silu-decode-s9.md),
+// 3.7% less time than config 0 over the 12, 13% less at best and 9% more at worst (the same two
+// shapes). fused_moe fuses only from block size 32, so this row serves
+// callers of moe_grouped_gemm_silu and fuse_silu=True. The rows above 16 mirror the plain heuristic,
+// halving BN where the fused tile would otherwise double the stage.
 using SiluCfg0 = MmaConfig<16, 64, 64, 1, 4, 4, true>;
 using SiluCfg1 = MmaConfig<16, 32, 128, 1, 2, 4, true>;
 using SiluCfg2 = MmaConfig<64, 64, 64, 2, 2, 4, true>;
@@ -148,7 +152,7 @@ constexpr int kSiluConfigBN[kNumSiluConfigs] = {SiluCfg0::BN, SiluCfg1::BN, Silu
                                                 SiluCfg3::BN, SiluCfg4::BN, SiluCfg5::BN};
 constexpr int kSiluUnalignedConfig = 0;
 constexpr HeuristicRow kSiluHeuristic[] = {
-    {16, 0, 1},
+    {16, 1, 1},
     {64, 2, 0},
     {INT_MAX, 3, 2},
 };
