@@ -133,8 +133,8 @@ int choose_config(const HeuristicRow (&heuristic)[kRows], const int (&bm)[kConfi
 // results/h200-tune-silu-decode.md, the four models' first GEMMs at T = 1, 4, 16) it was the faster
 // of 0 and 1 at 10 of 12, by up to 17% (DeepSeek-V3 T=4: 429 against 516 us), and 7% slower at worst
 // (GPT-OSS T=1: 55.7 against 52.0); re-timed in session 9 with two rounds (h200-tune-silu-decode-s9.md),
-// 3.7% less time than config 0 over the 12, 13% less at best and 9% more at worst (the same two
-// shapes). fused_moe fuses only from block size 32, so this row serves
+// 3.7% less time than config 0 over the 12 (DeepSeek-V3 T=1 13% less, GPT-OSS T=1 9% more).
+// fused_moe fuses only from block size 32, so this row serves
 // callers of moe_grouped_gemm_silu and fuse_silu=True. The rows above 16 mirror the plain heuristic,
 // halving BN where the fused tile would otherwise double the stage.
 using SiluCfg0 = MmaConfig<16, 64, 64, 1, 4, 4, true>;
