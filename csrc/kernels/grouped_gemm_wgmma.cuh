@@ -21,8 +21,8 @@
 // 128-byte swizzle: the bytes cp.async would write, out-of-range rows and K zero-filled) and arms
 // the stage's mbarrier with its byte count; every thread waits on that barrier before the tile's
 // MMAs. The A rows stay a per-thread cp.async gather, and the stage ring and its reuse are as
-// above. (2-CTA clusters multicasting the weight tile to two m-tiles of one expert were slower:
-// bench/experiments/tma-pair.patch, bench/NOTES.md.)
+// above. (2-CTA clusters multicasting the weight tile to two m-tiles of one expert were slower, with
+// or without a producer warp: bench/experiments/tma-pair*.patch, bench/NOTES.md.)
 //
 // Requirements, checked by the launcher: K % 8 == 0 and 16-byte aligned bases (the cp.async
 // zero-fill handles the K tail), a cc 9.0 device, a build with sm_90a code (MOE_EXT_WGMMA). Other
@@ -79,7 +79,6 @@ MOE_DEVICE MOE_FORCEINLINE void raster_tile(int idx, int tiles_m, int tiles_n, i
   ntile = in_group / group_m;
 }
 
-
 #if MOE_GG_HAS_MMA
 // Shared-memory matrix descriptor of a K-major tile in the 128-byte swizzle: start address,
 // leading offset 1 (unused for swizzled K-major), stride 1024 bytes between 8-row groups.
@@ -110,8 +109,8 @@ MOE_DEVICE MOE_FORCEINLINE void wgmma_wait() {
 #endif
 }
 
-// mbarriers and bulk tensor copies (sm_90). Barrier and shared addresses are
-// shared-window byte addresses (smem_addr).
+// mbarriers and bulk tensor copies (sm_90). Barrier and shared addresses are shared-window byte
+// addresses (smem_addr).
 MOE_DEVICE MOE_FORCEINLINE void mbar_init(uint32_t bar, uint32_t count) {
 #if MOE_GG_WGMMA_DEVICE
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
