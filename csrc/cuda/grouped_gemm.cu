@@ -151,6 +151,8 @@ constexpr int kSiluConfigBM[kNumSiluConfigs] = {SiluCfg0::BM, SiluCfg1::BM, Silu
 constexpr int kSiluConfigBN[kNumSiluConfigs] = {SiluCfg0::BN, SiluCfg1::BN, SiluCfg2::BN,
                                                 SiluCfg3::BN, SiluCfg4::BN, SiluCfg5::BN};
 constexpr int kSiluUnalignedConfig = 0;
+constexpr int kSiluWgmma128 = 5;  // the heuristic's pick for 128-row blocks on Hopper (above)
+static_assert(SiluCfg5::kTma && SiluCfg5::BM == 128, "kSiluWgmma128 is the 128-row TMA tile");
 constexpr HeuristicRow kSiluHeuristic[] = {
     {16, 1, 1},
     {64, 2, 0},
@@ -176,9 +178,11 @@ bool wgmma_available(int cc) {
 // (DeepSeek-V3 w13 T=4096: 5813 against 6039 us, Mixtral w13 T=1024: 996 against 1148), and faster
 // than 128 x 128 tiles at every CTA count, so the count no longer matters here; config 16 at 64-row
 // blocks was within 5% of the best.
+constexpr int kWgmma128 = 15, kWgmma64 = 16;
+static_assert(Cfg15::kTma && Cfg15::BM == 128 && Cfg16::kTma && Cfg16::BM == 64, "the heuristic's Hopper picks");
 int choose_wgmma_config(int64_t block_size) {
-  if (block_size >= 128) return 15;
-  return block_size >= 64 ? 16 : -1;
+  if (block_size >= 128) return kWgmma128;
+  return block_size >= 64 ? kWgmma64 : -1;
 }
 
 // cuTensorMapEncodeTiled, taken from the driver through the runtime (no link against libcuda).
@@ -381,7 +385,7 @@ cudaError_t moe_grouped_gemm_silu(DType dtype, const void* a, const void* w13, c
         const bool aligned = K % 8 == 0 && aligned16(a) && aligned16(w13);
         const bool wgmma = wgmma_available(compute_capability);
         int cfg = config;
-        if (cfg < 0 && aligned && block_size >= 128 && wgmma) cfg = kNumSiluConfigs - 1;  // TMA config 5
+        if (cfg < 0 && aligned && block_size >= 128 && wgmma) cfg = kSiluWgmma128;
         if (cfg < 0)
           cfg = choose_config(kSiluHeuristic, kSiluConfigBM, kSiluConfigBN, 0, rows, E, I, num_blocks, block_size,
                               num_sms);

@@ -29,9 +29,11 @@
 // targets compile the kernel to a trap; the launcher never picks it there.
 #pragma once
 
-#include <cuda.h>  // CUtensorMap (a type only: the launcher encodes maps through the runtime's entry point)
-
 #include "grouped_gemm.cuh"
+
+#if MOE_GG_HAS_MMA
+#include <cuda.h>  // CUtensorMap (a type only: the launcher encodes maps through the runtime's entry point)
+#endif
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define MOE_GG_WGMMA_DEVICE 1
