@@ -356,6 +356,45 @@ def test_topk_gating_cuda_one_lane_holds_the_topk(E, dtype, scoring_func):
 
 
 @cuda_only
+@pytest.mark.parametrize("E,G", [(64, 2), (96, 3), (128, 4), (192, 6), (256, 8), (512, 16), (256, 16)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scoring_func", ["softmax", "sigmoid"])
+def test_topk_gating_cuda_groups_of_one_slot(E, G, dtype, scoring_func):
+    """E == 32 * G (DeepSeek-V3's 256 experts in 8 groups): the CUDA router scores each group in
+    registers (a group is one slot of every lane; the lowest lane holding the group's best key gives
+    it up for the second best) and ranks the groups in lanes. Logits on a coarse grid make equal keys
+    inside a group and equal group scores across groups, so both tie rules are exercised; every
+    topk_group, with and without a correction bias, and the fused kernel at decode sizes too, all
+    bit-identical to the CPU kernel. E=512 and 256-in-16 take the shared-memory path, as control."""
+    require_kernel("topk_gating", "cuda")
+    g = torch.Generator().manual_seed(E * 5 + G)
+    T = 40
+    logits = (random_logits(T, E, torch.float32, "cpu", g) * 2).round() / 2  # steps of 0.5: ties
+    logits[3] = 1.0  # one row of equal logits
+    logits[7, ::5] = float("nan")
+    logits[9, E // 3] = float("inf")
+    logits[11] = float("-inf")
+    logits = logits.to(dtype)
+    group_size = E // G
+    for with_bias in (False, True):
+        bias = ((torch.randint(-2, 3, (E,), generator=g)).float() / 4) if with_bias else None
+        for topk_group in range(1, G + 1):
+            topk = int(torch.randint(1, min(32, topk_group * group_size) + 1, (1,), generator=g))
+            routing = dict(scoring_func=scoring_func, renormalize=True, correction_bias=bias, num_expert_group=G,
+                           topk_group=topk_group, routed_scaling_factor=2.5)
+            cuda_routing = dict(routing, correction_bias=None if bias is None else bias.cuda())
+            cpu = moe_ext.topk_gating(logits, topk, **routing)
+            gpu = moe_ext.topk_gating(logits.cuda(), topk, **cuda_routing)
+            where = f"topk_group={topk_group}, topk={topk}, bias={with_bias}"
+            assert torch.equal(gpu[1].cpu(), cpu[1]), f"ids differ ({where})"
+            assert torch.equal(gpu[0].cpu(), cpu[0]), f"weights differ ({where})"
+            fused = moe_ext.fused_topk_align(logits[:16].cuda(), topk, 16, **cuda_routing)
+            want = moe_ext.fused_topk_align(logits[:16], topk, 16, **routing)
+            for got, exp in zip(fused, want):
+                assert torch.equal(got.cpu(), exp), f"fused differs ({where})"
+
+
+@cuda_only
 @pytest.mark.parametrize("T", [1, 16, 1000, 2048, 16384, 65536])
 @pytest.mark.parametrize("E,topk", [(8, 2), (256, 8), (1024, 8), (257, 4)])
 @pytest.mark.parametrize("block_size", [16, 64])

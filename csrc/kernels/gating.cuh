@@ -14,9 +14,12 @@
 // divergence. Measured on the H100 (bench/NOTES.md, topk_gating v7): rescanning every slot each
 // round was 0.4 us slower at E=256/topk=8, a divergent pop 0.2 us, a ballot shortcut for the index
 // 0.3 us, and sorting each lane's slots first 0.1-0.2 us.
-// Grouped top-k stages the keys in shared memory; 32 / G lanes score each group together (sum of
-// the group's two best keys, merged across the lanes by shuffles), topk_group arg-max rounds pick
-// the groups, and slots outside them leave the running.
+// Grouped top-k: when a group is exactly one slot of every lane (E == 32 * G: DeepSeek-V3's 256
+// experts in 8 groups), it stays in registers: group j's score is the top two of slot j over the
+// lanes (three warp max-reductions), lane j ranks group j against the others, and a ballot gives
+// the slots that stay. Other group sizes stage the keys in shared memory; 32 / G lanes score each
+// group together (sum of the group's two best keys, merged across the lanes by shuffles),
+// topk_group arg-max rounds pick the groups, and slots outside them leave the running.
 #pragma once
 
 #include <climits>
@@ -54,9 +57,51 @@ MOE_DEVICE MOE_FORCEINLINE int group_argmax(uint32_t okey, int idx) {
 // Max of a (non-NaN) float over the 32 lanes, exact.
 MOE_DEVICE MOE_FORCEINLINE float group_max(float x) { return from_ordered_key(group_max_u32(ordered_key(x))); }
 
+// Bit l: pred of lane l of this token's 32 lanes.
+MOE_DEVICE MOE_FORCEINLINE uint32_t group_ballot(bool pred) {
+  return static_cast<uint32_t>(ballot(pred) >> (lane_id() & (kWarpSize - kGateLanes)));
+}
+
+// Grouped top-k with one group per slot (grouped_by_slot): returns the slots
+// (bit j: group j) of the topk_group best groups, the same groups pick_groups chooses. okey: the
+// ordered selection keys, 0 for no expert. A group's score is top1 + top2 of its keys as a multiset
+// (the lowest lane holding top1 gives up that one key for top2), summed in fp32 as pick_groups does.
+template <int kPerLane>
+MOE_DEVICE MOE_FORCEINLINE uint32_t groups_by_slot(const uint32_t (&okey)[kPerLane], int G, int topk_group, int lane) {
+  uint32_t score[kPerLane];  // ordered group scores, 0 past G
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    score[j] = 0u;
+    if (j < G) {  // warp-uniform
+      const uint32_t top1 = group_max_u32(okey[j]);
+      const uint32_t first = ~group_max_u32(okey[j] == top1 ? ~uint32_t(lane) : 0u);
+      const uint32_t top2 = group_max_u32(uint32_t(lane) == first ? 0u : okey[j]);
+      score[j] = ordered_key(from_ordered_key(top1) + from_ordered_key(top2));
+    }
+  }
+  // Lane j ranks group j: groups with a higher score, or an equal one and a lower index, go first.
+  uint32_t mine = 0u;
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) mine = lane == j ? score[j] : mine;
+  int rank = 0;
+#pragma unroll
+  for (int h = 0; h < kPerLane; ++h) rank += (score[h] > mine) | ((score[h] == mine) & (h < lane));
+  return group_ballot(lane < G && rank < topk_group);
+}
+
+// Whether grouped top-k runs in registers (groups_by_slot): each group is one slot of every lane
+// (kPerLane, the power of two with kGateLanes * kPerLane >= E, is then at least G), and at most 8
+// groups: from 16 slots a lane the fused kernel's 64 registers a thread spill, and more with this.
+constexpr int kMaxGroupsBySlot = 8;
+MOE_HOST_DEVICE MOE_FORCEINLINE bool grouped_by_slot(int E, int G) {
+  return G > 1 && G <= kMaxGroupsBySlot && E == kGateLanes * G;
+}
+
 // Shared memory of one token's grouped top-k: keys [E] floats, then group scores [G] floats, then
-// group flags [G] bytes.
-MOE_HOST_DEVICE MOE_FORCEINLINE int grouped_smem_bytes(int E, int G) { return (E + G) * 4 + ((G + 3) / 4) * 4; }
+// group flags [G] bytes (none when the groups stay in registers).
+MOE_HOST_DEVICE MOE_FORCEINLINE int grouped_smem_bytes(int E, int G) {
+  return G <= 1 || grouped_by_slot(E, G) ? 0 : (E + G) * 4 + ((G + 3) / 4) * 4;
+}
 
 // Grouped top-k, step 1: stage this lane's keys in s_key [E] (slot j is expert lane + 32 * j).
 template <int kPerLane>
@@ -268,18 +313,33 @@ MOE_DEVICE MOE_FORCEINLINE void gate_token(const T* __restrict__ row, const Gati
     for (int j = 0; j < kPerLane; ++j) score[j] = moe_sigmoidf(score[j]);
   }
   slot_keys(score, bias, avail, key);
-  if (p.num_expert_group > 1) {
-    GroupedScratch g(smem, p.num_experts, p.num_expert_group);
-    stage_keys(key, avail, lane, g.key);
-    sync_warp();
-    pick_groups(p, lane, g.key, g.group, g.allowed);
-    sync_warp();
-    mask_to_groups<kPerLane>(p, lane, g.allowed, avail);
-    sync_warp();  // the scratch may be reused by the caller
-  }
   uint32_t okey[kPerLane];
+  auto order_keys = [&] {
 #pragma unroll
-  for (int j = 0; j < kPerLane; ++j) okey[j] = (avail >> j & 1) ? ordered_key(key[j]) : 0u;
+    for (int j = 0; j < kPerLane; ++j) okey[j] = (avail >> j & 1) ? ordered_key(key[j]) : 0u;
+  };
+  bool keys_ordered = false;
+  if (p.num_expert_group > 1) {
+    if constexpr (kPerLane <= kMaxGroupsBySlot) {
+      if (grouped_by_slot(p.num_experts, p.num_expert_group)) {
+        order_keys();
+        const uint32_t allowed = groups_by_slot(okey, p.num_expert_group, p.topk_group, lane);
+#pragma unroll
+        for (int j = 0; j < kPerLane; ++j) okey[j] = (allowed >> j & 1) ? okey[j] : 0u;
+        keys_ordered = true;
+      }
+    }
+    if (!keys_ordered) {
+      GroupedScratch g(smem, p.num_experts, p.num_expert_group);
+      stage_keys(key, avail, lane, g.key);
+      sync_warp();
+      pick_groups(p, lane, g.key, g.group, g.allowed);
+      sync_warp();
+      mask_to_groups<kPerLane>(p, lane, g.allowed, avail);
+      sync_warp();  // the scratch may be reused by the caller
+    }
+  }
+  if (!keys_ordered) order_keys();
   float my_score, selected_sum;
   select_rounds(okey, score, p.topk, lane, out_id, my_score, selected_sum);
   out_weight = finalize_weight(my_score, selected_sum, p.renormalize, p.topk, p.routed_scaling_factor);
