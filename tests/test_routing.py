@@ -356,6 +356,28 @@ def test_topk_gating_cuda_one_lane_holds_the_topk(E, dtype, scoring_func):
 
 
 @cuda_only
+def test_topk_gating_cuda_sigmoid_sweep_bit_identical():
+    """The CUDA router's sigmoid writes out the fast path of the correctly rounded reciprocal (no
+    branch) and divides only from 1 + e^-x >= 2^126: over a dense sweep of fp32 logits (every
+    bf16 value, a fine grid over [-100, 100] with the cut near x = -87.3, random bit patterns,
+    +-inf and NaN) every score, returned as a weight with topk = E, equals the CPU kernel's."""
+    require_kernel("topk_gating", "cuda")
+    g = torch.Generator().manual_seed(11)
+    every_bf16 = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    grid = torch.linspace(-100.0, 100.0, 400001)
+    cut = torch.linspace(-88.0, -86.5, 100001)
+    bits = torch.randint(-(2**31), 2**31 - 1, (400000,), generator=g, dtype=torch.int64).to(torch.int32)
+    special = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0, -0.0, 3.4e38, -3.4e38, 1e-45])
+    x = torch.cat([every_bf16, grid, cut, bits.view(torch.float32), special])
+    E = 32
+    x = torch.cat([x, torch.zeros((-x.numel()) % E)]).view(-1, E)
+    cpu = moe_ext.topk_gating(x, E, scoring_func="sigmoid")
+    gpu = moe_ext.topk_gating(x.cuda(), E, scoring_func="sigmoid")
+    assert torch.equal(gpu[1].cpu(), cpu[1])
+    assert torch.equal(gpu[0].cpu(), cpu[0])
+
+
+@cuda_only
 @pytest.mark.parametrize("E,G", [(64, 2), (96, 3), (128, 4), (192, 6), (256, 8), (512, 16), (256, 16)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("scoring_func", ["softmax", "sigmoid"])

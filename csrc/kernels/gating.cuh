@@ -67,15 +67,18 @@ MOE_DEVICE MOE_FORCEINLINE uint32_t group_ballot(bool pred) {
 // ordered selection keys, 0 for no expert. A group's score is top1 + top2 of its keys as a multiset
 // (the lowest lane holding top1 gives up that one key for top2), summed in fp32 as pick_groups does.
 template <int kPerLane>
-MOE_DEVICE MOE_FORCEINLINE uint32_t groups_by_slot(const uint32_t (&okey)[kPerLane], int G, int topk_group, int lane) {
+MOE_DEVICE MOE_FORCEINLINE uint32_t groups_by_slot(const float (&key)[kPerLane], uint32_t avail, int G, int topk_group,
+                                                   int lane) {
   uint32_t score[kPerLane];  // ordered group scores, 0 past G
 #pragma unroll
   for (int j = 0; j < kPerLane; ++j) {
     score[j] = 0u;
     if (j < G) {  // warp-uniform
-      const uint32_t top1 = group_max_u32(okey[j]);
-      const uint32_t first = ~group_max_u32(okey[j] == top1 ? ~uint32_t(lane) : 0u);
-      const uint32_t top2 = group_max_u32(uint32_t(lane) == first ? 0u : okey[j]);
+      const uint32_t okey = (avail >> j & 1) ? ordered_key(key[j]) : 0u;
+      const uint32_t top1 = group_max_u32(okey);
+      const bool holds = okey == top1;
+      const uint32_t rest = group_max_u32(holds ? 0u : okey);
+      const uint32_t top2 = popcount(moe_lane_mask_t(group_ballot(holds))) > 1 ? top1 : rest;
       score[j] = ordered_key(from_ordered_key(top1) + from_ordered_key(top2));
     }
   }
@@ -205,6 +208,38 @@ MOE_DEVICE MOE_FORCEINLINE void load_slots(const T* __restrict__ row, const Gati
   }
 }
 
+// moe_sigmoidf of every slot, bit for bit. On NVIDIA GPUs the division 1 / y (y = 1 + e^-x >= 1)
+// compiles to a branch per slot around its fast path, MUFU.RCP and one FMA Newton step, which the
+// compiler takes (and which is the correctly rounded reciprocal) for y below 2^126; that fast path
+// is written out here without the branch, so the slots' chains interleave (the branches cost ~0.6 us
+// of the DeepSeek-V3 routing kernel on the H200, bench/NOTES.md), and only a lane with an available
+// slot's y at 2^126 or more (x < -87.3, or a NaN logit: y = +inf) takes the division. Slots not in
+// `avail` get 0.
+template <int kPerLane>
+MOE_DEVICE MOE_FORCEINLINE void sigmoid_slots(float (&x)[kPerLane], uint32_t avail) {
+#if defined(__CUDA_ARCH__) && !defined(__HIP_PLATFORM_AMD__)
+  float y[kPerLane];
+  bool slow = false;
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    y[j] = 1.0f + moe_expf(-x[j]);
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(y[j]));
+    const bool on = avail >> j & 1;
+    x[j] = on ? fmaf(r, fmaf(-y[j], r, 1.0f), r) : 0.0f;
+    slow |= on && !(y[j] < 0x1p126f);
+  }
+  if (slow) {
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j)
+      if ((avail >> j & 1) && !(y[j] < 0x1p126f)) x[j] = 1.0f / y[j];
+  }
+#else
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) x[j] = (avail >> j & 1) ? moe_sigmoidf(x[j]) : 0.0f;
+#endif
+}
+
 // Selection keys of the available slots (-inf elsewhere).
 template <int kPerLane>
 MOE_DEVICE MOE_FORCEINLINE void slot_keys(const float (&score)[kPerLane], const float (&bias)[kPerLane], uint32_t avail,
@@ -309,27 +344,16 @@ MOE_DEVICE MOE_FORCEINLINE void gate_token(const T* __restrict__ row, const Gati
 #pragma unroll
     for (int j = 0; j < kPerLane; ++j) score[j] = score[j] * inv_denom;
   } else {
-#pragma unroll
-    for (int j = 0; j < kPerLane; ++j) score[j] = moe_sigmoidf(score[j]);
+    sigmoid_slots(score, avail);
   }
   slot_keys(score, bias, avail, key);
-  uint32_t okey[kPerLane];
-  auto order_keys = [&] {
-#pragma unroll
-    for (int j = 0; j < kPerLane; ++j) okey[j] = (avail >> j & 1) ? ordered_key(key[j]) : 0u;
-  };
-  bool keys_ordered = false;
   if (p.num_expert_group > 1) {
+    bool in_registers = false;
     if constexpr (kPerLane <= kMaxGroupsBySlot) {
-      if (grouped_by_slot(p.num_experts, p.num_expert_group)) {
-        order_keys();
-        const uint32_t allowed = groups_by_slot(okey, p.num_expert_group, p.topk_group, lane);
-#pragma unroll
-        for (int j = 0; j < kPerLane; ++j) okey[j] = (allowed >> j & 1) ? okey[j] : 0u;
-        keys_ordered = true;
-      }
+      in_registers = grouped_by_slot(p.num_experts, p.num_expert_group);
+      if (in_registers) avail &= groups_by_slot(key, avail, p.num_expert_group, p.topk_group, lane);
     }
-    if (!keys_ordered) {
+    if (!in_registers) {
       GroupedScratch g(smem, p.num_experts, p.num_expert_group);
       stage_keys(key, avail, lane, g.key);
       sync_warp();
@@ -339,7 +363,9 @@ MOE_DEVICE MOE_FORCEINLINE void gate_token(const T* __restrict__ row, const Gati
       sync_warp();  // the scratch may be reused by the caller
     }
   }
-  if (!keys_ordered) order_keys();
+  uint32_t okey[kPerLane];
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) okey[j] = (avail >> j & 1) ? ordered_key(key[j]) : 0u;
   float my_score, selected_sum;
   select_rounds(okey, score, p.topk, lane, out_id, my_score, selected_sum);
   out_weight = finalize_weight(my_score, selected_sum, p.renormalize, p.topk, p.routed_scaling_factor);
