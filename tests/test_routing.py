@@ -486,6 +486,35 @@ def test_fused_decode_kernel_bit_identical(E, variant):
 
 
 @cuda_only
+@pytest.mark.parametrize("E", FUSED_EXPERTS)
+@pytest.mark.parametrize("variant", FUSED_VARIANTS)
+def test_fused_decode_one_token(E, variant):
+    """One token takes its own path in the fused kernel (one warp; its lanes rank their experts by
+    shuffles, no shared masks): every block size from 1 to 128 and odd ones, no map, a partial map,
+    a map that drops every expert, and every topk, against the CPU kernel bit for bit."""
+    require_kernel("fused_topk_align", "cuda")
+    g = torch.Generator().manual_seed(E * 17 + len(variant))
+    maps = [None, torch.where(torch.rand(E, generator=g) < 0.5, -1, torch.arange(E).flip(0)).to(torch.int32),
+            torch.full((E,), -1, dtype=torch.int32)]
+    routing, max_k = routing_variant(variant, E, g)
+    cuda_routing = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in routing.items()}
+    for i, topk in enumerate(sorted({1, min(2, max_k), max(1, max_k // 2), max_k})):
+        logits = random_logits(1, E, DTYPES[i % 3], "cpu", g)
+        if i == 1:
+            logits[0, ::4] = float("nan")
+        for block_size in (1, 5, 16, 64, 128):
+            for expert_map in maps:
+                max_padded = ref.align_max_padded(topk, E, block_size)
+                poison_allocator("cuda", [topk * 4] * 2 + [max_padded * 4, max_padded // block_size * 4, 4])
+                got = moe_ext.fused_topk_align(logits.cuda(), topk, block_size,
+                                               expert_map=None if expert_map is None else expert_map.cuda(),
+                                               **cuda_routing)
+                want = moe_ext.fused_topk_align(logits, topk, block_size, expert_map=expert_map, **routing)
+                for name, a, b in zip(["weights", "ids", "sorted", "expert_ids", "ntpp"], got, want):
+                    assert torch.equal(a.cpu(), b), f"{name} differs (topk={topk}, block_size={block_size})"
+
+
+@cuda_only
 @pytest.mark.parametrize("T", [65, 129, 1000, 1024, 2000, 4096])
 @pytest.mark.parametrize("E,topk", [(8, 2), (128, 4), (256, 8), (1024, 8)])
 @pytest.mark.parametrize("repeats", [False, True])
