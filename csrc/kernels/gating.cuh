@@ -279,12 +279,52 @@ MOE_DEVICE MOE_FORCEINLINE void lane_best_two(const uint32_t (&okey)[kPerLane], 
   second = b2;
 }
 
+// A lane's best slot ranking below (below_key, below_slot), as lane_best_two's first.
+template <int kPerLane>
+MOE_DEVICE MOE_FORCEINLINE LaneCandidate lane_best_below(const uint32_t (&okey)[kPerLane], const float (&score)[kPerLane],
+                                                         uint32_t below_key, int below_slot) {
+  LaneCandidate b{0u, 0, 0.0f};
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    const bool eligible = (okey[j] < below_key) | ((okey[j] == below_key) & (j > below_slot));
+    const uint32_t k = eligible ? okey[j] : 0u;
+    const bool over = k > b.key;
+    b.key = over ? k : b.key;
+    b.slot = over ? j : b.slot;
+    b.score = over ? score[j] : b.score;
+  }
+  return b;
+}
+
 // topk rounds of warp arg-max over this warp's available slots (ordered keys `okey`, 0 where not
 // available; at least topk available). Lane r < topk returns round r's winner (expert id) and its
 // score; other lanes -1 and 0. Every lane returns the sum of the winners' scores in round order.
-template <int kPerLane>
+// kLookahead: every lane finds the candidate after its current best during each round's reductions
+// (its slots are in registers, the warp's issue slots idle while REDUX is in flight), so the winner
+// moves on with a select and no round has a vote or a branch. More instructions a round: the router
+// takes it for small grids only, where one warp's chain is the time (bench/NOTES.md).
+template <int kPerLane, bool kLookahead = false>
 MOE_DEVICE MOE_FORCEINLINE void select_rounds(const uint32_t (&okey)[kPerLane], const float (&score)[kPerLane], int topk,
                                               int lane, int& my_id, float& my_score, float& selected_sum) {
+  if constexpr (kLookahead) {
+    LaneCandidate best = lane_best_below(okey, score, 0xFFFFFFFFu, -1);
+    my_id = -1;
+    my_score = 0.0f;
+    selected_sum = 0.0f;
+    for (int r = 0; r < topk; ++r) {
+      const LaneCandidate after = lane_best_below(okey, score, best.key, best.slot);
+      const int winner = group_argmax(best.key, lane + best.slot * kGateLanes);
+      const int owner = winner & (kGateLanes - 1);
+      const float w = shfl(best.score, owner, kGateLanes);
+      selected_sum += w;  // round order, as on the CPU
+      if (lane == r) {
+        my_id = winner;
+        my_score = w;
+      }
+      if (lane == owner) best = after;
+    }
+    return;
+  }
   LaneCandidate best, next;
   lane_best_two(okey, score, 0xFFFFFFFFu, -1, best, next);
   int wins = 0;
@@ -321,7 +361,7 @@ MOE_DEVICE MOE_FORCEINLINE void select_rounds(const uint32_t (&okey)[kPerLane], 
 // Gating of one token by one warp. `row` is the token's logits; `smem` is this token's grouped-top-k
 // scratch, grouped_smem_bytes(E, G) (unused when num_expert_group == 1). Lane r < topk returns rank
 // r's final weight and expert id.
-template <typename T, int kPerLane>
+template <typename T, int kPerLane, bool kLookahead = false>
 MOE_DEVICE MOE_FORCEINLINE void gate_token(const T* __restrict__ row, const GatingParams& p, int lane, char* smem,
                                            float& out_weight, int& out_id) {
   float score[kPerLane], bias[kPerLane], key[kPerLane];
@@ -367,7 +407,7 @@ MOE_DEVICE MOE_FORCEINLINE void gate_token(const T* __restrict__ row, const Gati
 #pragma unroll
   for (int j = 0; j < kPerLane; ++j) okey[j] = (avail >> j & 1) ? ordered_key(key[j]) : 0u;
   float my_score, selected_sum;
-  select_rounds(okey, score, p.topk, lane, out_id, my_score, selected_sum);
+  select_rounds<kPerLane, kLookahead>(okey, score, p.topk, lane, out_id, my_score, selected_sum);
   out_weight = finalize_weight(my_score, selected_sum, p.renormalize, p.topk, p.routed_scaling_factor);
 }
 
@@ -375,7 +415,7 @@ MOE_DEVICE MOE_FORCEINLINE void gate_token(const T* __restrict__ row, const Gati
 constexpr int kGateGroupsPerBlock = 4;
 constexpr int kGateEarlyTriggerBlocks = 32;  // up to 128 tokens
 
-template <typename T, int kPerLane>
+template <typename T, int kPerLane, bool kLookahead = false>
 __global__ void __launch_bounds__(kGateGroupsPerBlock* kGateLanes)
     topk_gating_kernel(const T* __restrict__ logits, int64_t row_stride, int num_tokens, GatingParams p,
                        float* __restrict__ weights, int32_t* __restrict__ ids) {
@@ -396,7 +436,7 @@ __global__ void __launch_bounds__(kGateGroupsPerBlock* kGateLanes)
   char* smem = gate_smem + group * grouped_smem_bytes(p.num_experts, p.num_expert_group);
   float w;
   int id;
-  gate_token<T, kPerLane>(logits + t * row_stride, p, lane, smem, w, id);
+  gate_token<T, kPerLane, kLookahead>(logits + t * row_stride, p, lane, smem, w, id);
   if (lane < p.topk) {
     weights[int64_t(t) * p.topk + lane] = w;
     ids[int64_t(t) * p.topk + lane] = id;
