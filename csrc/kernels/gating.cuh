@@ -16,8 +16,8 @@
 // 0.3 us, and sorting each lane's slots first 0.1-0.2 us.
 // Grouped top-k: when a group is exactly one slot of every lane (E == 32 * G: DeepSeek-V3's 256
 // experts in 8 groups), it stays in registers: group j's score is the top two of slot j over the
-// lanes (three warp max-reductions), lane j ranks group j against the others, and a ballot gives
-// the slots that stay. Other group sizes stage the keys in shared memory; 32 / G lanes score each
+// lanes (two warp max-reductions and a ballot), lane j ranks group j against the others, and a
+// ballot gives the slots that stay. Other group sizes stage the keys in shared memory; 32 / G lanes score each
 // group together (sum of the group's two best keys, merged across the lanes by shuffles),
 // topk_group arg-max rounds pick the groups, and slots outside them leave the running.
 #pragma once
@@ -62,10 +62,10 @@ MOE_DEVICE MOE_FORCEINLINE uint32_t group_ballot(bool pred) {
   return static_cast<uint32_t>(ballot(pred) >> (lane_id() & (kWarpSize - kGateLanes)));
 }
 
-// Grouped top-k with one group per slot (grouped_by_slot): returns the slots
-// (bit j: group j) of the topk_group best groups, the same groups pick_groups chooses. okey: the
-// ordered selection keys, 0 for no expert. A group's score is top1 + top2 of its keys as a multiset
-// (the lowest lane holding top1 gives up that one key for top2), summed in fp32 as pick_groups does.
+// Grouped top-k with one group per slot (grouped_by_slot): returns the slots (bit j: group j) of the
+// topk_group best groups, the same groups pick_groups chooses from the selection keys of the
+// available slots. A group's score is top1 + top2 of its keys as a multiset (top2 = top1 when two
+// lanes hold top1), summed in fp32 as pick_groups does.
 template <int kPerLane>
 MOE_DEVICE MOE_FORCEINLINE uint32_t groups_by_slot(const float (&key)[kPerLane], uint32_t avail, int G, int topk_group,
                                                    int lane) {
@@ -211,8 +211,8 @@ MOE_DEVICE MOE_FORCEINLINE void load_slots(const T* __restrict__ row, const Gati
 // moe_sigmoidf of every slot, bit for bit. On NVIDIA GPUs the division 1 / y (y = 1 + e^-x >= 1)
 // compiles to a branch per slot around its fast path, MUFU.RCP and one FMA Newton step, which the
 // compiler takes (and which is the correctly rounded reciprocal) for y below 2^126; that fast path
-// is written out here without the branch, so the slots' chains interleave (the branches cost ~0.6 us
-// of the DeepSeek-V3 routing kernel on the H200, bench/NOTES.md), and only a lane with an available
+// is written out here without the branch, so the slots' chains interleave (0.34 us off the DeepSeek-V3
+// fused routing kernel on the H200, bench/NOTES.md topk_gating v9), and only a lane with an available
 // slot's y at 2^126 or more (x < -87.3, or a NaN logit: y = +inf) takes the division. Slots not in
 // `avail` get 0.
 template <int kPerLane>
@@ -281,8 +281,9 @@ MOE_DEVICE MOE_FORCEINLINE void lane_best_two(const uint32_t (&okey)[kPerLane], 
 
 // A lane's best slot ranking below (below_key, below_slot), as lane_best_two's first.
 template <int kPerLane>
-MOE_DEVICE MOE_FORCEINLINE LaneCandidate lane_best_below(const uint32_t (&okey)[kPerLane], const float (&score)[kPerLane],
-                                                         uint32_t below_key, int below_slot) {
+MOE_DEVICE MOE_FORCEINLINE LaneCandidate lane_best_below(const uint32_t (&okey)[kPerLane],
+                                                         const float (&score)[kPerLane], uint32_t below_key,
+                                                         int below_slot) {
   LaneCandidate b{0u, 0, 0.0f};
 #pragma unroll
   for (int j = 0; j < kPerLane; ++j) {
