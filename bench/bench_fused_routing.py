@@ -1,7 +1,7 @@
-"""Decode routing, fused against unfused: moe_ext.fused_topk_align (one launch up to 32 tokens)
-against moe_ext.topk_gating followed by moe_ext.moe_align_block_size, each timed three ways - one
-eager call (CUDA events), CUDA-graph replay per call, kernel time alone (profiler, in a second
-pass) - with the three speed-ups, over T = 1 ... 64 so the crossover shows.
+"""Routing, fused against unfused: moe_ext.fused_topk_align (one launch up to 32 tokens a
+multiprocessor) against moe_ext.topk_gating followed by moe_ext.moe_align_block_size, each timed
+three ways - one eager call (CUDA events), CUDA-graph replay per call, kernel time alone (profiler,
+in a second pass) - with the three speed-ups, over T = 1 ... 64 (--tokens for more).
 
     python bench/bench_fused_routing.py [--tokens 1 2 4 8 12 16 ...] [--block-size 16]
 
@@ -30,6 +30,15 @@ CONFIGS = {
 PATHS = ("unfused", "fused")
 
 
+def config_inputs(name):
+    """(E, topk, routing arguments) of a configuration, with a random correction bias where it has one."""
+    cfg = CONFIGS[name]
+    routing = dict(cfg["routing"])
+    if routing.get("scoring_func") == "sigmoid":
+        routing["correction_bias"] = torch.randn(cfg["E"], device="cuda")
+    return cfg["E"], cfg["topk"], routing
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--configs", nargs="+", default=list(CONFIGS))
@@ -40,11 +49,7 @@ def main():
     calib = Calibration()
     rows, fns = [], []
     for name in args.configs:
-        cfg = CONFIGS[name]
-        E, k = cfg["E"], cfg["topk"]
-        routing = dict(cfg["routing"])
-        if routing.get("scoring_func") == "sigmoid":
-            routing["correction_bias"] = torch.randn(E, device="cuda")
+        E, k, routing = config_inputs(name)
         for T in args.tokens:
             logits = torch.randn(T, E, device="cuda", dtype=torch.bfloat16)
 

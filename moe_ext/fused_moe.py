@@ -1,7 +1,8 @@
 """The policy layer: composes the ops into one MoE layer and makes every shape-based choice.
 
-Only this file holds heuristics (the routing path by token count, the block size); the ops below
-it do exactly what they are told.
+Only this file holds the layer's heuristics (the expert path by token count, the block size). Below
+it each op returns one result; how its CUDA kernel gets there (the alignment's paths, the fused
+routing's single block or grid) is the op's own choice by size.
 """
 
 from __future__ import annotations
@@ -9,22 +10,6 @@ from __future__ import annotations
 import torch
 
 from . import ops
-
-# Token counts up to the threshold use the fused gating + alignment op (one CUDA kernel for decode);
-# larger counts use the separate router and alignment ops. The thresholds are the crossovers
-# measured on an H100 (bench/results/h100-80gb-hbm3-fused-routing.md, graph replay): the fused
-# kernel is ahead through T = 24 at E = 128 (GPT-OSS) and through T = 16 at E = 256 (DeepSeek
-# shapes: 1.11x softmax and 1.08x grouped at T = 16; the grouped one falls behind at T = 20). E is
-# a static dimension, so under torch.compile with a dynamic token count the comparison is the one
-# guard the choice adds.
-FUSED_ROUTING_MAX_TOKENS_SMALL_E = 24  # E <= 128
-FUSED_ROUTING_MAX_TOKENS_LARGE_E = 16  # E > 128
-
-
-def fused_routing_threshold(num_experts: int) -> int:
-    """Most tokens routed by the fused gating + alignment op for this expert count."""
-    return FUSED_ROUTING_MAX_TOKENS_SMALL_E if num_experts <= 128 else FUSED_ROUTING_MAX_TOKENS_LARGE_E
-
 
 _HOPPER_TILES: dict[int, bool] = {}
 
@@ -113,18 +98,20 @@ def route(
     routed_scaling_factor: float = 1.0,
     expert_map: torch.Tensor | None = None,
 ):
-    """Gating + alignment: the fused op for T <= fused_routing_threshold(E), else the separate ops.
+    """Gating + alignment by the fused op at every token count. On CUDA the op picks its kernels by T
+    (csrc/cuda/routing_cuda.cpp): one block at decode, a cooperative grid with one barrier up to 32
+    tokens a multiprocessor, the router and alignment kernels in turn above.
+    The grid path measured faster than the two kernels at every T it takes (H200, T = 17 ... 4096:
+    5.3 against 5.7 us at T = 17, 5.8 against 9.1 at T = 128, 9.5 against 10.9 at T = 1024, E = 256
+    top-8; bench/results/h200-fused-grid-s11a.md), so no token count needs the separate ops and the
+    choice adds no guard under torch.compile.
 
     Returns (topk_weights, topk_ids, sorted_token_ids, expert_ids, num_tokens_post_padded).
     """
     routing = dict(scoring_func=scoring_func, renormalize=renormalize, correction_bias=correction_bias,
                    num_expert_group=num_expert_group, topk_group=topk_group,
                    routed_scaling_factor=routed_scaling_factor)
-    if router_logits.shape[0] <= fused_routing_threshold(router_logits.shape[1]):
-        return ops.fused_topk_align(router_logits, topk, block_size, expert_map=expert_map, **routing)
-    weights, ids = ops.topk_gating(router_logits, topk, **routing)
-    aligned = ops.moe_align_block_size(ids, router_logits.shape[1], block_size, expert_map)
-    return (weights, ids, *aligned)
+    return ops.fused_topk_align(router_logits, topk, block_size, expert_map=expert_map, **routing)
 
 
 def fused_moe(

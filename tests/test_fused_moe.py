@@ -115,14 +115,21 @@ def test_fused_moe_decode_gemv(device, dtype, style, T, decode_gemv):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_moe_paths_agree(device):
-    """The fused routing path (T <= threshold) and the separate ops give the same layer output."""
+    """route() (the fused op, whose CUDA kernel differs by T: one block at 16 tokens, the grid at 32
+    and 200) equals the separate ops bit for bit, and the layer's output over T rows equals the
+    first T rows of its output over 2T."""
     require_all(device)
-    T = moe_ext.fused_routing_threshold(STYLES["qwen3"]["E"])
+    T = 16
     x, w13, w2, logits, topk, routing = make_layer("qwen3", T, torch.bfloat16, device)
     out_fused = moe_ext.fused_moe(x, w13, w2, logits, topk, **routing)
-    two = lambda t: torch.cat([t, t])  # noqa: E731  (2T rows: over the threshold, separate ops)
-    out_sep = moe_ext.fused_moe(two(x), w13, w2, two(logits), topk, block_size=16, **routing)
-    assert torch.equal(out_fused, out_sep[: x.shape[0]])
+    two = lambda t: torch.cat([t, t])  # noqa: E731
+    out_two = moe_ext.fused_moe(two(x), w13, w2, two(logits), topk, block_size=16, **routing)
+    assert torch.equal(out_fused, out_two[: x.shape[0]])
+    for rows in (logits, two(logits), torch.cat([logits] * 13)[:200]):
+        routed = moe_ext.route(rows, topk, 16, **routing)
+        w, ids = moe_ext.topk_gating(rows, topk, **routing)
+        for got, want in zip(routed, (w, ids, *moe_ext.moe_align_block_size(ids, logits.shape[1], 16))):
+            assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -446,6 +446,44 @@ FUSED_EXPERTS = [1, 3, 8, 64, 128, 256, 257, 512, 1024]
 FUSED_VARIANTS = ["softmax", "softmax-renorm", "sigmoid-bias", "grouped", "grouped-softmax", "scaled"]
 
 
+def check_fused_case(T, E, variant, i, g, check_cpu=False, check_rerun=False):
+    """One fused_topk_align call on CUDA against topk_gating + moe_align_block_size (bit for bit), its
+    outputs over poisoned memory: a random topk, dtype and block size by case index i, NaN/Inf rows in
+    every fourth case, an expert map in every third; against the CPU kernel too when check_cpu, and
+    against a second call when check_rerun. Returns the inputs (logits, topk, block_size, map, routing)."""
+    dtype = DTYPES[i % 3]
+    routing, max_k = routing_variant(variant, E, g, "cuda")
+    topk = int(torch.randint(1, max_k + 1, (1,), generator=g))
+    block_size = (16, 32, 64, 1, 5)[i % 5]
+    logits = random_logits(T, E, dtype, "cpu", g)
+    if i % 4 == 1:  # NaN/Inf rows
+        logits[:, ::5] = float("nan")
+        logits[::3, E // 2] = float("inf")
+        logits[2::7] = float("-inf")
+    logits = logits.cuda()
+    expert_map = None
+    if i % 3 == 2:
+        expert_map = torch.where(torch.rand(E, generator=g) < 0.4, -1, torch.arange(E)).to(torch.int32).cuda()
+    max_padded = ref.align_max_padded(T * topk, E, block_size)
+    poison_allocator("cuda", [T * topk * 4] * 2 + [max_padded * 4, max_padded // block_size * 4, 4])
+    fused = moe_ext.fused_topk_align(logits, topk, block_size, expert_map=expert_map, **routing)
+    w, ids = moe_ext.topk_gating(logits, topk, **routing)
+    separate = (w, ids, *moe_ext.moe_align_block_size(ids, E, block_size, expert_map))
+    for name, got, want in zip(["weights", "ids", "sorted", "expert_ids", "ntpp"], fused, separate):
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        assert torch.equal(got, want), f"{name} differs (T={T}, topk={topk}, block_size={block_size})"
+    if check_rerun:
+        again = moe_ext.fused_topk_align(logits, topk, block_size, expert_map=expert_map, **routing)
+        assert all(torch.equal(a, b) for a, b in zip(fused, again)), f"not deterministic (T={T})"
+    if check_cpu:
+        cpu_routing = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in routing.items()}
+        cpu = moe_ext.fused_topk_align(logits.cpu(), topk, block_size,
+                                       expert_map=None if expert_map is None else expert_map.cpu(), **cpu_routing)
+        for got, want in zip(fused, cpu):
+            assert torch.equal(got.cpu(), want)
+    return logits, topk, block_size, expert_map, routing
+
+
 @cuda_only
 @pytest.mark.parametrize("E", FUSED_EXPERTS)
 @pytest.mark.parametrize("variant", FUSED_VARIANTS)
@@ -456,33 +494,7 @@ def test_fused_decode_kernel_bit_identical(E, variant):
     require_kernel("fused_topk_align", "cuda")
     g = torch.Generator().manual_seed(E * 31 + len(variant))
     for T in list(range(0, 34)):
-        dtype = DTYPES[T % 3]
-        routing, max_k = routing_variant(variant, E, g, "cuda")
-        topk = int(torch.randint(1, max_k + 1, (1,), generator=g))
-        block_size = (16, 32, 64, 1, 5)[T % 5]
-        logits = random_logits(T, E, dtype, "cpu", g)
-        if T % 4 == 1:  # NaN/Inf rows
-            logits[:, ::5] = float("nan")
-            logits[::3, E // 2] = float("inf")
-            logits[2::7] = float("-inf")
-        logits = logits.cuda()
-        expert_map = None
-        if T % 3 == 2:
-            expert_map = torch.where(torch.rand(E, generator=g) < 0.4, -1, torch.arange(E)).to(torch.int32).cuda()
-        max_padded = ref.align_max_padded(T * topk, E, block_size)
-        poison_allocator("cuda", [T * topk * 4] * 2 + [max_padded * 4, max_padded // block_size * 4, 4])
-        fused = moe_ext.fused_topk_align(logits, topk, block_size, expert_map=expert_map, **routing)
-        w, ids = moe_ext.topk_gating(logits, topk, **routing)
-        separate = (w, ids, *moe_ext.moe_align_block_size(ids, E, block_size, expert_map))
-        for name, got, want in zip(["weights", "ids", "sorted", "expert_ids", "ntpp"], fused, separate):
-            assert got.dtype == want.dtype and got.shape == want.shape, name
-            assert torch.equal(got, want), f"{name} differs (T={T}, topk={topk}, block_size={block_size})"
-        if T in (1, 16, 32):
-            cpu_routing = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in routing.items()}
-            cpu = moe_ext.fused_topk_align(logits.cpu(), topk, block_size,
-                                           expert_map=None if expert_map is None else expert_map.cpu(), **cpu_routing)
-            for got, want in zip(fused, cpu):
-                assert torch.equal(got.cpu(), want)
+        check_fused_case(T, E, variant, T, g, check_cpu=T in (1, 16, 32))
 
 
 @cuda_only
@@ -512,6 +524,31 @@ def test_fused_decode_one_token(E, variant):
                 want = moe_ext.fused_topk_align(logits, topk, block_size, expert_map=expert_map, **routing)
                 for name, a, b in zip(["weights", "ids", "sorted", "expert_ids", "ntpp"], got, want):
                     assert torch.equal(a.cpu(), b), f"{name} differs (topk={topk}, block_size={block_size})"
+
+
+@cuda_only
+@pytest.mark.parametrize("E", FUSED_EXPERTS)
+@pytest.mark.parametrize("variant", FUSED_VARIANTS)
+def test_fused_grid_path_bit_identical(E, variant, monkeypatch):
+    """The cooperative grid path of fused_topk_align (forced; one grid barrier between the gating
+    and the placing) gives exactly the outputs of topk_gating followed by moe_align_block_size: token
+    counts from 1 to 32 a multiprocessor, blocks of 1 to 32 tokens (partial last blocks, one block,
+    every multiprocessor), block sizes, expert maps, NaN/Inf logits; the CPU kernel at some."""
+    require_kernel("fused_topk_align", "cuda")
+    monkeypatch.setenv("MOE_EXT_FUSED_PATH", "1")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    g = torch.Generator().manual_seed(E * 37 + len(variant))
+    cases = [(1, 1), (5, 2), (17, 0), (33, 0), (33, 32), (64, 3), (100, 7), (257, 0), (1024, 0), (1024, 32),
+             (2000, 16), (sms * 32, 32), (sms * 32 - 5, 0)]
+    for i, (T, per_block) in enumerate(cases):
+        monkeypatch.setenv("MOE_EXT_FUSED_GRID_TOKENS", str(per_block))
+        logits, topk, block_size, expert_map, routing = check_fused_case(T, E, variant, i, g, check_cpu=T in (33, 1024),
+                                                                         check_rerun=True)
+        if T == 1024 and per_block == 0:  # the path ran (a forced path that cannot take T runs another)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                moe_ext.fused_topk_align(logits, topk, block_size, expert_map=expert_map, **routing)
+                torch.cuda.synchronize()
+            assert any("fused_gating_align_grid_kernel" in e.name for e in prof.events()), "grid kernel not run"
 
 
 @cuda_only

@@ -16,6 +16,7 @@
 #endif
 
 #if defined(__HIP_PLATFORM_AMD__)
+#include <hip/hip_cooperative_groups.h>
 #include <hip/hip_runtime.h>
 #define MOE_WARP_SIZE 64
 using moe_lane_mask_t = unsigned long long;
@@ -30,6 +31,7 @@ using moeError_t = hipError_t;
 using moe_lane_mask_t = unsigned int;
 #define MOE_FULL_LANE_MASK 0xffffffffu
 #if defined(__CUDACC__)
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 #endif
 #endif
@@ -177,6 +179,19 @@ MOE_DEVICE MOE_FORCEINLINE void grid_dependents_launch() {
 MOE_DEVICE MOE_FORCEINLINE void prefetch_l2(const void* p, unsigned bytes) {
 #if !defined(__HIP_PLATFORM_AMD__) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#endif
+}
+
+// Barrier across the whole grid, with the memory of every block's writes before it visible to every
+// block after it. Only in a kernel launched cooperatively (every block resident at once).
+MOE_DEVICE MOE_FORCEINLINE void grid_sync() { cooperative_groups::this_grid().sync(); }
+
+// acc + the four bytes of w, each read as unsigned (one IDP4A on sm_61+).
+MOE_DEVICE MOE_FORCEINLINE int add_bytes(uint32_t w, int acc) {
+#if !defined(__HIP_PLATFORM_AMD__) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 610
+  return static_cast<int>(__dp4a(w, 0x01010101u, static_cast<unsigned>(acc)));
+#else
+  return acc + static_cast<int>((w & 0xff) + (w >> 8 & 0xff) + (w >> 16 & 0xff) + (w >> 24));
 #endif
 }
 

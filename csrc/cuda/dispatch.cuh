@@ -59,20 +59,35 @@ cudaError_t allow_dynamic_smem(size_t bytes) {
 // `pdl` (sm_90+): the kernel may then start while the one ahead of it in the stream finishes, and
 // must call grid_dependency_wait() (csrc/core/compat.h) before reading what that kernel writes.
 // Captured into CUDA graphs as a programmatic edge.
+// `cooperative`: every block resident at once (grid_sync, csrc/core/compat.h, allowed), or
+// cudaErrorCooperativeLaunchTooLarge; also captured into graphs.
 template <typename... Params, typename... Args>
-cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, bool pdl,
-                          Args&&... args) {
+cudaError_t launch_kernel_ex(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                             bool pdl, bool cooperative, Args&&... args) {
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
   config.dynamicSmemBytes = smem;
   config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchAttribute attribute[2];
+  unsigned n = 0;
+  if (pdl) {
+    attribute[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute[n++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (cooperative) {
+    attribute[n].id = cudaLaunchAttributeCooperative;
+    attribute[n++].val.cooperative = 1;
+  }
   config.attrs = attribute;
-  config.numAttrs = pdl ? 1 : 0;
+  config.numAttrs = n;
   return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
+
+template <typename... Params, typename... Args>
+cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, bool pdl,
+                          Args&&... args) {
+  return launch_kernel_ex(kernel, grid, block, smem, stream, pdl, false, std::forward<Args>(args)...);
 }
 
 }  // namespace moe_ext::cuda

@@ -62,4 +62,25 @@ cudaError_t fused_topk_align(DType dtype, const void* logits, int64_t row_stride
                              float* weights, int32_t* ids, int32_t* sorted, int32_t* expert_ids,
                              int32_t* num_post_padded, bool pdl, cudaStream_t stream);
 
+// The cooperative grid path of fused_topk_align (fused_gating_align_grid_kernel): tokens_per_block
+// tokens a block (at most fused_routing_max_tokens()), every block resident at once.
+struct FusedGridShape {
+  int tokens_per_block, blocks;  // blocks == 0: the path cannot take the tokens
+};
+
+// The shape for num_tokens on a device of num_sms multiprocessors: tokens_per_block as given, or
+// the automatic choice for 0; at most num_sms blocks.
+FusedGridShape fused_grid_shape(int num_tokens, int num_sms, int tokens_per_block);
+
+// Workspace bytes of the grid path (the per-block counts).
+int64_t fused_grid_workspace_bytes(int num_experts, const FusedGridShape& g);
+
+// The outputs of fused_topk_align over the grid g; cudaErrorCooperativeLaunchTooLarge when the
+// device cannot hold every block at once (other work, a partitioned GPU): nothing is launched then.
+cudaError_t fused_topk_align_grid(DType dtype, const void* logits, int64_t row_stride, int num_tokens,
+                                  const GatingParams& p, int block_size, const int32_t* expert_map,
+                                  int64_t max_padded, float* weights, int32_t* ids, int32_t* sorted,
+                                  int32_t* expert_ids, int32_t* num_post_padded, const FusedGridShape& g,
+                                  uint8_t* workspace, bool pdl, cudaStream_t stream);
+
 }  // namespace moe_ext::cuda

@@ -114,6 +114,16 @@ cudaError_t fused_launch(DType dtype, const void* logits, int64_t row_stride, in
 
 }  // namespace
 
+// Tokens a block of the fused grid path by default. Its cost has two parts (H200, bench/NOTES.md,
+// results/h200-fused-grid-s11a.md): the gating, which slows as warps share a multiprocessor (4 or 8
+// tokens a block ~5.3-5.7 us in all at E=256 top-8, 16 ~6.8, 32 ~10.5), and the grid barrier plus
+// every block's read of the count table, which grow with the blocks (+0.5 us at 32 blocks, +2 at 64,
+// +5-7 at 128). So: 4 tokens a block, doubled until about 32 blocks hold the tokens (64 above 512
+// tokens), and never more blocks than multiprocessors.
+constexpr int kFusedGridMinTokens = 4;
+constexpr int kFusedGridFewBlocks = 32;
+constexpr int kFusedGridFewBlocksMaxTokens = 512;
+
 // The router's selection rounds with lookahead (select_rounds) up to this many blocks (16 tokens);
 // H200, bench/fused_ab.cu: E=256 top-8 T=16 2.61 against 2.87 us, T=1 2.56 against 2.59, E=128
 // top-4 1.69 against 1.76. Larger grids keep the rounds with fewer instructions.
@@ -205,6 +215,46 @@ cudaError_t moe_align(const int32_t* ids, int64_t num_tokens, int topk, int num_
 }
 
 int fused_routing_max_tokens() { return kFusedMaxTokens; }
+
+FusedGridShape fused_grid_shape(int num_tokens, int num_sms, int tokens_per_block) {
+  if (tokens_per_block <= 0) {  // a power of two from kFusedGridMinTokens up for the block count
+    const int want_blocks = num_tokens <= kFusedGridFewBlocksMaxTokens ? kFusedGridFewBlocks : 2 * kFusedGridFewBlocks;
+    tokens_per_block = kFusedGridMinTokens;
+    while (tokens_per_block < kFusedMaxTokens && tokens_per_block * want_blocks < num_tokens) tokens_per_block *= 2;
+    tokens_per_block = std::max(tokens_per_block, (num_tokens + num_sms - 1) / std::max(num_sms, 1));
+  }
+  tokens_per_block = std::min(tokens_per_block, kFusedMaxTokens);
+  const int blocks = (num_tokens + tokens_per_block - 1) / tokens_per_block;
+  return {tokens_per_block, num_tokens > 0 && blocks <= num_sms ? blocks : 0};
+}
+
+int64_t fused_grid_workspace_bytes(int num_experts, const FusedGridShape& g) {
+  return int64_t(num_experts) * fused_grid_table_stride(g.blocks);
+}
+
+cudaError_t fused_topk_align_grid(DType dtype, const void* logits, int64_t row_stride, int num_tokens,
+                                  const GatingParams& p, int block_size, const int32_t* expert_map,
+                                  int64_t max_padded, float* weights, int32_t* ids, int32_t* sorted,
+                                  int32_t* expert_ids, int32_t* num_post_padded, const FusedGridShape& g,
+                                  uint8_t* workspace, bool pdl, cudaStream_t stream) {
+  if (g.blocks <= 0 || g.tokens_per_block > kFusedMaxTokens) return cudaErrorInvalidValue;
+  const int E = p.num_experts;
+  const size_t smem = static_cast<size_t>(fused_smem_bytes(E, p.num_expert_group, g.tokens_per_block));
+  if (smem > kMaxBlockSmem) return cudaErrorInvalidValue;
+  const int warps = std::max(g.tokens_per_block, (E + kWarpSize - 1) / kWarpSize);
+  const int block_shift = (block_size & (block_size - 1)) == 0 ? __builtin_ctz(static_cast<unsigned>(block_size)) : -1;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return dispatch_per_lane(E, [&](auto per_lane) {
+      constexpr auto kernel = fused_gating_align_grid_kernel<T, decltype(per_lane)::value>;
+      if (const cudaError_t err = allow_dynamic_smem<kernel>(smem); err != cudaSuccess) return err;
+      return launch_kernel_ex(kernel, dim3(g.blocks), dim3(warps * kWarpSize), smem, stream, pdl, /*cooperative=*/true,
+                              static_cast<const T*>(logits), row_stride, num_tokens, g.tokens_per_block, p, block_size,
+                              block_shift, expert_map, static_cast<int>(max_padded), workspace, weights, ids, sorted,
+                              expert_ids, num_post_padded);
+    });
+  });
+}
 
 cudaError_t fused_topk_align(DType dtype, const void* logits, int64_t row_stride, int num_tokens,
                              const GatingParams& p, int block_size, const int32_t* expert_map, int64_t max_padded,

@@ -1,9 +1,12 @@
-// CUDA adapters for router top-k gating, block alignment and the fused pair (one launch up to
-// fused_routing_max_tokens() tokens, the two kernels in turn above): validate, allocate through
-// PyTorch, launch on the current stream under a device guard. Nothing here synchronizes with the host.
+// CUDA adapters for router top-k gating, block alignment and the fused pair (one block up to
+// fused_single_max_tokens(E), a cooperative grid up to fused_routing_max_tokens() tokens a multiprocessor,
+// the two kernels in turn above): validate, allocate through PyTorch, launch on the current stream
+// under a device guard. Nothing here synchronizes with the host.
 // Environment, read on every call (for A/B timing in one process):
-//   MOE_EXT_PDL         "0": launch without programmatic dependent launch (sm_90+ uses it).
-//   MOE_EXT_ALIGN_PATH  0-3: force moe_align's path (cuda::AlignPath) where it takes the size.
+//   MOE_EXT_PDL                "0": launch without programmatic dependent launch (sm_90+ uses it).
+//   MOE_EXT_ALIGN_PATH         0-3: force moe_align's path (cuda::AlignPath) where it takes the size.
+//   MOE_EXT_FUSED_PATH         0-2: force fused_topk_align's path (FusedPath) where it takes the size.
+//   MOE_EXT_FUSED_GRID_TOKENS  1-32: tokens a block on fused_topk_align's grid path.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -69,6 +72,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> align_launch(const at::Tensor& to
   return {out.sorted, out.expert_ids, out.num_post_padded};
 }
 
+// How fused_topk_align runs: one block (takes up to fused_routing_max_tokens() tokens, chosen up to
+// fused_single_max_tokens(E)), a cooperative grid with one barrier (up to that many tokens a
+// multiprocessor), or the router and alignment kernels in turn.
+enum class FusedPath : int { kSingle = 0, kGrid = 1, kPair = 2 };
+constexpr int kFusedPaths = 3;
+
+// Tokens a block on the grid path: MOE_EXT_FUSED_GRID_TOKENS (1..32) when set, else automatic.
+cuda::FusedGridShape fused_grid_shape_for(int64_t T, int sms) {
+  const int forced =
+      config_override("fused_topk_align", "MOE_EXT_FUSED_GRID_TOKENS", cuda::fused_routing_max_tokens() + 1);
+  return cuda::fused_grid_shape(static_cast<int>(T), sms, forced > 0 ? forced : 0);
+}
+
+// The single block up to here, the grid above (H200, bench/results/h200-fused-grid-s11b.md, graph
+// replay): the single block's one multiprocessor gates every token, the grid's barrier costs ~0.8 us.
+int fused_single_max_tokens(int64_t E) { return E <= 128 ? 20 : 16; }
+
+FusedPath fused_path(int64_t T, int64_t E, int sms) {
+  const bool single = T <= cuda::fused_routing_max_tokens();
+  const bool grid = T <= int64_t(sms) * cuda::fused_routing_max_tokens() && fused_grid_shape_for(T, sms).blocks > 0;
+  switch (static_cast<FusedPath>(config_override("fused_topk_align", "MOE_EXT_FUSED_PATH", kFusedPaths))) {
+    case FusedPath::kSingle: if (single) return FusedPath::kSingle; break;  // a forced path that cannot take T:
+    case FusedPath::kGrid: if (grid) return FusedPath::kGrid; break;        // the automatic one
+    case FusedPath::kPair: return FusedPath::kPair;
+    default: break;
+  }
+  if (single && (T <= fused_single_max_tokens(E) || !grid)) return FusedPath::kSingle;
+  return grid ? FusedPath::kGrid : FusedPath::kPair;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> topk_gating_cuda(const at::Tensor& router_logits, int64_t topk,
@@ -100,7 +133,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_top
                                                            routed_scaling_factor, expert_map);
   const c10::cuda::CUDAGuard guard(router_logits.device());
   const int64_t T = router_logits.size(0), E = router_logits.size(1);
-  if (T > cuda::fused_routing_max_tokens()) {  // the router and alignment kernels in turn
+  const c10::DeviceIndex dev = router_logits.device().index();
+  const FusedPath path = fused_path(T, E, num_sms(dev));
+  if (path == FusedPath::kGrid) {
+    auto [weights, ids] = gating_outputs(router_logits, topk);
+    AlignOutputs out = align_outputs(router_logits, T * topk, E, block_size);
+    const cuda::FusedGridShape g = fused_grid_shape_for(T, num_sms(dev));
+    at::Tensor workspace = at::empty({cuda::fused_grid_workspace_bytes(static_cast<int>(E), g)},
+                                     router_logits.options().dtype(at::kByte));
+    const cudaError_t err = cuda::fused_topk_align_grid(
+        to_dtype(router_logits.scalar_type()), router_logits.const_data_ptr(), router_logits.stride(0),
+        static_cast<int>(T), with_bias(checked, correction_bias), static_cast<int>(block_size),
+        expert_map.has_value() ? expert_map->const_data_ptr<int32_t>() : nullptr, out.sorted.numel(),
+        weights.data_ptr<float>(), ids.data_ptr<int32_t>(), out.sorted.data_ptr<int32_t>(),
+        out.expert_ids.data_ptr<int32_t>(), out.num_post_padded.data_ptr<int32_t>(), g,
+        workspace.data_ptr<uint8_t>(), use_pdl(dev), c10::cuda::getCurrentCUDAStream());
+    if (err != cudaErrorCooperativeLaunchTooLarge) {
+      C10_CUDA_CHECK(err);
+      return {weights, ids, out.sorted, out.expert_ids, out.num_post_padded};
+    }
+    (void)cudaGetLastError();  // not every block fits at once (a shared or partitioned GPU): the two ops
+  }
+  if (path != FusedPath::kSingle) {  // the router and alignment kernels in turn
     auto [weights, ids] = gating_launch(router_logits, topk, checked, correction_bias);
     auto [sorted, expert_ids, num_post_padded] = align_launch(ids, E, block_size, expert_map);
     return {weights, ids, sorted, expert_ids, num_post_padded};
@@ -112,8 +166,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_top
       static_cast<int>(T), with_bias(checked, correction_bias), static_cast<int>(block_size),
       expert_map.has_value() ? expert_map->const_data_ptr<int32_t>() : nullptr, out.sorted.numel(),
       weights.data_ptr<float>(), ids.data_ptr<int32_t>(), out.sorted.data_ptr<int32_t>(),
-      out.expert_ids.data_ptr<int32_t>(), out.num_post_padded.data_ptr<int32_t>(),
-      use_pdl(router_logits.device().index()), c10::cuda::getCurrentCUDAStream()));
+      out.expert_ids.data_ptr<int32_t>(), out.num_post_padded.data_ptr<int32_t>(), use_pdl(dev),
+      c10::cuda::getCurrentCUDAStream()));
   return {weights, ids, out.sorted, out.expert_ids, out.num_post_padded};
 }
 

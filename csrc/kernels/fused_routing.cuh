@@ -1,5 +1,6 @@
-// Decode routing in one launch: top-k gating of T <= kFusedMaxTokens tokens and the block
-// alignment of their T * topk ids, in one thread block.
+// Routing in one launch: top-k gating of T tokens and the block alignment of their T * topk ids, in
+// one thread block for T <= kFusedMaxTokens (decode), or over a cooperative grid of such blocks with
+// one grid barrier (fused_gating_align_grid_kernel, below) for up to kFusedMaxTokens a multiprocessor.
 //
 // Warp t gates token t with gate_token (the router kernel's code, so weights and ids are
 // bit-identical to topk_gating). A token never picks an expert twice, so the alignment needs no
@@ -163,6 +164,111 @@ __global__ void __launch_bounds__(1024) fused_gating_align_kernel(
     expert_ids[b] = -1;
   __syncthreads();  // offsets ready
   if (slot >= 0) sorted[offsets[slot] + popcount(masks[slot] & (lane_bit(warp) - 1))] = warp * topk + lane;
+}
+
+// Mid token counts: the same gating and ranking over a cooperative grid of blocks of at most
+// kFusedMaxTokens tokens (a warp a token), and one grid barrier in place of the alignment's launches.
+// Block b holds tokens [b * tokens_per_block, ...): a contiguous run of the flat ids, so an id's
+// place is its expert's padded offset + the expert's ids in blocks before b + its rank inside b
+// (the popcount of its expert's token mask below its own bit, as above). Before the barrier each
+// block writes its per-expert counts (at most kFusedMaxTokens: a byte) into its column of a byte
+// table [E, table_stride]; after it, thread s sums expert s's row four chunks to a word (all of
+// it, and the chunks before b), and the block scans the padded totals. The sentinel fill of sorted
+// comes before the barrier, so the ids written after it land over it. Limits: gridDim.x blocks all
+// resident (the launcher caps it at the multiprocessor count: one block of at most 1024 threads,
+// 64 registers a thread, fits each), blockDim.x >= E (a thread an expert) and >= a warp a token.
+MOE_HOST_DEVICE MOE_FORCEINLINE int fused_grid_table_stride(int blocks) { return (blocks + 15) / 16 * 16; }
+constexpr int kFusedGridRowBatch = 4;  // table vectors (64 blocks' counts) a thread loads at once
+
+// Bytes of chunks [c, c + 4) of a table word that are below `limit` (0..4 of them, low first).
+MOE_DEVICE MOE_FORCEINLINE uint32_t bytes_below(int c, int limit) {
+  const int n = limit - c;
+  return n >= 4 ? 0xffffffffu : (n <= 0 ? 0u : (1u << (8 * n)) - 1u);
+}
+
+template <typename T, int kPerLane>
+__global__ void __launch_bounds__(1024) fused_gating_align_grid_kernel(
+    const T* __restrict__ logits,             // [num_tokens, E], rows row_stride apart
+    int64_t row_stride, int num_tokens, int tokens_per_block, GatingParams p,
+    int block_size, int block_shift,          // block_shift = log2(block_size), or -1 if not a power of two
+    const int32_t* __restrict__ expert_map,   // [E] int32 or null
+    int max_padded,
+    uint8_t* __restrict__ table,              // [E, fused_grid_table_stride(gridDim.x)] bytes, workspace
+    float* __restrict__ weights,              // [num_tokens, topk] fp32
+    int32_t* __restrict__ ids,                // [num_tokens, topk] int32
+    int32_t* __restrict__ sorted,             // [max_padded] int32
+    int32_t* __restrict__ expert_ids,         // [max_padded / block_size] int32
+    int32_t* __restrict__ num_post_padded) {  // [1] int32
+  extern __shared__ __align__(16) char fused_smem[];
+  const int E = p.num_experts, topk = p.topk, b = blockIdx.x, nb = gridDim.x;
+  moe_lane_mask_t* masks = reinterpret_cast<moe_lane_mask_t*>(fused_smem);
+  int* base = reinterpret_cast<int*>(masks + E);
+  int* warp_total = base + E;
+  char* grouped = fused_smem + fused_align_smem_bytes(E);
+  const int tid = threadIdx.x, warp = tid / kWarpSize, lane = lane_id();
+  const int numel = num_tokens * topk, t = b * tokens_per_block + warp;
+  const int tokens = min(tokens_per_block, num_tokens - b * tokens_per_block);
+
+  grid_dependents_launch();  // every block is resident: a dependent launched now only waits
+  if (tid < E) masks[tid] = 0;
+  grid_dependency_wait();
+  for (int i = b * blockDim.x + tid; i < max_padded; i += nb * blockDim.x) sorted[i] = numel;  // sentinel
+  __syncthreads();  // masks zeroed
+
+  const bool holds_id = warp < tokens && lane < topk;
+  float w = 0.0f;
+  int id = -1;
+  if (warp < tokens)  // warp-uniform
+    gate_token<T, kPerLane>(logits + int64_t(t) * row_stride, p, lane,
+                            grouped + warp * ((grouped_smem_bytes(E, p.num_expert_group) + 15) / 16 * 16), w, id);
+  if (holds_id) {
+    weights[t * topk + lane] = w;
+    ids[t * topk + lane] = id;
+  }
+  const int slot = holds_id ? align_slot_device(id, E, expert_map) : -1;
+  if (slot >= 0) atomicOr(&masks[slot], lane_bit(warp));
+  __syncthreads();  // masks complete
+  const int stride = fused_grid_table_stride(nb);
+  if (tid < E) table[tid * stride + b] = static_cast<uint8_t>(popcount(masks[tid]));
+  grid_sync();
+
+  int total = 0, before = 0;  // expert tid's ids in the grid, and in blocks before b
+  if (tid < E) {
+    const uint4* row = reinterpret_cast<const uint4*>(table + tid * stride);
+    const int nvec = stride / 16;
+    for (int q0 = 0; q0 < nvec; q0 += kFusedGridRowBatch) {  // kFusedGridRowBatch loads in flight
+      uint4 v[kFusedGridRowBatch];
+#pragma unroll
+      for (int q = 0; q < kFusedGridRowBatch; ++q)
+        if (q0 + q < nvec) v[q] = row[q0 + q];
+#pragma unroll
+      for (int q = 0; q < kFusedGridRowBatch; ++q) {
+        if (q0 + q >= nvec) break;
+        const uint32_t x[4] = {v[q].x, v[q].y, v[q].z, v[q].w};
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const int c = 16 * (q0 + q) + 4 * k;
+          total = add_bytes(x[k] & bytes_below(c, nb), total);  // past nb: never written
+          before = add_bytes(x[k] & bytes_below(c, b), before);
+        }
+      }
+    }
+  }
+  const int padded = pad_to_blocks(total, block_size, block_shift);
+  int all;
+  const int offset = block_scan_one(padded, warp_total, all);  // ends past a barrier
+  if (tid < E) base[tid] = offset + before;
+  if (b == 0 && tid == 0) *num_post_padded = all;
+  if (tid < E && tid % nb == b && padded > 0) {  // expert tid's blocks, from one block of the grid
+    const int32_t e = expert_map ? expert_map[tid] : tid;
+    const int b0 = blocks_of(offset, block_size, block_shift), b1 = blocks_of(offset + padded, block_size, block_shift);
+    for (int x = b0; x < b1; ++x) expert_ids[x] = e;
+  }
+  for (int x = blocks_of(all, block_size, block_shift) + b * blockDim.x + tid;
+       x < blocks_of(max_padded, block_size, block_shift); x += nb * blockDim.x)
+    expert_ids[x] = -1;
+  __syncthreads();  // base ready
+  if (slot >= 0) sorted[base[slot] + popcount(masks[slot] & (lane_bit(warp) - 1))] = t * topk + lane;
 }
 
 }  // namespace moe_ext

@@ -1,5 +1,5 @@
 """Routing kernels on a few shapes each, for compute-sanitizer (run by tests/sanitizer/run.sh):
-the fused decode kernel over T = 1..32 with every routing variant, and the alignment paths (one
+the fused decode kernel over T = 1..32 with every routing variant, its grid path, and the alignment paths (one
 block, token masks with and without repeated experts, the one-launch grid, the two launches, also
 forced at small sizes). Exits non-zero on a mismatch."""
 
@@ -63,5 +63,19 @@ for path, pdl in (("3", "1"), ("3", "0"), ("2", "1")):
             c = moe_ext.moe_align_block_size(ids.cpu(), E, bs, None if m is None else m.cpu())
             assert all(torch.equal(y.cpu(), z) for y, z in zip(a, c)), (T, E, topk, bs, path, pdl)
 del os.environ["MOE_EXT_ALIGN_PATH"], os.environ["MOE_EXT_PDL"]
+# The fused op's cooperative grid path (T = 33 above), more blocks and forced tokens a block.
+for T, n in [(100, 1), (257, 3), (1024, 0), (1024, 32)]:
+    os.environ["MOE_EXT_FUSED_GRID_TOKENS"] = str(n)
+    for E, topk, routing in [(256, 8, variants[3]), (1024, 32, variants[1]), (3, 2, variants[0])]:
+        routing = dict(routing)
+        if routing.get("scoring_func") == "sigmoid":
+            routing["correction_bias"] = torch.randn(E, device=dev)
+        logits = torch.randn(T, E, device=dev, dtype=torch.bfloat16)
+        emap = torch.where(torch.rand(E, device=dev) < 0.3, -1, torch.arange(E, device=dev)).to(torch.int32)
+        fused = moe_ext.fused_topk_align(logits, topk, 16, expert_map=emap, **routing)
+        w, ids = moe_ext.topk_gating(logits, topk, **routing)
+        sep = (w, ids, *moe_ext.moe_align_block_size(ids, E, 16, emap))
+        assert all(torch.equal(a, b) for a, b in zip(fused, sep)), (E, topk, T, n)
+del os.environ["MOE_EXT_FUSED_GRID_TOKENS"]
 torch.cuda.synchronize()
 print("routing sanitizer cases: ok")
