@@ -1,7 +1,7 @@
 // CUDA adapters for router top-k gating, block alignment and the fused pair (one block up to
-// fused_single_max_tokens(E), a cooperative grid up to fused_routing_max_tokens() tokens a multiprocessor,
-// the two kernels in turn above): validate, allocate through PyTorch, launch on the current stream
-// under a device guard. Nothing here synchronizes with the host.
+// fused_single_max_tokens(E, G), a cooperative grid up to fused_routing_max_tokens() tokens a
+// multiprocessor, the two kernels in turn above): validate, allocate through PyTorch, launch on the
+// current stream under a device guard. Nothing here synchronizes with the host.
 // Environment, read on every call (for A/B timing in one process):
 //   MOE_EXT_PDL                "0": launch without programmatic dependent launch (sm_90+ uses it).
 //   MOE_EXT_ALIGN_PATH         0-3: force moe_align's path (cuda::AlignPath) where it takes the size.
@@ -73,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> align_launch(const at::Tensor& to
 }
 
 // How fused_topk_align runs: one block (takes up to fused_routing_max_tokens() tokens, chosen up to
-// fused_single_max_tokens(E)), a cooperative grid with one barrier (up to that many tokens a
+// fused_single_max_tokens(E, G)), a cooperative grid with one barrier (up to that many tokens a
 // multiprocessor), or the router and alignment kernels in turn.
 enum class FusedPath : int { kSingle = 0, kGrid = 1, kPair = 2 };
 constexpr int kFusedPaths = 3;
@@ -85,11 +85,14 @@ cuda::FusedGridShape fused_grid_shape_for(int64_t T, int sms) {
   return cuda::fused_grid_shape(static_cast<int>(T), sms, forced > 0 ? forced : 0);
 }
 
-// The single block up to here, the grid above (H200, bench/results/h200-fused-grid-s11b.md, graph
-// replay): the single block's one multiprocessor gates every token, the grid's barrier costs ~0.8 us.
-int fused_single_max_tokens(int64_t E) { return E <= 128 ? 20 : 16; }
+// The single block up to here, the grid above: the single block's one multiprocessor gates every
+// token, the grid's barrier costs ~0.8 us. H200, bench/results/h200-fused-grid-s11b.md, graph replay:
+// E=128 top-4 at 20 tokens 4.17 against 4.24 us, at 24 4.59 against 4.22; E=256 top-8 at 16 5.18
+// against 5.37, at 17 5.95 against 5.38; DeepSeek-V3's grouped routing at 12 5.54 against 5.96, at
+// 16 6.37 against 6.00.
+int fused_single_max_tokens(int64_t E, int64_t G) { return G > 1 ? 12 : E <= 128 ? 20 : 16; }
 
-FusedPath fused_path(int64_t T, int64_t E, int sms) {
+FusedPath fused_path(int64_t T, int64_t E, int64_t G, int sms) {
   const bool single = T <= cuda::fused_routing_max_tokens();
   const bool grid = T <= int64_t(sms) * cuda::fused_routing_max_tokens() && fused_grid_shape_for(T, sms).blocks > 0;
   switch (static_cast<FusedPath>(config_override("fused_topk_align", "MOE_EXT_FUSED_PATH", kFusedPaths))) {
@@ -98,7 +101,7 @@ FusedPath fused_path(int64_t T, int64_t E, int sms) {
     case FusedPath::kPair: return FusedPath::kPair;
     default: break;
   }
-  if (single && (T <= fused_single_max_tokens(E) || !grid)) return FusedPath::kSingle;
+  if (single && (T <= fused_single_max_tokens(E, G) || !grid)) return FusedPath::kSingle;
   return grid ? FusedPath::kGrid : FusedPath::kPair;
 }
 
@@ -134,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_top
   const c10::cuda::CUDAGuard guard(router_logits.device());
   const int64_t T = router_logits.size(0), E = router_logits.size(1);
   const c10::DeviceIndex dev = router_logits.device().index();
-  const FusedPath path = fused_path(T, E, num_sms(dev));
+  const FusedPath path = fused_path(T, E, checked.num_expert_group, num_sms(dev));
   if (path == FusedPath::kGrid) {
     auto [weights, ids] = gating_outputs(router_logits, topk);
     AlignOutputs out = align_outputs(router_logits, T * topk, E, block_size);
