@@ -211,8 +211,8 @@ __global__ void __launch_bounds__(1024) fused_gating_align_grid_kernel(
   const int tokens = min(tokens_per_block, num_tokens - b * tokens_per_block);
 
   // Programmatic dependent launch: a small grid lets the kernel behind it launch at once, a larger
-  // one once past the grid barrier (as the router, topk_gating_kernel; H200: at 64 blocks, the
-  // early trigger measured 9.4 us a call back to back, no dependent launch at all 8.9).
+  // one once past the grid barrier, as the router does (topk_gating_kernel). H200, T = 1024, E = 256
+  // top-8, 64 blocks, calls back to back: an early trigger 9.4 us a call, none 8.9, after it 8.3-8.5.
   const bool early = nb <= kFusedGridEarlyTriggerBlocks;
   if (early) grid_dependents_launch();
   if (tid < E) masks[tid] = 0;
