@@ -1,4 +1,4 @@
-"""The policy layer: composes the ops into one MoE layer and makes every shape-based choice.
+"""The policy layer: composes the ops into one MoE layer and makes its shape-based choices.
 
 Only this file holds the layer's heuristics (the expert path by token count, the block size). Below
 it each op returns one result; how its CUDA kernel gets there (the alignment's paths, the fused
@@ -101,17 +101,17 @@ def route(
     """Gating + alignment by the fused op at every token count. On CUDA the op picks its kernels by T
     (csrc/cuda/routing_cuda.cpp): one block at decode, a cooperative grid with one barrier up to 32
     tokens a multiprocessor, the router and alignment kernels in turn above.
-    The grid path measured faster than the two kernels at every T it takes (H200, T = 17 ... 4096:
-    5.3 against 5.7 us at T = 17, 5.8 against 9.1 at T = 128, 9.5 against 10.9 at T = 1024, E = 256
-    top-8; bench/results/h200-fused-grid-s11a.md), so no token count needs the separate ops and the
-    choice adds no guard under torch.compile.
+    The grid path measured faster than the two kernels at every T it takes (H200, E = 256 top-8,
+    graph replay: 5.54 against 6.30 us at T = 32, 5.86 against 9.19 at T = 128, 8.47 against 11.06
+    at T = 1024; bench/results/h200-fused-routing.md), so no token count needs the separate ops and
+    the choice adds no guard under torch.compile.
 
     Returns (topk_weights, topk_ids, sorted_token_ids, expert_ids, num_tokens_post_padded).
     """
-    routing = dict(scoring_func=scoring_func, renormalize=renormalize, correction_bias=correction_bias,
-                   num_expert_group=num_expert_group, topk_group=topk_group,
-                   routed_scaling_factor=routed_scaling_factor)
-    return ops.fused_topk_align(router_logits, topk, block_size, expert_map=expert_map, **routing)
+    return ops.fused_topk_align(router_logits, topk, block_size, scoring_func=scoring_func, renormalize=renormalize,
+                                correction_bias=correction_bias, num_expert_group=num_expert_group,
+                                topk_group=topk_group, routed_scaling_factor=routed_scaling_factor,
+                                expert_map=expert_map)
 
 
 def fused_moe(
