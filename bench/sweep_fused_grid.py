@@ -5,6 +5,10 @@ crossovers and the grid's default tokens a block (csrc/cuda/routing.cu, kFusedGr
 
     python bench/sweep_fused_grid.py [--tokens 17 24 32 48 64 128 256 512 1024 2048 4096]
                                      [--per-block 0 1 2 4 8 16 32] [--configs ...] [--stem fused-grid]
+                                     [--no-baselines]
+
+--no-baselines: only the grid at the tokens a block given (not the pair, the automatic choice, the
+single block or the variants without programmatic dependent launch).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ def main():
     p.add_argument("--per-block", type=int, nargs="+", default=[0, 1, 2, 4, 8, 16, 32])
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--stem", default="fused-grid")
+    p.add_argument("--no-baselines", action="store_true", help="only the grid variants")
     args = p.parse_args()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
@@ -35,15 +40,16 @@ def main():
             def fused(logits=logits, k=k, routing=routing):
                 return moe_ext.fused_topk_align(logits, k, args.block_size, **routing)
 
-            variants = [("pair", {"MOE_EXT_FUSED_PATH": "2"}), ("auto", {})]
-            if T <= 32:
+            variants = [] if args.no_baselines else [("pair", {"MOE_EXT_FUSED_PATH": "2"}), ("auto", {})]
+            if T <= 32 and not args.no_baselines:
                 variants.append(("single", {"MOE_EXT_FUSED_PATH": "0"}))
             for n in args.per_block:
                 if n == 0 or (T + n - 1) // n <= sms:
                     variants.append((f"grid/{n or 'auto'}", {"MOE_EXT_FUSED_PATH": "1",
                                                               "MOE_EXT_FUSED_GRID_TOKENS": str(n)}))
-            variants.append(("grid/auto no-pdl", {"MOE_EXT_FUSED_PATH": "1", "MOE_EXT_PDL": "0"}))
-            variants.append(("pair no-pdl", {"MOE_EXT_FUSED_PATH": "2", "MOE_EXT_PDL": "0"}))
+            if not args.no_baselines:
+                variants.append(("grid/auto no-pdl", {"MOE_EXT_FUSED_PATH": "1", "MOE_EXT_PDL": "0"}))
+                variants.append(("pair no-pdl", {"MOE_EXT_FUSED_PATH": "2", "MOE_EXT_PDL": "0"}))
             for variant, settings in variants:
                 with environment(settings):
                     us = time_graph(fused)

@@ -92,6 +92,9 @@ AlignPath auto_align_path(int64_t num_tokens, int topk, int E) {
   return AlignPath::kTwoLaunch;
 }
 
+// log2(n) for a power of two n, else -1 (the fused kernels' block_shift).
+int log2_if_power_of_two(int n) { return n > 0 && (n & (n - 1)) == 0 ? __builtin_ctz(static_cast<unsigned>(n)) : -1; }
+
 // The fused kernel (csrc/kernels/fused_routing.cuh).
 cudaError_t fused_launch(DType dtype, const void* logits, int64_t row_stride, int num_tokens, const GatingParams& p,
                          int block_size, const int32_t* expert_map, int64_t max_padded, float* weights, int32_t* ids,
@@ -99,7 +102,7 @@ cudaError_t fused_launch(DType dtype, const void* logits, int64_t row_stride, in
                          cudaStream_t stream) {
   const int E = p.num_experts;
   const size_t smem = static_cast<size_t>(fused_smem_bytes(E, p.num_expert_group, num_tokens));
-  const int block_shift = (block_size & (block_size - 1)) == 0 ? __builtin_ctz(static_cast<unsigned>(block_size)) : -1;
+  const int block_shift = log2_if_power_of_two(block_size);
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     return dispatch_per_lane(E, [&](auto per_lane) {
@@ -114,14 +117,15 @@ cudaError_t fused_launch(DType dtype, const void* logits, int64_t row_stride, in
 
 }  // namespace
 
-// Tokens a block of the fused grid path by default. Its cost has two parts (H200, bench/NOTES.md,
-// results/h200-fused-grid-s11a.md): the gating, which slows as warps share a multiprocessor (4 or 8
-// tokens a block ~5.3-5.7 us in all at E=256 top-8, 16 ~6.8, 32 ~10.5), and the grid barrier plus
-// every block's read of the count table, which grow with the blocks (+0.5 us at 32 blocks, +2 at 64,
-// +5-7 at 128). So: 4 tokens a block, doubled until about 32 blocks hold the tokens (64 above 512
-// tokens), and never more blocks than multiprocessors.
+// Tokens a block of the fused grid path by default. Its cost has two parts (H200, bench/NOTES.md):
+// the gating, which slows as warps share a multiprocessor (at E=256 top-8 T=256: 4 or 8 tokens a
+// block 6.2 us in all, 16 7.2, 32 10.6), and the grid barrier plus every block's read of the count
+// table, which grow with the blocks (T=512: 8 a block, 64 blocks, 6.6 us; 4 a block, 128 blocks,
+// 7.2). Measured best (results/h200-fused-grid-s12b.md, the three routings): 4 a block to 256
+// tokens, 8 to 1024, 16 to 2048, 32 above. So: 4 tokens a block, doubled until at most 64 blocks
+// hold the tokens (128 above 512 tokens), and never more blocks than multiprocessors.
 constexpr int kFusedGridMinTokens = 4;
-constexpr int kFusedGridFewBlocks = 32;
+constexpr int kFusedGridFewBlocks = 64;
 constexpr int kFusedGridFewBlocksMaxTokens = 512;
 
 // The router's selection rounds with lookahead (select_rounds) up to this many blocks (16 tokens);
@@ -133,7 +137,8 @@ cudaError_t topk_gating(DType dtype, const void* logits, int64_t row_stride, int
                         float* weights, int32_t* ids, bool pdl, cudaStream_t stream) {
   if (num_tokens == 0) return cudaSuccess;
   const int blocks = (num_tokens + kGateGroupsPerBlock - 1) / kGateGroupsPerBlock;
-  const int smem = p.num_expert_group > 1 ? kGateGroupsPerBlock * grouped_smem_bytes(p.num_experts, p.num_expert_group) : 0;
+  const int smem =
+      p.num_expert_group > 1 ? kGateGroupsPerBlock * grouped_smem_bytes(p.num_experts, p.num_expert_group) : 0;
   const bool lookahead = blocks <= kGateLookaheadMaxBlocks;
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -242,7 +247,7 @@ cudaError_t fused_topk_align_grid(DType dtype, const void* logits, int64_t row_s
   const size_t smem = static_cast<size_t>(fused_smem_bytes(E, p.num_expert_group, g.tokens_per_block));
   if (smem > kMaxBlockSmem) return cudaErrorInvalidValue;
   const int warps = std::max(g.tokens_per_block, (E + kWarpSize - 1) / kWarpSize);
-  const int block_shift = (block_size & (block_size - 1)) == 0 ? __builtin_ctz(static_cast<unsigned>(block_size)) : -1;
+  const int block_shift = log2_if_power_of_two(block_size);
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     return dispatch_per_lane(E, [&](auto per_lane) {

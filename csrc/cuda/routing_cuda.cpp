@@ -7,6 +7,9 @@
 //   MOE_EXT_ALIGN_PATH         0-3: force moe_align's path (cuda::AlignPath) where it takes the size.
 //   MOE_EXT_FUSED_PATH         0-2: force fused_topk_align's path (FusedPath) where it takes the size.
 //   MOE_EXT_FUSED_GRID_TOKENS  1-32: tokens a block on fused_topk_align's grid path.
+#include <algorithm>
+#include <utility>
+
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -82,7 +85,7 @@ constexpr int kFusedPaths = 3;
 cuda::FusedGridShape fused_grid_shape_for(int64_t T, int sms) {
   const int forced =
       config_override("fused_topk_align", "MOE_EXT_FUSED_GRID_TOKENS", cuda::fused_routing_max_tokens() + 1);
-  return cuda::fused_grid_shape(static_cast<int>(T), sms, forced > 0 ? forced : 0);
+  return cuda::fused_grid_shape(static_cast<int>(T), sms, std::max(forced, 0));
 }
 
 // The single block up to here, the grid above: the single block's one multiprocessor gates every
@@ -92,17 +95,20 @@ cuda::FusedGridShape fused_grid_shape_for(int64_t T, int sms) {
 // 16 6.37 against 6.00.
 int fused_single_max_tokens(int64_t E, int64_t G) { return G > 1 ? 12 : E <= 128 ? 20 : 16; }
 
-FusedPath fused_path(int64_t T, int64_t E, int64_t G, int sms) {
+// The path for T tokens, and the grid's shape when it is the grid.
+std::pair<FusedPath, cuda::FusedGridShape> fused_path(int64_t T, int64_t E, int64_t G, int sms) {
   const bool single = T <= cuda::fused_routing_max_tokens();
-  const bool grid = T <= int64_t(sms) * cuda::fused_routing_max_tokens() && fused_grid_shape_for(T, sms).blocks > 0;
+  const cuda::FusedGridShape shape =
+      T <= int64_t(sms) * cuda::fused_routing_max_tokens() ? fused_grid_shape_for(T, sms) : cuda::FusedGridShape{};
+  const bool grid = shape.blocks > 0;
   switch (static_cast<FusedPath>(config_override("fused_topk_align", "MOE_EXT_FUSED_PATH", kFusedPaths))) {
-    case FusedPath::kSingle: if (single) return FusedPath::kSingle; break;  // a forced path that cannot take T:
-    case FusedPath::kGrid: if (grid) return FusedPath::kGrid; break;        // the automatic one
-    case FusedPath::kPair: return FusedPath::kPair;
+    case FusedPath::kSingle: if (single) return {FusedPath::kSingle, shape}; break;  // a forced path that cannot
+    case FusedPath::kGrid: if (grid) return {FusedPath::kGrid, shape}; break;        // take T: the automatic one
+    case FusedPath::kPair: return {FusedPath::kPair, shape};
     default: break;
   }
-  if (single && (T <= fused_single_max_tokens(E, G) || !grid)) return FusedPath::kSingle;
-  return grid ? FusedPath::kGrid : FusedPath::kPair;
+  if (single && (T <= fused_single_max_tokens(E, G) || !grid)) return {FusedPath::kSingle, shape};
+  return {grid ? FusedPath::kGrid : FusedPath::kPair, shape};
 }
 
 }  // namespace
@@ -137,11 +143,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_top
   const c10::cuda::CUDAGuard guard(router_logits.device());
   const int64_t T = router_logits.size(0), E = router_logits.size(1);
   const c10::DeviceIndex dev = router_logits.device().index();
-  const FusedPath path = fused_path(T, E, checked.num_expert_group, num_sms(dev));
+  const auto [path, g] = fused_path(T, E, checked.num_expert_group, num_sms(dev));
   if (path == FusedPath::kGrid) {
     auto [weights, ids] = gating_outputs(router_logits, topk);
     AlignOutputs out = align_outputs(router_logits, T * topk, E, block_size);
-    const cuda::FusedGridShape g = fused_grid_shape_for(T, num_sms(dev));
     at::Tensor workspace = at::empty({cuda::fused_grid_workspace_bytes(static_cast<int>(E), g)},
                                      router_logits.options().dtype(at::kByte));
     const cudaError_t err = cuda::fused_topk_align_grid(

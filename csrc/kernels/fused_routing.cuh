@@ -32,8 +32,11 @@ constexpr int kFusedMinWarps = 4;
 MOE_HOST_DEVICE MOE_FORCEINLINE int fused_align_smem_bytes(int E) {
   return (E * int(sizeof(moe_lane_mask_t)) + (E + kWarpSize) * 4 + 15) / 16 * 16;
 }
+MOE_HOST_DEVICE MOE_FORCEINLINE int fused_grouped_stride(int E, int G) {
+  return (grouped_smem_bytes(E, G) + 15) / 16 * 16;
+}
 MOE_HOST_DEVICE MOE_FORCEINLINE int fused_smem_bytes(int E, int G, int num_tokens) {
-  return fused_align_smem_bytes(E) + (G > 1 ? num_tokens * ((grouped_smem_bytes(E, G) + 15) / 16 * 16) : 0);
+  return fused_align_smem_bytes(E) + (G > 1 ? num_tokens * fused_grouped_stride(E, G) : 0);
 }
 
 // Threads of the fused kernel: a warp per token and a thread per expert, at least kFusedMinWarps warps;
@@ -52,6 +55,28 @@ MOE_DEVICE MOE_FORCEINLINE int pad_to_blocks(int c, int block_size, int block_sh
 }
 MOE_DEVICE MOE_FORCEINLINE int blocks_of(int rows, int block_size, int block_shift) {
   return block_shift >= 0 ? rows >> block_shift : rows / block_size;
+}
+
+// Both kernels' gating step: warp `warp` of the block gates token t when it has one (warp-uniform),
+// with its grouped top-k scratch in `grouped` (a fused_grouped_stride slice a warp), and its first
+// topk lanes store their weight and id. Returns the lane's expert slot in the alignment's space (-1:
+// no id here, or an expert the map leaves out).
+template <typename T, int kPerLane>
+MOE_DEVICE MOE_FORCEINLINE int gate_and_store(const T* __restrict__ logits, int64_t row_stride, bool has_token, int t,
+                                              const GatingParams& p, int warp, int lane, char* grouped,
+                                              const int32_t* __restrict__ expert_map, float* __restrict__ weights,
+                                              int32_t* __restrict__ ids) {
+  float w = 0.0f;
+  int id = -1;
+  if (has_token)
+    gate_token<T, kPerLane>(logits + int64_t(t) * row_stride, p, lane,
+                            grouped + warp * fused_grouped_stride(p.num_experts, p.num_expert_group), w, id);
+  const bool holds_id = has_token && lane < p.topk;
+  if (holds_id) {
+    weights[t * p.topk + lane] = w;
+    ids[t * p.topk + lane] = id;
+  }
+  return holds_id ? align_slot_device(id, p.num_experts, expert_map) : -1;
 }
 
 template <typename T, int kPerLane>
@@ -94,17 +119,8 @@ __global__ void __launch_bounds__(1024) fused_gating_align_kernel(
     __syncthreads();  // masks zeroed (every warp arrives before its gating work)
   }
 
-  const bool holds_id = warp < num_tokens && lane < topk;
-  float w = 0.0f;
-  int id = -1;
-  if (warp < num_tokens)  // warp-uniform
-    gate_token<T, kPerLane>(logits + warp * row_stride, p, lane,
-                            grouped + warp * ((grouped_smem_bytes(E, p.num_expert_group) + 15) / 16 * 16), w, id);
-  if (holds_id) {
-    weights[warp * topk + lane] = w;
-    ids[warp * topk + lane] = id;
-  }
-  const int slot = holds_id ? align_slot_device(id, E, expert_map) : -1;
+  const int slot = gate_and_store<T, kPerLane>(logits, row_stride, warp < num_tokens, warp, p, warp, lane, grouped,
+                                               expert_map, weights, ids);
   if (one_token) {  // each hit expert's run is one block, in slot order: the hit slots below its own
     if (warp > 0) return;
     int below = 0;
@@ -172,12 +188,23 @@ __global__ void __launch_bounds__(1024) fused_gating_align_kernel(
 // place is its expert's padded offset + the expert's ids in blocks before b + its rank inside b
 // (the popcount of its expert's token mask below its own bit, as above). Before the barrier each
 // block writes its per-expert counts (at most kFusedMaxTokens: a byte) into its column of a byte
-// table [E, table_stride]; after it, thread s sums expert s's row four chunks to a word (all of
-// it, and the chunks before b), and the block scans the padded totals. The sentinel fill of sorted
-// comes before the barrier, so the ids written after it land over it. Limits: gridDim.x blocks all
-// resident (the launcher caps it at the multiprocessor count: one block of at most 1024 threads,
-// 64 registers a thread, fits each), blockDim.x >= E (a thread an expert) and >= a warp a token.
+// table (fused_grid_table_index); after it, thread s sums expert s's counts four blocks to a word
+// (all of them, and those of blocks before b), and the block scans the padded totals. The sentinel
+// fill of sorted comes before the barrier, so the ids written after it land over it. Limits:
+// gridDim.x blocks all resident (the launcher caps it at the multiprocessor count: one block of at
+// most 1024 threads, 64 registers a thread, fits each), blockDim.x >= E (a thread an expert) and >=
+// a warp a token.
 MOE_HOST_DEVICE MOE_FORCEINLINE int fused_grid_table_stride(int blocks) { return (blocks + 15) / 16 * 16; }
+// The count of expert e in block c: the table is chunk-major, [stride / 16][E][16] bytes, so the
+// vectors of 16 blocks' counts that a warp's threads (consecutive experts) load at once are 512
+// contiguous bytes. Row-major ([E][stride], a thread's vectors its own row) measured 0.3-3 us slower
+// at 64-128 blocks (H200, results/h200-fused-grid-s12a.md: T=1024 E=256 top-8 8 tokens a block 7.90
+// against 11.12 us): every block reads the whole table, and each warp load touched 32 sectors
+// instead of 16 and 16 lines instead of 4. Four copies of the table (block b reading copy b % 4,
+// against hot L2 lines) measured slower in both layouts.
+MOE_HOST_DEVICE MOE_FORCEINLINE int fused_grid_table_index(int e, int c, int E) {
+  return ((c >> 4) * E + e) * 16 + (c & 15);
+}
 constexpr int kFusedGridRowBatch = 4;  // table vectors (64 blocks' counts) a thread loads at once
 constexpr int kFusedGridEarlyTriggerBlocks = 32;
 
@@ -194,7 +221,7 @@ __global__ void __launch_bounds__(1024) fused_gating_align_grid_kernel(
     int block_size, int block_shift,          // block_shift = log2(block_size), or -1 if not a power of two
     const int32_t* __restrict__ expert_map,   // [E] int32 or null
     int max_padded,
-    uint8_t* __restrict__ table,              // [E, fused_grid_table_stride(gridDim.x)] bytes, workspace
+    uint8_t* __restrict__ table,              // E x fused_grid_table_stride(gridDim.x) bytes, workspace
     float* __restrict__ weights,              // [num_tokens, topk] fp32
     int32_t* __restrict__ ids,                // [num_tokens, topk] int32
     int32_t* __restrict__ sorted,             // [max_padded] int32
@@ -220,33 +247,24 @@ __global__ void __launch_bounds__(1024) fused_gating_align_grid_kernel(
   for (int i = b * blockDim.x + tid; i < max_padded; i += nb * blockDim.x) sorted[i] = numel;  // sentinel
   __syncthreads();  // masks zeroed
 
-  const bool holds_id = warp < tokens && lane < topk;
-  float w = 0.0f;
-  int id = -1;
-  if (warp < tokens)  // warp-uniform
-    gate_token<T, kPerLane>(logits + int64_t(t) * row_stride, p, lane,
-                            grouped + warp * ((grouped_smem_bytes(E, p.num_expert_group) + 15) / 16 * 16), w, id);
-  if (holds_id) {
-    weights[t * topk + lane] = w;
-    ids[t * topk + lane] = id;
-  }
-  const int slot = holds_id ? align_slot_device(id, E, expert_map) : -1;
+  const int slot =
+      gate_and_store<T, kPerLane>(logits, row_stride, warp < tokens, t, p, warp, lane, grouped, expert_map, weights,
+                                  ids);
   if (slot >= 0) atomicOr(&masks[slot], lane_bit(warp));
   __syncthreads();  // masks complete
-  const int stride = fused_grid_table_stride(nb);
-  if (tid < E) table[tid * stride + b] = static_cast<uint8_t>(popcount(masks[tid]));
+  if (tid < E) table[fused_grid_table_index(tid, b, E)] = static_cast<uint8_t>(popcount(masks[tid]));
   grid_sync();
   if (!early) grid_dependents_launch();
 
   int total = 0, before = 0;  // expert tid's ids in the grid, and in blocks before b
   if (tid < E) {
-    const uint4* row = reinterpret_cast<const uint4*>(table + tid * stride);
-    const int nvec = stride / 16;
+    const uint4* vec = reinterpret_cast<const uint4*>(table) + tid;  // expert tid's counts of blocks 0-15
+    const int nvec = fused_grid_table_stride(nb) / 16;
     for (int q0 = 0; q0 < nvec; q0 += kFusedGridRowBatch) {  // kFusedGridRowBatch loads in flight
       uint4 v[kFusedGridRowBatch];
 #pragma unroll
       for (int q = 0; q < kFusedGridRowBatch; ++q)
-        if (q0 + q < nvec) v[q] = row[q0 + q];
+        if (q0 + q < nvec) v[q] = vec[(q0 + q) * E];
 #pragma unroll
       for (int q = 0; q < kFusedGridRowBatch; ++q) {
         if (q0 + q >= nvec) break;
