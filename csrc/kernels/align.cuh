@@ -461,10 +461,10 @@ __global__ void __launch_bounds__(1024, 1) moe_align_grid_kernel(
 }
 
 // Two launches for more ids than one block takes (the fallback of the single-launch paths):
-// 1. moe_align_count_kernel: chunk c's per-expert counts -> table[s * stride + c] (expert-major, rows
-//    of stride = chunks rounded up to 4 ints). Every entry below `chunks` is written, so the table
-//    needs no memset.
-// 2. moe_align_place_kernel: every block sums the table's rows itself (a thread an expert, its row in
+// 1. moe_align_count_kernel: chunk c's per-expert counts -> the table at align_table_index(s, c, E)
+//    (chunk-major: [stride / 4][E][4] ints, stride = chunks rounded up to 4). Every entry below
+//    `chunks` is written, so the table needs no memset.
+// 2. moe_align_place_kernel: every block sums the table itself (a thread an expert, its counts in
 //    16-byte loads, all in flight: each expert's total, and its ids in earlier chunks; B * E ints
 //    from L2), scans the padded totals into the offsets, and
 //    scatters its own chunk in order (steps 1-3 of the header over the chunk's warps, each warp's
@@ -474,6 +474,10 @@ __global__ void __launch_bounds__(1024, 1) moe_align_grid_kernel(
 
 // Shared: counts [E] | map [E].
 MOE_HOST_DEVICE MOE_FORCEINLINE int align_table_stride(int chunks) { return (chunks + 3) / 4 * 4; }
+// Chunk-major, so the 16-byte vectors a warp's threads (consecutive experts) load at once are 512
+// contiguous bytes, as in the fused grid kernel's byte table (fused_grid_table_index: expert-major
+// rows measured up to 3 us slower there at 128 blocks).
+MOE_HOST_DEVICE MOE_FORCEINLINE int align_table_index(int s, int c, int E) { return ((c >> 2) * E + s) * 4 + (c & 3); }
 
 __global__ void __launch_bounds__(1024) moe_align_count_kernel(const int32_t* __restrict__ ids, int numel, int chunk,
                                                                int E, const int32_t* __restrict__ expert_map,
@@ -500,8 +504,7 @@ __global__ void __launch_bounds__(1024) moe_align_count_kernel(const int32_t* __
     }
   }
   __syncthreads();
-  const int stride = align_table_stride(gridDim.x);
-  for (int s = threadIdx.x; s < E; s += blockDim.x) table[s * stride + blockIdx.x] = counts[s];
+  for (int s = threadIdx.x; s < E; s += blockDim.x) table[align_table_index(s, blockIdx.x, E)] = counts[s];
 }
 
 // Shared: map [E] | totals [E] | base [E] | offsets [E + 1] | scratch [kWarpSize + 1] | counts [warps * E].
@@ -521,7 +524,7 @@ MOE_HOST_DEVICE MOE_FORCEINLINE int align_place_warps(int E) {
 __global__ void __launch_bounds__(kPlaceMaxThreads) moe_align_place_kernel(
     const int32_t* __restrict__ ids, int numel, int chunk, int E, int block_size,
     const int32_t* __restrict__ expert_map, int max_padded,
-    const int32_t* __restrict__ table,  // [E, stride] chunk counts from moe_align_count_kernel
+    const int32_t* __restrict__ table,  // chunk counts from moe_align_count_kernel (align_table_index)
     int32_t* __restrict__ sorted, int32_t* __restrict__ expert_ids, int32_t* __restrict__ num_post_padded) {
   extern __shared__ __align__(16) int align_smem[];
   int* map = align_smem;
@@ -537,18 +540,18 @@ __global__ void __launch_bounds__(kPlaceMaxThreads) moe_align_place_kernel(
   grid_dependency_wait();
   const int32_t* smap = stage_expert_map(expert_map, E, map);
   __syncthreads();
-  // Expert s's row of the table: its total, and its ids in chunks before this one. The first
-  // kPlaceRowVecs vectors of this thread's first row are loaded before the chunk's ids are counted,
-  // so the two round trips to L2 overlap.
-  const int stride = align_table_stride(chunks), nvec = stride / 4;
+  // Expert s's counts in the table: its total, and its ids in chunks before this one. The first
+  // kPlaceRowVecs vectors of this thread's first expert are loaded before the chunk's ids are
+  // counted, so the two round trips to L2 overlap.
+  const int nvec = align_table_stride(chunks) / 4;
+  const int4* vecs = reinterpret_cast<const int4*>(table);  // expert s's chunks 4q..4q+3: vecs[q * E + s]
   int4 head[kPlaceRowVecs];
 #pragma unroll
   for (int q = 0; q < kPlaceRowVecs; ++q)
-    if (tid < E && q < nvec) head[q] = reinterpret_cast<const int4*>(table + tid * stride)[q];
+    if (tid < E && q < nvec) head[q] = vecs[q * E + tid];
   const int c0 = b * chunk, c1 = min(numel, c0 + chunk);
   count_segments(ids, c0, c1, E, smap, counts);
   for (int s = tid; s < E; s += nthreads) {
-    const int4* row = reinterpret_cast<const int4*>(table + s * stride);
     int total = 0, before = 0;
     auto add = [&](const int4 v, int q) {
       const int c = 4 * q, x[4] = {v.x, v.y, v.z, v.w};
@@ -565,9 +568,9 @@ __global__ void __launch_bounds__(kPlaceMaxThreads) moe_align_place_kernel(
     } else {
 #pragma unroll
       for (int q = 0; q < kPlaceRowVecs; ++q)
-        if (q < nvec) add(row[q], q);
+        if (q < nvec) add(vecs[q * E + s], q);
     }
-    for (int q = kPlaceRowVecs; q < nvec; ++q) add(row[q], q);
+    for (int q = kPlaceRowVecs; q < nvec; ++q) add(vecs[q * E + s], q);
     totals[s] = total;
     base[s] = before;
   }
