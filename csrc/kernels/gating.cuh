@@ -279,24 +279,6 @@ MOE_DEVICE MOE_FORCEINLINE void lane_best_two(const uint32_t (&okey)[kPerLane], 
   second = b2;
 }
 
-// A lane's best slot ranking below (below_key, below_slot), as lane_best_two's first.
-template <int kPerLane>
-MOE_DEVICE MOE_FORCEINLINE LaneCandidate lane_best_below(const uint32_t (&okey)[kPerLane],
-                                                         const float (&score)[kPerLane], uint32_t below_key,
-                                                         int below_slot) {
-  LaneCandidate b{0u, 0, 0.0f};
-#pragma unroll
-  for (int j = 0; j < kPerLane; ++j) {
-    const bool eligible = (okey[j] < below_key) | ((okey[j] == below_key) & (j > below_slot));
-    const uint32_t k = eligible ? okey[j] : 0u;
-    const bool over = k > b.key;
-    b.key = over ? k : b.key;
-    b.slot = over ? j : b.slot;
-    b.score = over ? score[j] : b.score;
-  }
-  return b;
-}
-
 // topk rounds of warp arg-max over this warp's available slots (ordered keys `okey`, 0 where not
 // available; at least topk available). Lane r < topk returns round r's winner (expert id) and its
 // score; other lanes -1 and 0. Every lane returns the sum of the winners' scores in round order.
@@ -307,32 +289,15 @@ MOE_DEVICE MOE_FORCEINLINE LaneCandidate lane_best_below(const uint32_t (&okey)[
 template <int kPerLane, bool kLookahead = false>
 MOE_DEVICE MOE_FORCEINLINE void select_rounds(const uint32_t (&okey)[kPerLane], const float (&score)[kPerLane], int topk,
                                               int lane, int& my_id, float& my_score, float& selected_sum) {
-  if constexpr (kLookahead) {
-    LaneCandidate best = lane_best_below(okey, score, 0xFFFFFFFFu, -1);
-    my_id = -1;
-    my_score = 0.0f;
-    selected_sum = 0.0f;
-    for (int r = 0; r < topk; ++r) {
-      const LaneCandidate after = lane_best_below(okey, score, best.key, best.slot);
-      const int winner = group_argmax(best.key, lane + best.slot * kGateLanes);
-      const int owner = winner & (kGateLanes - 1);
-      const float w = shfl(best.score, owner, kGateLanes);
-      selected_sum += w;  // round order, as on the CPU
-      if (lane == r) {
-        my_id = winner;
-        my_score = w;
-      }
-      if (lane == owner) best = after;
-    }
-    return;
-  }
-  LaneCandidate best, next;
+  LaneCandidate best, next;  // `next`: unused with the lookahead
   lane_best_two(okey, score, 0xFFFFFFFFu, -1, best, next);
   int wins = 0;
   my_id = -1;
   my_score = 0.0f;
   selected_sum = 0.0f;
   for (int r = 0; r < topk; ++r) {
+    LaneCandidate after, unused;  // kLookahead: the candidate after this lane's best
+    if constexpr (kLookahead) lane_best_two(okey, score, best.key, best.slot, after, unused);
     const int winner = group_argmax(best.key, lane + best.slot * kGateLanes);
     const int owner = winner & (kGateLanes - 1);  // winner >= 0; kGateLanes is a power of two
     const float w = shfl(best.score, owner, kGateLanes);
@@ -341,10 +306,15 @@ MOE_DEVICE MOE_FORCEINLINE void select_rounds(const uint32_t (&okey)[kPerLane], 
       my_id = winner;
       my_score = w;
     }
-    // The owner moves on (every candidate ranking above the winner is already taken): to its second
-    // best on an odd win, by ranking its remaining slots again on an even one. Selects, and a
-    // warp-uniform branch for the rare re-rank, so the warp never diverges.
+    // The owner moves on (every candidate ranking above the winner is already taken). With the
+    // lookahead, to the candidate found during this round. Without it, to its second best on an odd
+    // win, by ranking its remaining slots again on an even one: selects, and a warp-uniform branch for
+    // the rare re-rank, so the warp never diverges.
     const bool mine = lane == owner;
+    if constexpr (kLookahead) {
+      if (mine) best = after;
+      continue;
+    }
     wins += mine ? 1 : 0;
     const bool rerank = mine && (wins & 1) == 0;
     if (mine && !rerank) best = next;
