@@ -28,7 +28,10 @@ def assert_close_lowp(out: torch.Tensor, ref_fp32: torch.Tensor, dtype: torch.dt
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(0, 64), (1, 2), (3, 222), (16, 1536), (17, 4096), (1000, 768), (2, 3, 130)])
+# (20000, 256) and (9001, 512): more rows than one wave of blocks holds on a GPU, so each block strides
+# over several rows (evenly, and one short at 9001).
+@pytest.mark.parametrize("shape", [(0, 64), (1, 2), (3, 222), (16, 1536), (17, 4096), (1000, 768), (2, 3, 130),
+                                   (20000, 256), (9001, 512)])
 def test_silu_and_mul(device, dtype, shape):
     require_kernel("silu_and_mul", device)
     x = (torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape))) * 3).to(device=device, dtype=dtype)
@@ -54,7 +57,8 @@ def test_silu_and_mul_unaligned_view(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T,topk,H", [(0, 8, 64), (1, 1, 8), (3, 2, 111), (16, 8, 7168), (17, 4, 2880), (1000, 8, 256)])
+@pytest.mark.parametrize("T,topk,H", [(0, 8, 64), (1, 1, 8), (3, 2, 111), (16, 8, 7168), (17, 4, 2880), (1000, 8, 256),
+                                     (9001, 1, 64), (5000, 2, 512)])  # the last two: blocks over several tokens
 @pytest.mark.parametrize("weighted", [False, True])
 def test_moe_combine(device, dtype, T, topk, H, weighted):
     require_kernel("moe_combine", device)
