@@ -102,7 +102,7 @@ def route(
     (csrc/cuda/routing_cuda.cpp): one block at decode, a cooperative grid with one barrier up to 32
     tokens a multiprocessor, the router and alignment kernels in turn above.
     The grid path measured faster than the two kernels at every T it takes (H200, E = 256 top-8,
-    graph replay: 5.54 against 6.30 us at T = 32, 5.86 against 9.19 at T = 128, 8.47 against 11.06
+    graph replay: 5.45 against 6.11 us at T = 32, 5.76 against 9.30 at T = 128, 7.68 against 9.60
     at T = 1024; bench/results/h200-fused-routing.md), so no token count needs the separate ops and
     the choice adds no guard under torch.compile.
 

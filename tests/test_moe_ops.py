@@ -28,8 +28,8 @@ def assert_close_lowp(out: torch.Tensor, ref_fp32: torch.Tensor, dtype: torch.dt
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-# (20000, 256) and (9001, 512): more rows than one wave of blocks holds on a GPU, so each block strides
-# over several rows (evenly, and one short at 9001).
+# (20000, 256) and (9001, 512): more rows than the CUDA grid's blocks (at most 16 a multiprocessor), so
+# each block strides over several rows, some blocks over one more than others.
 @pytest.mark.parametrize("shape", [(0, 64), (1, 2), (3, 222), (16, 1536), (17, 4096), (1000, 768), (2, 3, 130),
                                    (20000, 256), (9001, 512)])
 def test_silu_and_mul(device, dtype, shape):
