@@ -95,20 +95,18 @@ cuda::FusedGridShape fused_grid_shape_for(int64_t T, int sms) {
 // 16 6.37 against 6.00.
 int fused_single_max_tokens(int64_t E, int64_t G) { return G > 1 ? 12 : E <= 128 ? 20 : 16; }
 
-// The path for T tokens, and the grid's shape when it is the grid.
+// The path for T tokens, and the grid's shape when it is the grid (computed only when the grid is
+// a candidate: not at decode sizes). A forced path that cannot take T gives the automatic one.
 std::pair<FusedPath, cuda::FusedGridShape> fused_path(int64_t T, int64_t E, int64_t G, int sms) {
+  const auto forced = static_cast<FusedPath>(config_override("fused_topk_align", "MOE_EXT_FUSED_PATH", kFusedPaths));
   const bool single = T <= cuda::fused_routing_max_tokens();
+  if (forced == FusedPath::kPair) return {FusedPath::kPair, {}};
+  if (single && (forced == FusedPath::kSingle || (forced != FusedPath::kGrid && T <= fused_single_max_tokens(E, G))))
+    return {FusedPath::kSingle, {}};
   const cuda::FusedGridShape shape =
       T <= int64_t(sms) * cuda::fused_routing_max_tokens() ? fused_grid_shape_for(T, sms) : cuda::FusedGridShape{};
-  const bool grid = shape.blocks > 0;
-  switch (static_cast<FusedPath>(config_override("fused_topk_align", "MOE_EXT_FUSED_PATH", kFusedPaths))) {
-    case FusedPath::kSingle: if (single) return {FusedPath::kSingle, shape}; break;  // a forced path that cannot
-    case FusedPath::kGrid: if (grid) return {FusedPath::kGrid, shape}; break;        // take T: the automatic one
-    case FusedPath::kPair: return {FusedPath::kPair, shape};
-    default: break;
-  }
-  if (single && (T <= fused_single_max_tokens(E, G) || !grid)) return {FusedPath::kSingle, shape};
-  return {grid ? FusedPath::kGrid : FusedPath::kPair, shape};
+  if (shape.blocks > 0) return {FusedPath::kGrid, shape};
+  return {single ? FusedPath::kSingle : FusedPath::kPair, {}};
 }
 
 }  // namespace

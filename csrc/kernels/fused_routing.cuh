@@ -32,6 +32,19 @@ constexpr int kFusedMinWarps = 4;
 MOE_HOST_DEVICE MOE_FORCEINLINE int fused_align_smem_bytes(int E) {
   return (E * int(sizeof(moe_lane_mask_t)) + (E + kWarpSize) * 4 + 15) / 16 * 16;
 }
+// That scratch in a kernel's dynamic shared memory (the grid kernel's offsets hold each expert's
+// offset plus its ids in earlier blocks).
+struct FusedSmemParts {
+  moe_lane_mask_t* masks;  // [E]
+  int* offsets;            // [E]
+  int* warp_total;         // [kWarpSize]
+  char* grouped;           // a fused_grouped_stride(E, G) slice a token
+};
+MOE_DEVICE MOE_FORCEINLINE FusedSmemParts fused_smem_parts(char* smem, int E) {
+  moe_lane_mask_t* masks = reinterpret_cast<moe_lane_mask_t*>(smem);
+  int* offsets = reinterpret_cast<int*>(masks + E);
+  return {masks, offsets, offsets + E, smem + fused_align_smem_bytes(E)};
+}
 MOE_HOST_DEVICE MOE_FORCEINLINE int fused_grouped_stride(int E, int G) {
   return (grouped_smem_bytes(E, G) + 15) / 16 * 16;
 }
@@ -93,10 +106,7 @@ __global__ void __launch_bounds__(1024) fused_gating_align_kernel(
     int32_t* __restrict__ num_post_padded) {  // [1] int32
   extern __shared__ __align__(16) char fused_smem[];
   const int E = p.num_experts, topk = p.topk;
-  moe_lane_mask_t* masks = reinterpret_cast<moe_lane_mask_t*>(fused_smem);
-  int* offsets = reinterpret_cast<int*>(masks + E);
-  int* warp_total = offsets + E;
-  char* grouped = fused_smem + fused_align_smem_bytes(E);
+  const auto [masks, offsets, warp_total, grouped] = fused_smem_parts(fused_smem, E);
   const int tid = threadIdx.x, warp = tid / kWarpSize, lane = lane_id();
   const int numel = num_tokens * topk;
 
@@ -229,10 +239,7 @@ __global__ void __launch_bounds__(1024) fused_gating_align_grid_kernel(
     int32_t* __restrict__ num_post_padded) {  // [1] int32
   extern __shared__ __align__(16) char fused_smem[];
   const int E = p.num_experts, topk = p.topk, b = blockIdx.x, nb = gridDim.x;
-  moe_lane_mask_t* masks = reinterpret_cast<moe_lane_mask_t*>(fused_smem);
-  int* base = reinterpret_cast<int*>(masks + E);
-  int* warp_total = base + E;
-  char* grouped = fused_smem + fused_align_smem_bytes(E);
+  const auto [masks, base, warp_total, grouped] = fused_smem_parts(fused_smem, E);  // base: the offsets
   const int tid = threadIdx.x, warp = tid / kWarpSize, lane = lane_id();
   const int numel = num_tokens * topk, t = b * tokens_per_block + warp;
   const int tokens = min(tokens_per_block, num_tokens - b * tokens_per_block);
