@@ -43,6 +43,21 @@ def test_silu_and_mul(device, dtype, shape):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul_large_gates(device, dtype):
+    """Gates out to +-100 (e^100 overflows fp32, and the 16-bit CUDA path's approximate reciprocal
+    flushes past 2^126), and exact zeros."""
+    require_kernel("silu_and_mul", device)
+    g = torch.Generator().manual_seed(5)
+    gate = torch.empty(64, 264).uniform_(-100, 100, generator=g)
+    gate[:, :8] = torch.tensor([-100.0, -88.5, -87.5, -30.0, -0.0, 0.0, 30.0, 100.0])
+    x = torch.cat([gate, torch.randn(64, 264, generator=g)], dim=1).to(device=device, dtype=dtype)
+    out = moe_ext.silu_and_mul(x)
+    gate, up = x.float().chunk(2, dim=-1)
+    assert_close_lowp(out, torch.nn.functional.silu(gate) * up, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_silu_and_mul_unaligned_view(device):
     """A contiguous tensor at an odd storage offset takes the scalar path and stays correct."""
     require_kernel("silu_and_mul", device)
@@ -57,8 +72,11 @@ def test_silu_and_mul_unaligned_view(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
+# topk 3, 6: loads past topk in a chunk of 4 or 8 (the CUDA kernel's); 10, 16: two chunks. (9001, 1, 64)
+# and (5000, 2, 512): blocks over several tokens.
 @pytest.mark.parametrize("T,topk,H", [(0, 8, 64), (1, 1, 8), (3, 2, 111), (16, 8, 7168), (17, 4, 2880), (1000, 8, 256),
-                                     (9001, 1, 64), (5000, 2, 512)])  # the last two: blocks over several tokens
+                                     (9001, 1, 64), (5000, 2, 512), (11, 3, 4104), (20, 6, 1000), (7, 10, 130),
+                                     (33, 16, 2048)])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_moe_combine(device, dtype, T, topk, H, weighted):
     require_kernel("moe_combine", device)

@@ -329,6 +329,39 @@ def test_topk_gating_cuda_bit_identical_to_cpu(E, dtype, variant, T):
 
 
 @cuda_only
+@pytest.mark.parametrize("E", [32, 64, 100, 128, 256, 512, 1024])
+@pytest.mark.parametrize("scoring_func", ["softmax", "sigmoid"])
+def test_routing_cuda_keys_equal_but_for_low_bits(E, scoring_func):
+    """The CUDA selection rounds first compare keys without their low bits (the expert index takes
+    them) and redo the rounds exactly when two lanes' candidates agree in the rest. Here the leading
+    logits (fp32) differ by single ulps, higher experts higher, so their scores agree in all but the
+    low bits and the index order is the wrong order: router (small and large grids) and fused op,
+    bit for bit against the CPU kernel. Some rows keep a plain random lead, where no redo happens."""
+    require_kernel("topk_gating", "cuda")
+    g = torch.Generator().manual_seed(E + len(scoring_func))
+    base = 8.0 if scoring_func == "softmax" else 0.5  # sigmoid: where a logit ulp still moves the score
+    for T in (1, 4, 64):
+        logits = random_logits(T, E, torch.float32, "cpu", g)
+        if scoring_func == "sigmoid":
+            logits = logits / 8  # under base
+        n = min(E, 40)
+        for t in range(0, T, 2):  # odd rows: no near ties
+            experts = torch.randperm(E, generator=g)[:n].sort().values
+            logits[t, experts[0]] = base
+            for j in range(1, n):  # base, base + 1 ulp, + 2 ulps, ... in index order
+                logits[t, experts[j]] = torch.nextafter(logits[t, experts[j - 1]], torch.tensor(math.inf))
+        for topk in sorted({1, 2, min(E, 8), min(E, 32)}):
+            cpu = moe_ext.topk_gating(logits, topk, scoring_func=scoring_func, renormalize=True)
+            gpu = moe_ext.topk_gating(logits.cuda(), topk, scoring_func=scoring_func, renormalize=True)
+            assert torch.equal(gpu[1].cpu(), cpu[1]), f"router ids differ (T={T}, topk={topk})"
+            assert torch.equal(gpu[0].cpu(), cpu[0]), f"router weights differ (T={T}, topk={topk})"
+            fused = moe_ext.fused_topk_align(logits.cuda(), topk, 16, scoring_func=scoring_func, renormalize=True)
+            want = moe_ext.fused_topk_align(logits, topk, 16, scoring_func=scoring_func, renormalize=True)
+            for name, a, b in zip(["weights", "ids", "sorted", "expert_ids", "ntpp"], fused, want):
+                assert torch.equal(a.cpu(), b), f"fused {name} differs (T={T}, topk={topk})"
+
+
+@cuda_only
 @pytest.mark.parametrize("E", [40, 64, 100, 256, 1024])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("scoring_func", ["softmax", "sigmoid"])

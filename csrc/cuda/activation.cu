@@ -23,6 +23,11 @@ int grid_size(int64_t rows, int num_sms) {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % kVecBytes == 0; }
 
+// (row, vector) steps a SiLU thread loads before their math. H200 (bench/NOTES.md silu_and_mul v4), 1, 2
+// or 4 at the four models' T = 1024 and 4096: 2 is best or within 1.1 points of the best at six of the
+// eight, 1.5-1.8 behind 4 at Mixtral's two; 4 loses 4.7 at Qwen3 T=4096 and 1 up to 6 elsewhere.
+constexpr int kSiluItems = 2;
+
 }  // namespace
 
 cudaError_t silu_and_mul(DType dtype, const void* x, void* out, int64_t rows, int64_t d, int num_sms, bool pdl,
@@ -33,8 +38,12 @@ cudaError_t silu_and_mul(DType dtype, const void* x, void* out, int64_t rows, in
     const bool vec = d % Vec<T>::kSize == 0 && aligned16(x) && aligned16(out);
     return BOOL_SWITCH(vec, kVec, [&] {
       const int64_t per_row = d / (kVec ? Vec<T>::kSize : 1);
-      return launch_kernel(silu_and_mul_kernel<T, kVec>, dim3(grid_size(rows, num_sms)), dim3(block_threads(per_row)),
-                           0, stream, pdl, static_cast<const T*>(x), static_cast<T*>(out), rows, d);
+      const dim3 grid(grid_size(rows, num_sms)), block(block_threads(per_row));
+      const auto run = [&](auto kernel) {
+        return launch_kernel(kernel, grid, block, 0, stream, pdl, static_cast<const T*>(x), static_cast<T*>(out), rows,
+                             d);
+      };
+      return run(silu_and_mul_kernel<T, kVec, kSiluItems>);
     });
   });
 }
@@ -47,9 +56,18 @@ cudaError_t moe_combine(DType dtype, const void* x, const float* weights, void* 
     const bool vec = h % Vec<T>::kSize == 0 && aligned16(x) && aligned16(out);
     return BOOL_SWITCH(vec, kVec, [&] {
       const int64_t per_row = h / (kVec ? Vec<T>::kSize : 1);
-      return launch_kernel(moe_combine_kernel<T, kVec>, dim3(grid_size(num_tokens, num_sms)),
-                           dim3(block_threads(per_row)), 0, stream, pdl, static_cast<const T*>(x), weights,
-                           static_cast<T*>(out), num_tokens, topk, h);
+      const dim3 grid(grid_size(num_tokens, num_sms)), block(block_threads(per_row));
+      const auto run = [&](auto kernel) {
+        return launch_kernel(kernel, grid, block, 0, stream, pdl, static_cast<const T*>(x), weights,
+                             static_cast<T*>(out), num_tokens, topk, h);
+      };
+      // topk's rows in chunks of up to 8 a thread; for topk <= 4 (<= 2), two tokens' chunks of 4 (2).
+      // H200 (bench/NOTES.md moe_combine v4): one token's 4 rows at a time lost 8.7 points at GPT-OSS
+      // T=1024; four tokens' 2 rows 18 at Mixtral T=1024; chunks of 4 for topk 8 lost 3.6-7.7 points
+      // except at Qwen3 T=1024 (2.0 ahead).
+      if (topk <= 2) return run(moe_combine_kernel<T, kVec, 2, 2>);
+      if (topk <= 4) return run(moe_combine_kernel<T, kVec, 4, 2>);
+      return run(moe_combine_kernel<T, kVec, 8, 1>);
     });
   });
 }

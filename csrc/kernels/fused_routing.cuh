@@ -26,6 +26,10 @@ namespace moe_ext {
 // One bit of a lane mask per token, and a warp per token in a block of at most 1024 threads.
 constexpr int kFusedMaxTokens = kWarpSize < 1024 / kWarpSize ? kWarpSize : 1024 / kWarpSize;
 constexpr int kFusedMinWarps = 4;
+// Packed selection rounds (select_rounds) up to this many tokens in the single block: H200,
+// bench/fused_ab.cu, E=256 top-8: T=1-8 0.08-0.13 us faster, T=12 0.03 slower, T=16 0.19 slower (16
+// warps share the issue slots); in the grid kernel (8-32 warps a multiprocessor) up to 0.9 us slower.
+constexpr int kFusedPackedMaxTokens = 8;
 
 // Alignment scratch: masks [E] lane masks | offsets [E] int | warp totals [kWarpSize] int, rounded
 // to 16 bytes; then one grouped-top-k scratch per token (only when num_expert_group > 1).
@@ -72,18 +76,19 @@ MOE_DEVICE MOE_FORCEINLINE int blocks_of(int rows, int block_size, int block_shi
 
 // Both kernels' gating step: warp `warp` of the block gates token t when it has one (warp-uniform),
 // with its grouped top-k scratch in `grouped` (a fused_grouped_stride slice a warp), and its first
-// topk lanes store their weight and id. Returns the lane's expert slot in the alignment's space (-1:
-// no id here, or an expert the map leaves out).
+// topk lanes store their weight and id (`packed_rounds`: see select_rounds). Returns the lane's
+// expert slot in the alignment's space (-1: no id here, or an expert the map leaves out).
 template <typename T, int kPerLane>
 MOE_DEVICE MOE_FORCEINLINE int gate_and_store(const T* __restrict__ logits, int64_t row_stride, bool has_token, int t,
                                               const GatingParams& p, int warp, int lane, char* grouped,
                                               const int32_t* __restrict__ expert_map, float* __restrict__ weights,
-                                              int32_t* __restrict__ ids) {
+                                              int32_t* __restrict__ ids, bool packed_rounds) {
   float w = 0.0f;
   int id = -1;
   if (has_token)
     gate_token<T, kPerLane>(logits + int64_t(t) * row_stride, p, lane,
-                            grouped + warp * fused_grouped_stride(p.num_experts, p.num_expert_group), w, id);
+                            grouped + warp * fused_grouped_stride(p.num_experts, p.num_expert_group), packed_rounds,
+                            w, id);
   const bool holds_id = has_token && lane < p.topk;
   if (holds_id) {
     weights[t * p.topk + lane] = w;
@@ -130,7 +135,7 @@ __global__ void __launch_bounds__(1024) fused_gating_align_kernel(
   }
 
   const int slot = gate_and_store<T, kPerLane>(logits, row_stride, warp < num_tokens, warp, p, warp, lane, grouped,
-                                               expert_map, weights, ids);
+                                               expert_map, weights, ids, num_tokens <= kFusedPackedMaxTokens);
   if (one_token) {  // each hit expert's run is one block, in slot order: the hit slots below its own
     if (warp > 0) return;
     int below = 0;
@@ -256,7 +261,7 @@ __global__ void __launch_bounds__(1024) fused_gating_align_grid_kernel(
 
   const int slot =
       gate_and_store<T, kPerLane>(logits, row_stride, warp < tokens, t, p, warp, lane, grouped, expert_map, weights,
-                                  ids);
+                                  ids, /*packed_rounds=*/false);
   if (slot >= 0) atomicOr(&masks[slot], lane_bit(warp));
   __syncthreads();  // masks complete
   if (tid < E) table[fused_grid_table_index(tid, b, E)] = static_cast<uint8_t>(popcount(masks[tid]));

@@ -9,7 +9,8 @@
 // Selection is a tournament over each lane's best two candidates: a lane ranks its slots once (key
 // desc, index asc, as ranks_before), and each of the topk rounds is a warp arg-max of the lanes'
 // current bests (two warp max-reductions: the best order-preserving key, then the lowest index among
-// its holders); only the winning lane moves on, to its second best, or, on every second win, ranks
+// its holders; or, in small grids, one over the key's high bits and the index, checked, see
+// select_rounds); only the winning lane moves on, to its second best, or, on every second win, ranks
 // its remaining slots again under a warp-uniform branch. A round is about thirty instructions and no
 // divergence. Measured on the H100 (bench/NOTES.md, topk_gating v7): rescanning every slot each
 // round was 0.4 us slower at E=256/topk=8, a divergent pop 0.2 us, a ballot shortcut for the index
@@ -279,26 +280,41 @@ MOE_DEVICE MOE_FORCEINLINE void lane_best_two(const uint32_t (&okey)[kPerLane], 
   second = b2;
 }
 
-// topk rounds of warp arg-max over this warp's available slots (ordered keys `okey`, 0 where not
-// available; at least topk available). Lane r < topk returns round r's winner (expert id) and its
-// score; other lanes -1 and 0. Every lane returns the sum of the winners' scores in round order.
-// kLookahead: every lane finds the candidate after its current best during each round's reductions
-// (its slots are in registers, the warp's issue slots idle while REDUX is in flight), so the winner
-// moves on with a select and no round has a vote or a branch. More instructions a round: the router
-// takes it for small grids only, where one warp's chain is the time (bench/NOTES.md).
-template <int kPerLane, bool kLookahead = false>
-MOE_DEVICE MOE_FORCEINLINE void select_rounds(const uint32_t (&okey)[kPerLane], const float (&score)[kPerLane], int topk,
-                                              int lane, int& my_id, float& my_score, float& selected_sum) {
+// Bits of an expert index of a lane group holding kPerLane slots a lane (E <= 32 * kPerLane).
+template <int kPerLane>
+constexpr int kIndexBits = kPerLane >= 32 ? 10 : kPerLane >= 16 ? 9 : kPerLane >= 8 ? 8 : kPerLane >= 4 ? 7
+                           : kPerLane >= 2 ? 6 : 5;
+
+// One pass of topk selection rounds (see select_rounds). kPacked: each round is one warp max of the
+// key's high bits with the inverted index in its low kIndexBits (higher key, then lower index, wins),
+// so a round waits on one reduction instead of two. That winner is the true one unless another lane
+// holds the same high bits with a larger full key; each lane checks that against the winner's key
+// (a shuffle off the rounds' chain) and the pass returns false if any lane saw it (warp-uniform).
+template <int kPerLane, bool kLookahead, bool kPacked>
+MOE_DEVICE MOE_FORCEINLINE bool selection_pass(const uint32_t (&okey)[kPerLane], const float (&score)[kPerLane],
+                                               int topk, int lane, int& my_id, float& my_score, float& selected_sum) {
+  constexpr uint32_t kIndexMask = (1u << kIndexBits<kPerLane>) - 1;
   LaneCandidate best, next;  // `next`: unused with the lookahead
   lane_best_two(okey, score, 0xFFFFFFFFu, -1, best, next);
   int wins = 0;
+  bool wrong = false;  // kPacked: a round's winner may not be the arg-max
   my_id = -1;
   my_score = 0.0f;
   selected_sum = 0.0f;
   for (int r = 0; r < topk; ++r) {
     LaneCandidate after, unused;  // kLookahead: the candidate after this lane's best
     if constexpr (kLookahead) lane_best_two(okey, score, best.key, best.slot, after, unused);
-    const int winner = group_argmax(best.key, lane + best.slot * kGateLanes);
+    const int idx = lane + best.slot * kGateLanes;
+    int winner;
+    if constexpr (kPacked) {
+      const uint32_t high = best.key & ~kIndexMask;
+      const uint32_t top = group_max_u32(best.key ? high | (kIndexMask - uint32_t(idx)) : 0u);
+      winner = int(kIndexMask - (top & kIndexMask));
+      const uint32_t winner_key = shfl(best.key, winner & (kGateLanes - 1), kGateLanes);
+      wrong |= high == (top & ~kIndexMask) && best.key > winner_key;
+    } else {
+      winner = group_argmax(best.key, idx);
+    }
     const int owner = winner & (kGateLanes - 1);  // winner >= 0; kGateLanes is a power of two
     const float w = shfl(best.score, owner, kGateLanes);
     selected_sum += w;  // round order, as on the CPU
@@ -327,14 +343,37 @@ MOE_DEVICE MOE_FORCEINLINE void select_rounds(const uint32_t (&okey)[kPerLane], 
       }
     }
   }
+  return !(kPacked && any_lane(wrong));
+}
+
+// topk rounds of warp arg-max over this warp's available slots (ordered keys `okey`, 0 where not
+// available; at least topk available). Lane r < topk returns round r's winner (expert id) and its
+// score; other lanes -1 and 0. Every lane returns the sum of the winners' scores in round order.
+// Exact rounds take two warp max-reductions each (the best key, then the lowest index among its
+// holders). `packed` runs packed rounds first (one reduction each) and the exact ones only when a
+// packed round may have erred: two lanes' candidates agreeing in all but the key's low kIndexBits
+// bits, which distinct bf16 or fp16 softmax logits never give (their scores differ by more) and equal
+// keys do not trouble (the index breaks the tie in both). Packed rounds are a few instructions longer
+// (the check) and one reduction shorter: faster for a warp alone on its scheduler, slower where 8-32
+// warps a multiprocessor share the issue slots (H200, bench/NOTES.md topk_gating v10), so callers
+// pass `packed` for small grids only. kLookahead: every lane finds the candidate after its current best
+// during each round's reductions (its slots are in registers, the warp's issue slots idle while REDUX
+// is in flight), so the winner moves on with a select and no round has a vote or a branch; more
+// instructions a round, so also for small grids only.
+template <int kPerLane, bool kLookahead = false>
+MOE_DEVICE MOE_FORCEINLINE void select_rounds(const uint32_t (&okey)[kPerLane], const float (&score)[kPerLane], int topk,
+                                              int lane, bool packed, int& my_id, float& my_score,
+                                              float& selected_sum) {
+  if (!(packed && selection_pass<kPerLane, kLookahead, true>(okey, score, topk, lane, my_id, my_score, selected_sum)))
+    selection_pass<kPerLane, kLookahead, false>(okey, score, topk, lane, my_id, my_score, selected_sum);
 }
 
 // Gating of one token by one warp. `row` is the token's logits; `smem` is this token's grouped-top-k
-// scratch, grouped_smem_bytes(E, G) (unused when num_expert_group == 1). Lane r < topk returns rank
-// r's final weight and expert id.
+// scratch, grouped_smem_bytes(E, G) (unused when num_expert_group == 1); `packed_rounds`: see
+// select_rounds. Lane r < topk returns rank r's final weight and expert id.
 template <typename T, int kPerLane, bool kLookahead = false>
 MOE_DEVICE MOE_FORCEINLINE void gate_token(const T* __restrict__ row, const GatingParams& p, int lane, char* smem,
-                                           float& out_weight, int& out_id) {
+                                           bool packed_rounds, float& out_weight, int& out_id) {
   float score[kPerLane], bias[kPerLane], key[kPerLane];
   uint32_t avail;  // bit j: slot j holds an expert that may still be chosen
   load_slots<T, kPerLane>(row, p, lane, score, bias, avail);
@@ -378,7 +417,7 @@ MOE_DEVICE MOE_FORCEINLINE void gate_token(const T* __restrict__ row, const Gati
 #pragma unroll
   for (int j = 0; j < kPerLane; ++j) okey[j] = (avail >> j & 1) ? ordered_key(key[j]) : 0u;
   float my_score, selected_sum;
-  select_rounds<kPerLane, kLookahead>(okey, score, p.topk, lane, out_id, my_score, selected_sum);
+  select_rounds<kPerLane, kLookahead>(okey, score, p.topk, lane, packed_rounds, out_id, my_score, selected_sum);
   out_weight = finalize_weight(my_score, selected_sum, p.renormalize, p.topk, p.routed_scaling_factor);
 }
 
@@ -407,7 +446,7 @@ __global__ void __launch_bounds__(kGateGroupsPerBlock* kGateLanes)
   char* smem = gate_smem + group * grouped_smem_bytes(p.num_experts, p.num_expert_group);
   float w;
   int id;
-  gate_token<T, kPerLane, kLookahead>(logits + t * row_stride, p, lane, smem, w, id);
+  gate_token<T, kPerLane, kLookahead>(logits + t * row_stride, p, lane, smem, /*packed_rounds=*/kLookahead, w, id);
   if (lane < p.topk) {
     weights[int64_t(t) * p.topk + lane] = w;
     ids[int64_t(t) * p.topk + lane] = id;
