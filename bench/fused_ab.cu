@@ -125,8 +125,10 @@ void run(const char* variant, int E, int k, int T, bool grouped, cudaStream_t s)
   for (int i = 0; i < numel; ++i) ws += hw[i] * (i + 1);
   const int gblocks = (T + kGateGroupsPerBlock - 1) / kGateGroupsPerBlock;
   const int gsmem = grouped ? kGateGroupsPerBlock * grouped_smem_bytes(E, G) : 0;
+  // The instance the extension launches at these sizes (csrc/cuda/routing.cu: the lookahead rounds up
+  // to kGateLookaheadMaxBlocks = 4 blocks, i.e. every T here).
   const float router = time_graph(s, [&] {
-    launch(topk_gating_kernel<__nv_bfloat16, kPerLane>, gblocks, kGateGroupsPerBlock * kGateLanes, gsmem, s,
+    launch(topk_gating_kernel<__nv_bfloat16, kPerLane, true>, gblocks, kGateGroupsPerBlock * kGateLanes, gsmem, s,
            (const __nv_bfloat16*)logits, int64_t(E), T, p, w, ids);
   });
   const int athreads = std::min(1024, std::max(128, (std::max(numel, E) + 31) / 32 * 32));
