@@ -26,9 +26,10 @@ namespace moe_ext {
 // One bit of a lane mask per token, and a warp per token in a block of at most 1024 threads.
 constexpr int kFusedMaxTokens = kWarpSize < 1024 / kWarpSize ? kWarpSize : 1024 / kWarpSize;
 constexpr int kFusedMinWarps = 4;
-// Packed selection rounds (select_rounds) up to this many tokens in the single block: H200,
-// bench/fused_ab.cu, E=256 top-8: T=1-8 0.08-0.13 us faster, T=12 0.03 slower, T=16 0.19 slower (16
-// warps share the issue slots); in the grid kernel (8-32 warps a multiprocessor) up to 0.9 us slower.
+// Packed selection rounds (select_rounds) up to this many tokens in the single block, without grouped
+// top-k: H200, bench/fused_ab.cu, E=256 top-8: T=1-8 0.05-0.13 us faster, T=12 0.03 slower, T=16 0.19
+// slower (16 warps share the issue slots); DeepSeek-V3 grouped T=1 0.0-0.07 slower; in the grid
+// kernel (8-32 warps a multiprocessor) up to 0.9 us slower.
 constexpr int kFusedPackedMaxTokens = 8;
 
 // Alignment scratch: masks [E] lane masks | offsets [E] int | warp totals [kWarpSize] int, rounded
@@ -135,7 +136,8 @@ __global__ void __launch_bounds__(1024) fused_gating_align_kernel(
   }
 
   const int slot = gate_and_store<T, kPerLane>(logits, row_stride, warp < num_tokens, warp, p, warp, lane, grouped,
-                                               expert_map, weights, ids, num_tokens <= kFusedPackedMaxTokens);
+                                               expert_map, weights, ids,
+                                               num_tokens <= kFusedPackedMaxTokens && p.num_expert_group <= 1);
   if (one_token) {  // each hit expert's run is one block, in slot order: the hit slots below its own
     if (warp > 0) return;
     int below = 0;

@@ -9,9 +9,9 @@
 // Selection is a tournament over each lane's best two candidates: a lane ranks its slots once (key
 // desc, index asc, as ranks_before), and each of the topk rounds is a warp arg-max of the lanes'
 // current bests (two warp max-reductions: the best order-preserving key, then the lowest index among
-// its holders; or, in small grids, one over the key's high bits and the index, checked, see
-// select_rounds); only the winning lane moves on, to its second best, or, on every second win, ranks
-// its remaining slots again under a warp-uniform branch. A round is about thirty instructions and no
+// its holders; or, in the fused kernel at decode, one over the key's high bits and the index,
+// checked, see select_rounds); only the winning lane moves on, to its second best, or, on every
+// second win, ranks its remaining slots again under a warp-uniform branch. A round is about thirty instructions and no
 // divergence. Measured on the H100 (bench/NOTES.md, topk_gating v7): rescanning every slot each
 // round was 0.4 us slower at E=256/topk=8, a divergent pop 0.2 us, a ballot shortcut for the index
 // 0.3 us, and sorting each lane's slots first 0.1-0.2 us.
@@ -354,12 +354,15 @@ MOE_DEVICE MOE_FORCEINLINE bool selection_pass(const uint32_t (&okey)[kPerLane],
 // packed round may have erred: two lanes' candidates agreeing in all but the key's low kIndexBits
 // bits, which distinct bf16 or fp16 softmax logits never give (their scores differ by more) and equal
 // keys do not trouble (the index breaks the tie in both). Packed rounds are a few instructions longer
-// (the check) and one reduction shorter: faster for a warp alone on its scheduler, slower where 8-32
-// warps a multiprocessor share the issue slots (H200, bench/NOTES.md topk_gating v10), so callers
-// pass `packed` for small grids only. kLookahead: every lane finds the candidate after its current best
-// during each round's reductions (its slots are in registers, the warp's issue slots idle while REDUX
-// is in flight), so the winner moves on with a select and no round has a vote or a branch; more
-// instructions a round, so also for small grids only.
+// (the check) and one reduction shorter. H200, bench/fused_ab.cu (bench/NOTES.md topk_gating v10): the
+// fused single block 0.05-0.1 us faster with them up to 8 tokens (softmax), slower at 12-16 tokens,
+// with grouped top-k and in the grid kernel (8-32 warps a multiprocessor share the issue slots); the
+// router's lookahead rounds 0.06 slower; the router without the lookahead 0.08-0.12 faster, but still
+// behind the lookahead from 2 tokens. So only the fused single block passes `packed`.
+// kLookahead: every lane finds the candidate after its current best during each round's reductions
+// (its slots are in registers, the warp's issue slots idle while REDUX is in flight), so the winner
+// moves on with a select and no round has a vote or a branch. More instructions a round: the router
+// takes it for small grids only, where one warp's chain is the time.
 template <int kPerLane, bool kLookahead = false>
 MOE_DEVICE MOE_FORCEINLINE void select_rounds(const uint32_t (&okey)[kPerLane], const float (&score)[kPerLane], int topk,
                                               int lane, bool packed, int& my_id, float& my_score,
@@ -446,7 +449,7 @@ __global__ void __launch_bounds__(kGateGroupsPerBlock* kGateLanes)
   char* smem = gate_smem + group * grouped_smem_bytes(p.num_experts, p.num_expert_group);
   float w;
   int id;
-  gate_token<T, kPerLane, kLookahead>(logits + t * row_stride, p, lane, smem, /*packed_rounds=*/kLookahead, w, id);
+  gate_token<T, kPerLane, kLookahead>(logits + t * row_stride, p, lane, smem, /*packed_rounds=*/false, w, id);
   if (lane < p.topk) {
     weights[int64_t(t) * p.topk + lane] = w;
     ids[int64_t(t) * p.topk + lane] = id;
