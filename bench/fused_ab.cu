@@ -7,7 +7,7 @@
 // variants; used for fused_topk_align v6 (bench/NOTES.md).
 //
 //   nvcc -std=c++17 -O3 -arch=sm_90a --expt-relaxed-constexpr --fmad=false -I<variant>/kernels \
-//        -DVARIANT='"name"' bench/fused_ab.cu -o fused_ab_name
+//        -DVARIANT='"name"' [-DFUSED_AB_PACKED] bench/fused_ab.cu -o fused_ab_name
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -104,14 +104,21 @@ void run(const char* variant, int E, int k, int T, bool grouped, cudaStream_t s)
                  grouped ? 8 : 1, grouped ? 4 : 1, grouped ? 2.5f : 1.0f};
   const int G = p.num_expert_group;
   const int fsmem = fused_smem_bytes(E, G, T);
+#ifdef FUSED_AB_PACKED  // the instance the extension launches (csrc/cuda/routing.cu fused_launch)
+  const auto fused_kernel = T <= kFusedPackedMaxTokens && G <= 1
+                                ? fused_gating_align_kernel<__nv_bfloat16, kPerLane, true>
+                                : fused_gating_align_kernel<__nv_bfloat16, kPerLane, false>;
+#else  // headers before the packed rounds (session 13); -DFUSED_AB_PACKED for later ones
+  const auto fused_kernel = fused_gating_align_kernel<__nv_bfloat16, kPerLane>;
+#endif
   const float fused = time_graph(s, [&] {
-    launch(fused_gating_align_kernel<__nv_bfloat16, kPerLane>, 1, fused_threads(E, T), fsmem, s,
+    launch(fused_kernel, 1, fused_threads(E, T), fsmem, s,
            (const __nv_bfloat16*)logits, int64_t(E), T, p, bs, 4, (const int32_t*)nullptr, max_padded, w, ids, sorted,
            eids, npp);
   });
   CK(cudaMemset(sorted, 0x7f, max_padded * 4));  // poison: a fill the kernel skips shows in the hash
   CK(cudaMemset(eids, 0x7f, nblocks * 4));
-  launch(fused_gating_align_kernel<__nv_bfloat16, kPerLane>, 1, fused_threads(E, T), fsmem, s,
+  launch(fused_kernel, 1, fused_threads(E, T), fsmem, s,
          (const __nv_bfloat16*)logits, int64_t(E), T, p, bs, 4, (const int32_t*)nullptr, max_padded, w, ids, sorted,
          eids, npp);
   CK(cudaStreamSynchronize(s));

@@ -3,6 +3,9 @@
 revision there and edit it for an ablation). Torch-free; needs nvcc and a GPU.
 
     python bench/fused_ab.py new=csrc old=/tmp/old   # /tmp/old from: git archive REV csrc | tar -x ...
+
+A variant whose kernels have the fused kernel's kPacked parameter (session 13 on) is built with
+-DFUSED_AB_PACKED, so it times the instances the extension launches.
 """
 
 import concurrent.futures
@@ -21,6 +24,9 @@ def compile_variant(name):
     cmd = ["nvcc", "-std=c++17", "-O3", "-arch=sm_90a", "--expt-relaxed-constexpr", "--fmad=false",
            f"-I{os.path.join(os.path.abspath(variants[name]), 'kernels')}", f'-DVARIANT="{name}"',
            os.path.join(root, "bench", "fused_ab.cu"), "-o", exe]
+    with open(os.path.join(variants[name], "kernels", "fused_routing.cuh")) as f:
+        if "bool kPacked" in f.read():
+            cmd.insert(-3, "-DFUSED_AB_PACKED")
     subprocess.run(cmd, check=True)
     return exe
 

@@ -98,7 +98,10 @@ MOE_DEVICE MOE_FORCEINLINE int gate_and_store(const T* __restrict__ logits, int6
   return holds_id ? align_slot_device(id, p.num_experts, expert_map) : -1;
 }
 
-template <typename T, int kPerLane>
+// kPacked: the gating's packed selection rounds (the launcher's choice, kFusedPackedMaxTokens); an
+// instance of its own, since the runtime choice in one instance slowed the exact rounds' path
+// (DeepSeek-V3 grouped T=1 0.12 us, bench/fused_ab.cu).
+template <typename T, int kPerLane, bool kPacked = false>
 __global__ void __launch_bounds__(1024) fused_gating_align_kernel(
     const T* __restrict__ logits,             // [num_tokens, E], rows row_stride apart
     int64_t row_stride, int num_tokens, GatingParams p,
@@ -136,8 +139,7 @@ __global__ void __launch_bounds__(1024) fused_gating_align_kernel(
   }
 
   const int slot = gate_and_store<T, kPerLane>(logits, row_stride, warp < num_tokens, warp, p, warp, lane, grouped,
-                                               expert_map, weights, ids,
-                                               num_tokens <= kFusedPackedMaxTokens && p.num_expert_group <= 1);
+                                               expert_map, weights, ids, kPacked);
   if (one_token) {  // each hit expert's run is one block, in slot order: the hit slots below its own
     if (warp > 0) return;
     int below = 0;
