@@ -25,7 +25,7 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % kVecByte
 
 // (row, vector) steps a SiLU thread loads before their math. H200 (bench/NOTES.md silu_and_mul v4), 1, 2
 // or 4 at the four models' T = 1024 and 4096: 2 is best or within 1.1 points of the best at six of the
-// eight, 1.5-1.8 behind 4 at Mixtral's two; 4 loses 4.7 at Qwen3 T=4096 and 1 up to 6 elsewhere.
+// eight, 1.5-1.8 behind 4 at Mixtral's two; 4 loses 4.7 at Qwen3 T=4096 and 1 up to 7.7.
 constexpr int kSiluItems = 2;
 
 }  // namespace

@@ -28,8 +28,8 @@ constexpr int kFusedMaxTokens = kWarpSize < 1024 / kWarpSize ? kWarpSize : 1024 
 constexpr int kFusedMinWarps = 4;
 // Packed selection rounds (select_rounds) up to this many tokens in the single block, without grouped
 // top-k: H200, bench/fused_ab.cu, E=256 top-8: T=1-8 0.05-0.13 us faster, T=12 0.03 slower, T=16 0.19
-// slower (16 warps share the issue slots); DeepSeek-V3 grouped T=1 0.0-0.07 slower; in the grid
-// kernel (8-32 warps a multiprocessor) up to 0.9 us slower.
+// slower (16 warps share the issue slots); DeepSeek-V3 grouped T=1 no faster (0.0-0.07 slower); in
+// the grid kernel (8-32 warps a multiprocessor) up to 0.9 us slower.
 constexpr int kFusedPackedMaxTokens = 8;
 
 // Alignment scratch: masks [E] lane masks | offsets [E] int | warp totals [kWarpSize] int, rounded

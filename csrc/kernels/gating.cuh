@@ -11,8 +11,8 @@
 // current bests (two warp max-reductions: the best order-preserving key, then the lowest index among
 // its holders; or, in the fused kernel at decode, one over the key's high bits and the index,
 // checked, see select_rounds); only the winning lane moves on, to its second best, or, on every
-// second win, ranks its remaining slots again under a warp-uniform branch. A round is about thirty instructions and no
-// divergence. Measured on the H100 (bench/NOTES.md, topk_gating v7): rescanning every slot each
+// second win, ranks its remaining slots again under a warp-uniform branch. A round is about thirty
+// instructions and no divergence. Measured on the H100 (bench/NOTES.md, topk_gating v7): rescanning every slot each
 // round was 0.4 us slower at E=256/topk=8, a divergent pop 0.2 us, a ballot shortcut for the index
 // 0.3 us, and sorting each lane's slots first 0.1-0.2 us.
 // Grouped top-k: when a group is exactly one slot of every lane (E == 32 * G: DeepSeek-V3's 256
@@ -367,8 +367,9 @@ template <int kPerLane, bool kLookahead = false>
 MOE_DEVICE MOE_FORCEINLINE void select_rounds(const uint32_t (&okey)[kPerLane], const float (&score)[kPerLane], int topk,
                                               int lane, bool packed, int& my_id, float& my_score,
                                               float& selected_sum) {
-  if (!(packed && selection_pass<kPerLane, kLookahead, true>(okey, score, topk, lane, my_id, my_score, selected_sum)))
-    selection_pass<kPerLane, kLookahead, false>(okey, score, topk, lane, my_id, my_score, selected_sum);
+  const bool done =
+      packed && selection_pass<kPerLane, kLookahead, true>(okey, score, topk, lane, my_id, my_score, selected_sum);
+  if (!done) selection_pass<kPerLane, kLookahead, false>(okey, score, topk, lane, my_id, my_score, selected_sum);
 }
 
 // Gating of one token by one warp. `row` is the token's logits; `smem` is this token's grouped-top-k
