@@ -1,10 +1,10 @@
 // A/B harness for the decode routing kernels: the fused gating + alignment kernel
 // (fused_gating_align_kernel), the router (topk_gating_kernel), the one-block alignment
-// (moe_align_small_kernel) and an empty kernel, each timed per launch in a CUDA graph of 100
-// launches with programmatic dependent launch (as the extension launches them), median of 35
-// replays. Torch-free, so variants of csrc/kernels (an ablation, a candidate) build in seconds and run
-// in one device call; the output hash shows whether two variants agree. bench/fused_ab.py builds the
-// variants; used for fused_topk_align v6 (bench/NOTES.md).
+// (moe_align_small_kernel) and an empty kernel, each timed per launch in a CUDA graph of 100 launches
+// with programmatic dependent launch (as the extension launches them), median of 35 replays
+// (bench/ab_common.cuh). Torch-free, so variants of csrc/kernels (an ablation, a candidate) build in
+// seconds and run in one device call; the output hash shows whether two variants agree.
+// bench/fused_ab.py builds the variants; used for fused_topk_align v6 (bench/NOTES.md).
 //
 //   nvcc -std=c++17 -O3 -arch=sm_90a --expt-relaxed-constexpr --fmad=false -I<variant>/kernels \
 //        -DVARIANT='"name"' [-DFUSED_AB_PACKED] bench/fused_ab.cu -o fused_ab_name
@@ -13,20 +13,12 @@
 #include <cstdlib>
 #include <vector>
 
+#include "ab_common.cuh"
 #include "align.cuh"
 #include "fused_routing.cuh"
 #include "gating.cuh"
 #include "../csrc/cuda/dispatch.cuh"
 using namespace moe_ext;
-
-#define CK(x)                                                                       \
-  do {                                                                              \
-    cudaError_t e = (x);                                                            \
-    if (e != cudaSuccess) {                                                         \
-      printf("CUDA %s at %d\n", cudaGetErrorString(e), __LINE__);                   \
-      exit(1);                                                                      \
-    }                                                                               \
-  } while (0)
 
 __global__ void empty_kernel() {
   grid_dependents_launch();
@@ -37,35 +29,6 @@ __global__ void empty_kernel() {
 template <typename... P, typename... A>
 void launch(void (*k)(P...), int blocks, int threads, size_t smem, cudaStream_t s, A... args) {
   CK(moe_ext::cuda::launch_kernel(k, dim3(blocks), dim3(threads), smem, s, true, args...));
-}
-
-// Median microseconds per launch of `body` (one launch) over a graph of 100 launches.
-template <typename F>
-float time_graph(cudaStream_t s, F body) {
-  const int kLaunches = 100;
-  cudaGraph_t g;
-  cudaGraphExec_t ge;
-  CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
-  for (int i = 0; i < kLaunches; ++i) body();
-  CK(cudaStreamEndCapture(s, &g));
-  CK(cudaGraphInstantiate(&ge, g, 0));
-  cudaEvent_t a, b;
-  CK(cudaEventCreate(&a));
-  CK(cudaEventCreate(&b));
-  std::vector<float> ts;
-  for (int r = 0; r < 40; ++r) {
-    CK(cudaEventRecord(a, s));
-    CK(cudaGraphLaunch(ge, s));
-    CK(cudaEventRecord(b, s));
-    CK(cudaEventSynchronize(b));
-    float ms;
-    CK(cudaEventElapsedTime(&ms, a, b));
-    if (r >= 5) ts.push_back(ms * 1000.0f / kLaunches);
-  }
-  std::sort(ts.begin(), ts.end());
-  CK(cudaGraphExecDestroy(ge));
-  CK(cudaGraphDestroy(g));
-  return ts[ts.size() / 2];
 }
 
 template <typename T>
@@ -111,7 +74,7 @@ void run(const char* variant, int E, int k, int T, bool grouped, cudaStream_t s)
 #else  // headers before the packed rounds (session 13); -DFUSED_AB_PACKED for later ones
   const auto fused_kernel = fused_gating_align_kernel<__nv_bfloat16, kPerLane>;
 #endif
-  const float fused = time_graph(s, [&] {
+  const float fused = time_graph(s, 100, [&](int) {
     launch(fused_kernel, 1, fused_threads(E, T), fsmem, s,
            (const __nv_bfloat16*)logits, int64_t(E), T, p, bs, 4, (const int32_t*)nullptr, max_padded, w, ids, sorted,
            eids, npp);
@@ -134,13 +97,13 @@ void run(const char* variant, int E, int k, int T, bool grouped, cudaStream_t s)
   const int gsmem = grouped ? kGateGroupsPerBlock * grouped_smem_bytes(E, G) : 0;
   // The instance the extension launches at these sizes (csrc/cuda/routing.cu: the lookahead rounds up
   // to kGateLookaheadMaxBlocks = 4 blocks, i.e. every T here).
-  const float router = time_graph(s, [&] {
+  const float router = time_graph(s, 100, [&](int) {
     launch(topk_gating_kernel<__nv_bfloat16, kPerLane, true>, gblocks, kGateGroupsPerBlock * kGateLanes, gsmem, s,
            (const __nv_bfloat16*)logits, int64_t(E), T, p, w, ids);
   });
   const int athreads = std::min(1024, std::max(128, (std::max(numel, E) + 31) / 32 * 32));
   const size_t asmem = size_t(align_small_smem_ints(E, numel)) * 4;
-  const float align = time_graph(s, [&] {
+  const float align = time_graph(s, 100, [&](int) {
     launch(moe_align_small_kernel, 1, athreads, asmem, s, (const int32_t*)ids, numel, E, bs, (const int32_t*)nullptr,
            max_padded, sorted, eids, npp);
   });
@@ -153,7 +116,8 @@ int main() {
   cudaStream_t s;
   CK(cudaStreamCreate(&s));
   for (int rep = 0; rep < 2; ++rep) {
-    printf("%-12s empty kernel %.3f us\n", VARIANT, time_graph(s, [&] { launch(empty_kernel, 1, 32, 0, s); }));
+    const float empty = time_graph(s, 100, [&](int) { launch(empty_kernel, 1, 32, 0, s); });
+    printf("%-12s empty kernel %.3f us\n", VARIANT, empty);
     for (int T : {1, 2, 4, 8, 12, 16}) run<8>(VARIANT, 256, 8, T, false, s);
     for (int T : {1, 4}) run<4>(VARIANT, 128, 4, T, false, s);
     run<8>(VARIANT, 256, 8, 1, true, s);

@@ -8,31 +8,11 @@ A variant whose kernels have the fused kernel's kPacked parameter (session 13 on
 -DFUSED_AB_PACKED, so it times the instances the extension launches.
 """
 
-import concurrent.futures
 import os
-import subprocess
 import sys
 
-root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-variants = dict(arg.split("=", 1) for arg in sys.argv[1:]) or {"csrc": os.path.join(root, "csrc")}
-build = os.environ.get("FUSED_AB_BUILD", "/tmp/fused_ab")
-os.makedirs(build, exist_ok=True)
+from ab_build import ROOT, build_and_run, header_has
 
-
-def compile_variant(name):
-    exe = os.path.join(build, name)
-    cmd = ["nvcc", "-std=c++17", "-O3", "-arch=sm_90a", "--expt-relaxed-constexpr", "--fmad=false",
-           f"-I{os.path.join(os.path.abspath(variants[name]), 'kernels')}", f'-DVARIANT="{name}"',
-           os.path.join(root, "bench", "fused_ab.cu"), "-o", exe]
-    with open(os.path.join(variants[name], "kernels", "fused_routing.cuh")) as f:
-        if "bool kPacked" in f.read():
-            cmd.insert(-3, "-DFUSED_AB_PACKED")
-    subprocess.run(cmd, check=True)
-    return exe
-
-
-with concurrent.futures.ThreadPoolExecutor(8) as pool:
-    exes = list(pool.map(compile_variant, variants))
-for _ in range(2):
-    for exe in exes:
-        subprocess.run([exe], check=True)
+variants = dict(arg.split("=", 1) for arg in sys.argv[1:]) or {"csrc": os.path.join(ROOT, "csrc")}
+build_and_run("fused_ab.cu", variants, os.environ.get("FUSED_AB_BUILD", "/tmp/fused_ab"), nvcc_flags=["--fmad=false"],
+              flags=lambda k: ["-DFUSED_AB_PACKED"] if header_has(k, "fused_routing.cuh", "bool kPacked") else [])

@@ -1,0 +1,20 @@
+"""Builds bench/elementwise_ab.cu against several copies of the kernel headers and runs them in turn,
+twice (a variant is a folder holding kernels/ and core/, as csrc does; `git archive REV csrc | tar -x`
+an older revision there, or copy csrc and edit it). Headers without the RowWalk kernels (before session
+13) build with -DEW_OLD. Torch-free; needs nvcc and a GPU.
+
+    python bench/elementwise_ab.py new=csrc old=/tmp/old/csrc [--tokens 1024 4096 16384]
+"""
+
+import argparse
+import os
+
+from ab_build import ROOT, build_and_run, header_has
+
+p = argparse.ArgumentParser()
+p.add_argument("variants", nargs="*", default=[f"csrc={os.path.join(ROOT, 'csrc')}"], help="NAME=FOLDER")
+p.add_argument("--tokens", nargs="+", default=["1024", "4096", "16384"])
+args = p.parse_args()
+build_and_run("elementwise_ab.cu", dict(v.split("=", 1) for v in args.variants),
+              os.environ.get("ELEMENTWISE_AB_BUILD", "/tmp/elementwise_ab"), run_args=args.tokens,
+              flags=lambda k: [] if header_has(k, "activation.cuh", "RowWalk") else ["-DEW_OLD"])
