@@ -155,7 +155,9 @@ def _fused_topk_align_fake(router_logits, topk, block_size, scoring_func="softma
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """silu(x[..., :I]) * x[..., I:] for x [..., 2I] (fp32, bf16, fp16; contiguous).
 
-    Math in fp32; returns [..., I] in x's dtype.
+    Math in fp32; returns [..., I] in x's dtype. On CUDA, bf16 and fp16 inputs take approximate
+    exp and reciprocal instructions (a few fp32 ulp, far under the output's rounding); fp32 inputs
+    take expf and an IEEE division.
     """
     return torch.ops.moe_ext.silu_and_mul.default(x)
 
