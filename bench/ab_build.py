@@ -9,16 +9,19 @@ import subprocess
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def build_and_run(source, variants, build_dir, flags=lambda kernels: [], nvcc_flags=(), run_args=()):
-    """variants: {name: folder}; flags(kernels_dir) -> extra -D flags for that variant's headers."""
+def build_and_run(source, variants, build_dir, flags=lambda kernels: [], sources=lambda folder: [], nvcc_flags=(),
+                  run_args=()):
+    """variants: {name: folder}; flags(kernels_dir) -> extra -D flags for that variant's headers;
+    sources(folder) -> the variant's files compiled with the harness."""
     os.makedirs(build_dir, exist_ok=True)
 
     def compile_variant(name):
-        kernels = os.path.join(os.path.abspath(variants[name]), "kernels")
+        folder = os.path.abspath(variants[name])
+        kernels = os.path.join(folder, "kernels")
         exe = os.path.join(build_dir, name)
         subprocess.run(["nvcc", "-std=c++17", "-O3", "-arch=sm_90a", "--expt-relaxed-constexpr", *nvcc_flags,
                         f"-I{kernels}", f'-DVARIANT="{name}"', *flags(kernels),
-                        os.path.join(ROOT, "bench", source), "-o", exe], check=True)
+                        os.path.join(ROOT, "bench", source), *sources(folder), "-o", exe], check=True)
         return exe
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:

@@ -57,18 +57,21 @@ def main():
             }
             for op, (shape, fn, elems) in ((op, cases[op]) for op in args.ops):
                 nbytes = elems * torch.empty((), dtype=dtype).element_size()
+                calls = 20 if nbytes < (64 << 20) else 4
+                floor = nbytes / (bw * 1e9) * 1e6
+                # A device copy of the same bytes (half read, half written), once per case.
+                half = nbytes // 2
+                src_of = rotating(lambda: torch.empty(half, device="cuda", dtype=torch.uint8).random_(0, 255), half)
+                dst = torch.empty(half, device="cuda", dtype=torch.uint8)
+                copy = time_graph(lambda: dst.copy_(src_of()), calls_per_graph=calls)
+                del src_of, dst
                 get = rotating(lambda: torch.randn(shape, device="cuda", dtype=dtype), nbytes)
                 for variant, env in variants:
                     with environment(env):
                         eager = time_events(lambda: fn(get()), iters=200)
                         # Graph replay removes the host's launch cost (about 25 µs per eager call on the
                         # device image), so it measures the kernel at every size.
-                        graph = time_graph(lambda: fn(get()), calls_per_graph=20 if nbytes < (64 << 20) else 4)
-                    floor = nbytes / (bw * 1e9) * 1e6
-                    half = nbytes // 2
-                    src_of = rotating(lambda: torch.empty(half, device="cuda", dtype=torch.uint8).random_(0, 255), half)
-                    dst = torch.empty(half, device="cuda", dtype=torch.uint8)
-                    copy = time_graph(lambda: dst.copy_(src_of()), calls_per_graph=20 if nbytes < (64 << 20) else 4)
+                        graph = time_graph(lambda: fn(get()), calls_per_graph=calls)
                     rows.append(dict(variant=variant, op=op, model=cfg.name, T=T, shape=str(list(shape)), bytes=nbytes,
                                      eager_us=eager, graph_us=graph, floor_us=floor, same_bytes_copy_us=copy,
                                      gbps=nbytes / (graph * 1e-6) / 1e9, pct_of_copy=100 * floor / graph,

@@ -1,12 +1,25 @@
 // Launchers for SiLU-and-mul and the top-k combine (kernels in csrc/kernels/activation.cuh).
+#include <algorithm>
+
 #include "../core/static_switch.h"
 #include "../kernels/activation.cuh"
-#include "activation_shape.h"
 #include "dispatch.cuh"
 #include "launchers.h"
 
 namespace moe_ext::cuda {
 namespace {
+
+// Threads per block: a row's vectors split evenly over ceil(per_row / 256) passes, in whole warps
+// (360 vectors: 2 passes of 180 -> 192 threads, not 256 threads with a half-empty second pass);
+// blocks: one per row, at most 16 per multiprocessor (blocks stride over the remaining rows).
+int block_threads(int64_t per_row) {
+  const int64_t passes = std::max<int64_t>(1, (per_row + 255) / 256);
+  const int64_t threads = (per_row + passes - 1) / passes;
+  return static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, (threads + 31) / 32 * 32)));
+}
+int grid_size(int64_t rows, int num_sms) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(rows, int64_t(num_sms) * 16)));
+}
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % kVecBytes == 0; }
 
@@ -25,12 +38,9 @@ cudaError_t silu_and_mul(DType dtype, const void* x, void* out, int64_t rows, in
     const bool vec = d % Vec<T>::kSize == 0 && aligned16(x) && aligned16(out);
     return BOOL_SWITCH(vec, kVec, [&] {
       const int64_t per_row = d / (kVec ? Vec<T>::kSize : 1);
-      const dim3 grid(elementwise_grid_size(rows, num_sms)), block(elementwise_block_threads(per_row));
-      const auto run = [&](auto kernel) {
-        return launch_kernel(kernel, grid, block, 0, stream, pdl, static_cast<const T*>(x), static_cast<T*>(out), rows,
-                             d);
-      };
-      return run(silu_and_mul_kernel<T, kVec, kSiluItems>);
+      const dim3 grid(grid_size(rows, num_sms)), block(block_threads(per_row));
+      return launch_kernel(silu_and_mul_kernel<T, kVec, kSiluItems>, grid, block, 0, stream, pdl,
+                           static_cast<const T*>(x), static_cast<T*>(out), rows, d);
     });
   });
 }
@@ -43,7 +53,7 @@ cudaError_t moe_combine(DType dtype, const void* x, const float* weights, void* 
     const bool vec = h % Vec<T>::kSize == 0 && aligned16(x) && aligned16(out);
     return BOOL_SWITCH(vec, kVec, [&] {
       const int64_t per_row = h / (kVec ? Vec<T>::kSize : 1);
-      const dim3 grid(elementwise_grid_size(num_tokens, num_sms)), block(elementwise_block_threads(per_row));
+      const dim3 grid(grid_size(num_tokens, num_sms)), block(block_threads(per_row));
       const auto run = [&](auto kernel) {
         return launch_kernel(kernel, grid, block, 0, stream, pdl, static_cast<const T*>(x), weights,
                              static_cast<T*>(out), num_tokens, topk, h);
