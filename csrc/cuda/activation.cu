@@ -61,10 +61,11 @@ cudaError_t moe_combine(DType dtype, const void* x, const float* weights, void* 
       // topk's rows in chunks of up to 8 a thread; for topk <= 4 (<= 2), two tokens' chunks of 4 (2).
       // H200 (bench/NOTES.md moe_combine v4): one token's 4 rows at a time lost 8.7 points at GPT-OSS
       // T=1024; four tokens' 2 rows 18 at Mixtral T=1024; chunks of 4 for topk 8 lost 3.6-7.7 points
-      // except at Qwen3 T=1024 (2.0 ahead).
+      // except at Qwen3 T=1024 (2.0 ahead). Above topk 4, loads and stores evict-first (session 14):
+      // Qwen3 T=1024 10.68 -> 9.87 us, T=4096 -2%, T=16384 +2%; at topk 4 it cost GPT-OSS T=1024 1.3%.
       if (topk <= 2) return run(moe_combine_kernel<T, kVec, 2, 2>);
       if (topk <= 4) return run(moe_combine_kernel<T, kVec, 4, 2>);
-      return run(moe_combine_kernel<T, kVec, 8, 1>);
+      return run(moe_combine_kernel<T, kVec, 8, 1, true>);
     });
   });
 }

@@ -49,11 +49,18 @@ struct RowWalk {
 // Raw 16 bytes of kVecBytes / sizeof(T) elements (vectorized) or one element, loaded
 // unconditionally: a predicated load into a Vec<T> of 16-bit elements made the compiler wait for
 // each load and merge it element by element (session 13's SASS), so the kernels clamp the address
-// of a step past the end instead and skip its math.
+// of a step past the end instead and skip its math. kStream: the vector load marked evict-first
+// (ld.global.cs; the scalar path loads plainly).
 template <typename T, bool kVectorized>
 struct Raw {
   using type = std::conditional_t<kVectorized, uint4, T>;
-  static MOE_DEVICE MOE_FORCEINLINE type load(const T* p) { return *reinterpret_cast<const type*>(p); }
+  template <bool kStream = false>
+  static MOE_DEVICE MOE_FORCEINLINE type load(const T* p) {
+#if !defined(__HIP_PLATFORM_AMD__)
+    if constexpr (kStream && kVectorized) return __ldcs(reinterpret_cast<const uint4*>(p));
+#endif
+    return *reinterpret_cast<const type*>(p);
+  }
   static MOE_DEVICE MOE_FORCEINLINE float at(const type& r, int k) {
     if constexpr (kVectorized) {
       return to_float(reinterpret_cast<const Vec<T>&>(r).v[k]);
@@ -63,9 +70,15 @@ struct Raw {
   }
 };
 
-template <typename T, bool kVectorized>
+template <typename T, bool kVectorized, bool kStream = false>
 MOE_DEVICE MOE_FORCEINLINE void store_out(T* p, const Vec<T>& y) {
   if constexpr (kVectorized) {
+#if !defined(__HIP_PLATFORM_AMD__)
+    if constexpr (kStream) {
+      __stcs(reinterpret_cast<uint4*>(p), reinterpret_cast<const uint4&>(y));
+      return;
+    }
+#endif
     store_vec(p, y);
   } else {
     p[0] = y.v[0];
@@ -110,8 +123,9 @@ __global__ void silu_and_mul_kernel(const T* __restrict__ x, T* __restrict__ out
 // x: [T, topk, H]; weights: [T, topk] fp32 or null; out: [T, H]. Blocks stride over tokens, threads
 // over the row's vectors. A thread takes kItems (token, vector) steps at a time and loads kChunk of
 // each step's topk rows before any math (kChunk * kItems loads in flight), then adds them in j order.
-// The launcher picks kChunk and kItems from topk.
-template <typename T, bool kVectorized, int kChunk, int kItems>
+// The launcher picks kChunk and kItems from topk. kStream: x loaded and out stored evict-first
+// (.cs), for the launcher's topk > 4 instance (bench/NOTES.md moe_combine, session 14).
+template <typename T, bool kVectorized, int kChunk, int kItems, bool kStream = false>
 __global__ void moe_combine_kernel(const T* __restrict__ x, const float* __restrict__ weights, T* __restrict__ out,
                                    int64_t num_tokens, int topk, int64_t h) {
   using R = Raw<T, kVectorized>;
@@ -141,7 +155,7 @@ __global__ void moe_combine_kernel(const T* __restrict__ x, const float* __restr
         for (int c = 0; c < kChunk; ++c) {
           const bool ok = t[q] >= 0 && j0 + c < topk;
           const int64_t row = ok ? t[q] * topk + j0 + c : 0;  // row 0: a valid address, its value unused
-          v[q][c] = R::load(x + row * h + (ok ? int64_t(col[q]) * kW : 0));
+          v[q][c] = R::template load<kStream>(x + row * h + (ok ? int64_t(col[q]) * kW : 0));
           w[q][c] = weights ? weights[row] : 1.0f;
         }
       }
@@ -161,7 +175,7 @@ __global__ void moe_combine_kernel(const T* __restrict__ x, const float* __restr
       Vec<T> y;
 #pragma unroll
       for (int k = 0; k < kW; ++k) y.v[k] = from_float<T>(acc[q][k]);
-      store_out<T, kVectorized>(out + t[q] * h + int64_t(col[q]) * kW, y);
+      store_out<T, kVectorized, kStream>(out + t[q] * h + int64_t(col[q]) * kW, y);
     }
   }
 }
