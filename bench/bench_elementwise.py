@@ -19,7 +19,8 @@ import argparse
 import torch
 
 import moe_ext
-from common import copy_bandwidth, environment, markdown_table, parse_variant, time_events, time_graph, write_results
+from common import (copy_bandwidth, environment, markdown_table, parse_variant, time_events, time_graph, warm_up_device,
+                    write_results)
 from moe_ext.models import MODELS
 
 
@@ -45,6 +46,7 @@ def main():
     args = p.parse_args()
     variants = [parse_variant(v) for v in args.variants]
     dtype = getattr(torch, args.dtype)
+    warm_up_device()
     bw = copy_bandwidth()
     print(f"copy bandwidth (read + write): {bw:.0f} GB/s on {torch.cuda.get_device_name()}")
     rows = []

@@ -21,6 +21,23 @@ def device_tag() -> str:
     return name.replace("NVIDIA ", "").replace(" ", "-").lower()
 
 
+def warm_up_device(seconds: float = 1.0) -> None:
+    """Keeps the GPU busy with device copies for about `seconds`, so the first timed case does not run
+    while clocks and memory are still leaving their idle state (session 14: the first row of an
+    elementwise table, and its same-bytes copy, read 5-6% slow)."""
+    src = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    while True:
+        for _ in range(50):
+            dst.copy_(src)
+        stop.record()
+        stop.synchronize()
+        if start.elapsed_time(stop) >= seconds * 1e3:
+            return
+
+
 def time_events(fn, iters: int = 100, warmup: int = 10) -> float:
     """Median µs of fn() over iters calls, each bracketed by CUDA events, after warm-up."""
     for _ in range(warmup):

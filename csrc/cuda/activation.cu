@@ -9,14 +9,21 @@
 namespace moe_ext::cuda {
 namespace {
 
-// Threads per block: a row's vectors split evenly over ceil(per_row / 256) passes, in whole warps
-// (360 vectors: 2 passes of 180 -> 192 threads, not 256 threads with a half-empty second pass);
-// blocks: one per row, at most 16 per multiprocessor (blocks stride over the remaining rows).
-int block_threads(int64_t per_row) {
-  const int64_t passes = std::max<int64_t>(1, (per_row + 255) / 256);
+// Threads per block: a row's vectors split evenly over ceil(per_row / max_threads) passes, in whole
+// warps (360 vectors at most 256: 2 passes of 180 -> 192 threads, not 256 with a half-empty second
+// pass); blocks: one per row, at most 16 per multiprocessor (blocks stride over the remaining rows).
+int block_threads(int64_t per_row, int64_t max_threads) {
+  const int64_t passes = std::max<int64_t>(1, (per_row + max_threads - 1) / max_threads);
   const int64_t threads = (per_row + passes - 1) / passes;
-  return static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, (threads + 31) / 32 * 32)));
+  return static_cast<int>(std::min<int64_t>(max_threads, std::max<int64_t>(32, (threads + 31) / 32 * 32)));
 }
+// The largest SiLU block (40 registers a thread). H200, session 14 (bench/NOTES.md silu_and_mul): 512
+// against 256, GPT-OSS (360 vectors: one pass of 384 threads, not two of 192) 1.8% faster at T = 1024
+// and 4096 and 5.0% at 16384, Mixtral (1792: four passes of 448, not seven of 256) 2.3-3.1%; rows of
+// at most 256 vectors unchanged. The combine keeps 256: its 64-92 registers left one 384-thread block
+// a multiprocessor at GPT-OSS (T=1024 +77%).
+constexpr int64_t kSiluMaxThreads = 512;
+constexpr int64_t kCombineMaxThreads = 256;
 int grid_size(int64_t rows, int num_sms) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(rows, int64_t(num_sms) * 16)));
 }
@@ -38,7 +45,7 @@ cudaError_t silu_and_mul(DType dtype, const void* x, void* out, int64_t rows, in
     const bool vec = d % Vec<T>::kSize == 0 && aligned16(x) && aligned16(out);
     return BOOL_SWITCH(vec, kVec, [&] {
       const int64_t per_row = d / (kVec ? Vec<T>::kSize : 1);
-      const dim3 grid(grid_size(rows, num_sms)), block(block_threads(per_row));
+      const dim3 grid(grid_size(rows, num_sms)), block(block_threads(per_row, kSiluMaxThreads));
       return launch_kernel(silu_and_mul_kernel<T, kVec, kSiluItems>, grid, block, 0, stream, pdl,
                            static_cast<const T*>(x), static_cast<T*>(out), rows, d);
     });
@@ -53,7 +60,7 @@ cudaError_t moe_combine(DType dtype, const void* x, const float* weights, void* 
     const bool vec = h % Vec<T>::kSize == 0 && aligned16(x) && aligned16(out);
     return BOOL_SWITCH(vec, kVec, [&] {
       const int64_t per_row = h / (kVec ? Vec<T>::kSize : 1);
-      const dim3 grid(grid_size(num_tokens, num_sms)), block(block_threads(per_row));
+      const dim3 grid(grid_size(num_tokens, num_sms)), block(block_threads(per_row, kCombineMaxThreads));
       const auto run = [&](auto kernel) {
         return launch_kernel(kernel, grid, block, 0, stream, pdl, static_cast<const T*>(x), weights,
                              static_cast<T*>(out), num_tokens, topk, h);
