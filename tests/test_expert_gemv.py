@@ -175,6 +175,32 @@ def test_gemv_every_config_bit_identical(dtype, K):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
+@pytest.mark.parametrize("topk", [1, 3, 5, 8, 33])
+@pytest.mark.parametrize("K", [768, 100])
+def test_gemv_combine_split_configs_bit_identical(topk, K):
+    """The split configs (two warps a column, each half of the passes, handing partials over through
+    shared memory) give the bits of the unsplit ones: odd pass counts, a share with no pass (topk 1),
+    a last CTA with a column group past N (N odd), invalid ids, and topk 33 (past the hand-off: the
+    launcher runs the unsplit tile)."""
+    require_kernel("moe_gemv_combine", "cuda")
+    M, E, N = 2, 40, 37
+    w2 = torch.randn(E, N, K, device="cuda", dtype=torch.bfloat16) / K**0.5
+    h = torch.randn(M * topk, K, device="cuda", dtype=torch.bfloat16)
+    ids, weights, _ = routing(M, topk, E, "invalid_ids", "cuda", seed=topk + K)
+    env = "MOE_EXT_GEMV_COMBINE_CONFIG"
+    outs = {}
+    for cfg in range(moe_ext.ops.num_tile_configs("moe_gemv_combine")):
+        os.environ[env] = str(cfg)
+        try:
+            outs[cfg] = moe_ext.moe_gemv_combine(h, w2, ids, weights)
+        finally:
+            del os.environ[env]
+    for cfg, out in outs.items():
+        assert torch.equal(out, outs[0]), cfg
+    assert_close(outs[0], ref.moe_gemv_combine_ref(h.cpu(), w2.cpu(), ids.cpu(), weights.cpu()), torch.bfloat16)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
 def test_gemv_cuda_matches_cpu():
     """CUDA and CPU kernels agree (bf16: within one rounding of the same fp32 result)."""
     require_kernel("moe_gemv_silu", "cuda")

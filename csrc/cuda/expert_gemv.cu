@@ -26,7 +26,13 @@ using CombineCfg2 = CombineConfig<1, 8, 1>;
 using CombineCfg3 = CombineConfig<2, 4, 1>;
 using CombineCfg4 = CombineConfig<1, 2, 4>;
 using CombineCfg5 = CombineConfig<1, 2, 2>;
-constexpr int kNumCombineConfigs = 6;
+// Two warps a column, each one of the token's experts a pass with four vectors a row in flight
+// (moe_gemv_combine_kernel's split): twice config 5's warps. Session 14, H200, the layer at T = 1
+// (bench/NOTES.md): Mixtral (topk 2, 14336-element rows) 179.2 -> 169.2 us; GPT-OSS (topk 4) 56.0 ->
+// 57.3, Qwen3 (topk 8) 26.2 -> 27.1. Splits of configs 2 (<1, 4, 1, 2>) and 5 (<1, 2, 2, 2>) were slower
+// or equal everywhere (GPT-OSS T=1 84.6 and 59.8 us) and are not kept.
+using CombineCfg6 = CombineConfig<1, 1, 4, 2>;
+constexpr int kNumCombineConfigs = 7;
 
 // Defaults from the H100 tuning at T = 1..8 of the four model shapes, checked on an H200 at T = 1, 4
 // (session 8: results/h200-tune-expert-gemv-prefetch2.md, where config 5 below ran as config 8).
@@ -41,6 +47,7 @@ constexpr int kDefaultSiluConfig = 3;
 constexpr int kShortRowVectors = kWarpSize * 4;  // "rows under 32 lanes x 4 vectors" above
 int default_combine_config(int64_t M, int64_t K, int64_t topk, int elem_bytes) {
   const int64_t vectors = K * elem_bytes / kVecBytes;
+  if (M == 1 && vectors >= kShortRowVectors && topk <= 2) return 6;  // one token, two long rows a column
   return M == 1 && vectors < kShortRowVectors && topk >= CombineCfg2::kSlots ? 2 : 5;
 }
 
@@ -62,6 +69,10 @@ cudaError_t launch_silu(const gemv::Params& p, int64_t ctas, bool vec, bool pdl,
 
 template <typename T, typename Cfg>
 cudaError_t launch_combine(const gemv::Params& p, int64_t ctas, bool vec, bool pdl, cudaStream_t stream) {
+  if constexpr (Cfg::kSplit > 1) {  // the split's shared hand-off holds kMaxSplitTopk slots
+    if (p.topk > gemv::kMaxSplitTopk)
+      return launch_combine<T, CombineConfig<Cfg::kRows, Cfg::kSlots, Cfg::kU>>(p, ctas, vec, pdl, stream);
+  }
   return vec ? launch<Cfg>(gemv::moe_gemv_combine_kernel<T, Cfg, true>, p, ctas, pdl, stream)
              : launch<Cfg>(gemv::moe_gemv_combine_kernel<T, Cfg, false>, p, ctas, pdl, stream);
 }
@@ -107,7 +118,7 @@ cudaError_t moe_gemv_combine(DType dtype, const void* h, const void* w2, const i
   const bool vec = vectorized(dtype, h, w2, K);
   return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
-    return dispatch_config<CombineCfg0, CombineCfg1, CombineCfg2, CombineCfg3, CombineCfg4, CombineCfg5>(
+    return dispatch_config<CombineCfg0, CombineCfg1, CombineCfg2, CombineCfg3, CombineCfg4, CombineCfg5, CombineCfg6>(
         config < 0 ? default_combine_config(M, K, topk, sizeof(T)) : config,
         [&](auto c) { return launch_combine<T, decltype(c)>(p, M, vec, pdl, stream); });
   });

@@ -129,11 +129,21 @@ struct SiluConfig {
   static constexpr int kRows = kRowsT, kU = kUT, kCols = kWarps * kRowsT;
 };
 
-// Combine tile: kRows output columns per warp, kSlots of the token's experts at a time.
-template <int kRowsT, int kSlotsT, int kUT>
+// Combine tile: kRows output columns per warp, kSlots of the token's experts at a time; kSplit warps
+// per column group, each taking a share of the token's passes over its experts (more warps in flight
+// for grids under a wave; see moe_gemv_combine_kernel).
+template <int kRowsT, int kSlotsT, int kUT, int kSplitT = 1>
 struct CombineConfig {
-  static constexpr int kRows = kRowsT, kSlots = kSlotsT, kU = kUT, kCols = kWarps * kRowsT;
+  static_assert(kWarps % kSplitT == 0, "the split divides the CTA's warps");
+  static constexpr int kRows = kRowsT, kSlots = kSlotsT, kU = kUT, kSplit = kSplitT;
+  static constexpr int kCols = kWarps / kSplitT * kRowsT;
+  // CTAs a multiprocessor the registers must allow: a split grid has twice the CTAs, which fit one
+  // wave only at 64 registers a thread (8 x 128 threads).
+  static constexpr int kMinBlocks = kSplitT > 1 ? 8 : 1;
 };
+// Largest topk a split config takes (its shared hand-off holds this many slots); the launcher runs the
+// unsplit tile above it.
+constexpr int kMaxSplitTopk = 32;
 
 // grid (M * topk, ceil(N / Cfg::kCols)).
 template <typename T, typename Cfg, bool kVec>
@@ -175,14 +185,26 @@ __global__ void __launch_bounds__(kThreads) moe_gemv_silu_kernel(Params p) {
     if (lane == r && n0 + r < p.N) out[n0 + r] = from_float<T>(e >= 0 ? silu_mul(g[r], u[r]) : 0.0f);
 }
 
-// grid (M, ceil(N / Cfg::kCols)).
+// grid (M, ceil(N / Cfg::kCols)). With Cfg::kSplit > 1 the kSplit warps of a column group split the
+// token's passes over its experts (the first warp the first share, and so on); each later warp hands
+// every slot's per-lane partial dot products to the first through shared memory, which folds them into
+// its per-lane chain in slot order: the same operations in the same order as one warp doing every pass,
+// so every config gives the same bits.
 template <typename T, typename Cfg, bool kVec>
-__global__ void __launch_bounds__(kThreads) moe_gemv_combine_kernel(Params p) {
-  constexpr int kRows = Cfg::kRows, kSlots = Cfg::kSlots, kR = kRows * kSlots;
+__global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks) moe_gemv_combine_kernel(Params p) {
+  constexpr int kRows = Cfg::kRows, kSlots = Cfg::kSlots, kR = kRows * kSlots, kSplit = Cfg::kSplit;
+  constexpr int kGroups = kWarps / kSplit;
+  __shared__ float handoff[kSplit > 1 ? kGroups * kMaxSplitTopk * kRows * kWarpSize : 1];
   const int t = blockIdx.x;
   const int lane = lane_id();
-  const int n0 = (blockIdx.y * kWarps + static_cast<int>(threadIdx.x) / kWarpSize) * kRows;
-  if (n0 >= p.N) return;
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+  const int share = warp % kSplit, group = warp / kSplit;
+  const int n0 = (blockIdx.y * kGroups + group) * kRows;
+  const bool valid = n0 < p.N;
+  if (kSplit == 1 && !valid) return;  // whole warps; a split CTA keeps them all for its barrier
+  const int passes = (p.topk + kSlots - 1) / kSlots;
+  const int per_share = (passes + kSplit - 1) / kSplit;
+  const int pass_begin = share * per_share, pass_end = min(passes, pass_begin + per_share);
   const T* w = static_cast<const T*>(p.w);
   const T* h = static_cast<const T*>(p.x);
   // Before waiting on the kernel ahead (moe_gemv_silu, which writes h), ask L2 for this warp's
@@ -190,9 +212,10 @@ __global__ void __launch_bounds__(kThreads) moe_gemv_combine_kernel(Params p) {
   // use and are read twice): they do not depend on it. topk_ids are complete by now when that kernel waited
   // on the router before letting this one start (moe_gemv_silu does); read earlier, they could
   // only name the wrong rows to prefetch, never change a result (ids are range-checked).
-  if (kVec && p.prefetch && static_cast<int64_t>(p.K) * static_cast<int64_t>(sizeof(T)) <= kMaxPrefetchRowBytes) {
+  if (kVec && valid && p.prefetch &&
+      static_cast<int64_t>(p.K) * static_cast<int64_t>(sizeof(T)) <= kMaxPrefetchRowBytes) {
     const unsigned row_bytes = static_cast<unsigned>(p.K) * static_cast<unsigned>(sizeof(T));
-    for (int j = lane; j < p.topk; j += kWarpSize) {
+    for (int j = pass_begin * kSlots + lane; j < min(p.topk, pass_end * kSlots); j += kWarpSize) {
       const int e = local_expert(p.topk_ids[static_cast<int64_t>(t) * p.topk + j], p);
       if (e < 0) continue;
 #pragma unroll
@@ -202,7 +225,8 @@ __global__ void __launch_bounds__(kThreads) moe_gemv_combine_kernel(Params p) {
   }
   grid_dependency_wait();
   float acc[kRows] = {};
-  for (int j0 = 0; j0 < p.topk; j0 += kSlots) {
+  for (int pass = pass_begin; pass < pass_end; ++pass) {
+    const int j0 = pass * kSlots;
     const T* rows[kR];
     const T* xs[kSlots];
     bool on[kR];
@@ -218,15 +242,40 @@ __global__ void __launch_bounds__(kThreads) moe_gemv_combine_kernel(Params p) {
       for (int r = 0; r < kRows; ++r) {
         const int n = min(n0 + r, p.N - 1);
         rows[s * kRows + r] = w + (static_cast<int64_t>(e >= 0 ? e : 0) * p.N + n) * p.K;
-        on[s * kRows + r] = e >= 0 && n0 + r < p.N;
+        on[s * kRows + r] = valid && e >= 0 && n0 + r < p.N;
       }
     }
     float part[kR] = {};
     accumulate<T, kR, kSlots, Cfg::kU, kVec>(rows, xs, on, p.K, part);
+    if (share == 0) {
 #pragma unroll
-    for (int s = 0; s < kSlots; ++s)
+      for (int s = 0; s < kSlots; ++s)
 #pragma unroll
-      for (int r = 0; r < kRows; ++r) acc[r] = fmaf(weight[s], part[s * kRows + r], acc[r]);
+        for (int r = 0; r < kRows; ++r) acc[r] = fmaf(weight[s], part[s * kRows + r], acc[r]);
+    } else {
+#pragma unroll
+      for (int s = 0; s < kSlots; ++s)
+#pragma unroll
+        for (int r = 0; r < kRows; ++r)
+          if (j0 + s < p.topk)
+            handoff[((group * kMaxSplitTopk + j0 + s) * kRows + r) * kWarpSize + lane] = part[s * kRows + r];
+    }
+  }
+  if constexpr (kSplit > 1) {
+    __syncthreads();  // the later shares' partials
+    if (share != 0) return;
+    // The first share's chain goes on over the later shares' slots, including the tail of the last
+    // pass past topk (weight 0, partial 0), as one warp doing every pass would.
+    for (int j = per_share * kSlots; j < passes * kSlots; ++j) {
+      const int64_t slot = static_cast<int64_t>(t) * p.topk + j;
+      const bool in = j < p.topk;
+      const float weight = in && local_expert(p.topk_ids[slot], p) >= 0 ? p.topk_weights[slot] : 0.0f;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r)
+        acc[r] = fmaf(weight, in ? handoff[((group * kMaxSplitTopk + j) * kRows + r) * kWarpSize + lane] : 0.0f,
+                      acc[r]);
+    }
+    if (!valid) return;
   }
   T* out = static_cast<T*>(p.out) + static_cast<int64_t>(t) * p.N;
 #pragma unroll
