@@ -56,9 +56,7 @@ struct Raw {
   using type = std::conditional_t<kVectorized, uint4, T>;
   template <bool kStream = false>
   static MOE_DEVICE MOE_FORCEINLINE type load(const T* p) {
-#if !defined(__HIP_PLATFORM_AMD__)
-    if constexpr (kStream && kVectorized) return __ldcs(reinterpret_cast<const uint4*>(p));
-#endif
+    if constexpr (kStream && kVectorized) return load16_stream(p);
     return *reinterpret_cast<const type*>(p);
   }
   static MOE_DEVICE MOE_FORCEINLINE float at(const type& r, int k) {
@@ -73,13 +71,11 @@ struct Raw {
 template <typename T, bool kVectorized, bool kStream = false>
 MOE_DEVICE MOE_FORCEINLINE void store_out(T* p, const Vec<T>& y) {
   if constexpr (kVectorized) {
-#if !defined(__HIP_PLATFORM_AMD__)
     if constexpr (kStream) {
-      __stcs(reinterpret_cast<uint4*>(p), reinterpret_cast<const uint4&>(y));
-      return;
+      store_vec_stream(p, y);
+    } else {
+      store_vec(p, y);
     }
-#endif
-    store_vec(p, y);
   } else {
     p[0] = y.v[0];
   }

@@ -48,19 +48,6 @@ MOE_DEVICE MOE_FORCEINLINE int local_expert(int32_t id, const Params& p) {
   return e >= 0 && e < p.E ? e : -1;
 }
 
-// Weight rows are read once: streamed past L1 (evict-first) so they do not push out the
-// activation vectors every warp of the CTA re-reads.
-template <typename T>
-MOE_DEVICE MOE_FORCEINLINE Vec<T> load_vec_stream(const T* p) {
-#if defined(__HIP_PLATFORM_AMD__)
-  return load_vec(p);
-#else
-  Vec<T> r;
-  *reinterpret_cast<uint4*>(&r) = __ldcs(reinterpret_cast<const uint4*>(p));
-  return r;
-#endif
-}
-
 // Adds to acc[r] this lane's share of rows[r] . xs[r / (kR / kX)] over K elements (rows with
 // on[r] false are skipped). kVec: K is a multiple of the vector width and every row and x starts
 // 16-byte aligned; lanes then take whole vectors, kU of them per row in flight. Loads are kept
@@ -74,6 +61,8 @@ MOE_DEVICE MOE_FORCEINLINE void accumulate(const T* const (&rows)[kR], const T* 
   constexpr int kW = kVec ? Vec<T>::kSize : 1;
   const auto load = [](const T* q, bool stream) -> Pack {
     if constexpr (kVec) {
+      // Weight rows are read once: evict-first, so they do not push out of L1 the activation vectors
+      // every warp of the CTA re-reads.
       return stream ? load_vec_stream(q) : load_vec(q);
     } else {
       return *q;

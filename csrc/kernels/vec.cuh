@@ -43,4 +43,31 @@ MOE_DEVICE MOE_FORCEINLINE void store_vec(T* p, const Vec<T>& v) {
   *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(&v);
 }
 
+// Evict-first 16-byte accesses, for bytes read or written once (weights streamed past L1, a combine's
+// inputs): ld.global.cs / st.global.cs on NVIDIA, plain accesses on AMD.
+MOE_DEVICE MOE_FORCEINLINE uint4 load16_stream(const void* p) {
+#if defined(__HIP_PLATFORM_AMD__)
+  return *reinterpret_cast<const uint4*>(p);
+#else
+  return __ldcs(reinterpret_cast<const uint4*>(p));
+#endif
+}
+MOE_DEVICE MOE_FORCEINLINE void store16_stream(void* p, uint4 v) {
+#if defined(__HIP_PLATFORM_AMD__)
+  *reinterpret_cast<uint4*>(p) = v;
+#else
+  __stcs(reinterpret_cast<uint4*>(p), v);
+#endif
+}
+template <typename T>
+MOE_DEVICE MOE_FORCEINLINE Vec<T> load_vec_stream(const T* p) {
+  Vec<T> r;
+  *reinterpret_cast<uint4*>(&r) = load16_stream(p);
+  return r;
+}
+template <typename T>
+MOE_DEVICE MOE_FORCEINLINE void store_vec_stream(T* p, const Vec<T>& v) {
+  store16_stream(p, *reinterpret_cast<const uint4*>(&v));
+}
+
 }  // namespace moe_ext
