@@ -71,11 +71,7 @@ struct Raw {
 template <typename T, bool kVectorized, bool kStream = false>
 MOE_DEVICE MOE_FORCEINLINE void store_out(T* p, const Vec<T>& y) {
   if constexpr (kVectorized) {
-    if constexpr (kStream) {
-      store_vec_stream(p, y);
-    } else {
-      store_vec(p, y);
-    }
+    store_vec<kStream>(p, y);
   } else {
     p[0] = y.v[0];
   }

@@ -63,7 +63,7 @@ MOE_DEVICE MOE_FORCEINLINE void accumulate(const T* const (&rows)[kR], const T* 
     if constexpr (kVec) {
       // Weight rows are read once: evict-first, so they do not push out of L1 the activation vectors
       // every warp of the CTA re-reads.
-      return stream ? load_vec_stream(q) : load_vec(q);
+      return stream ? load_vec<true>(q) : load_vec(q);
     } else {
       return *q;
     }

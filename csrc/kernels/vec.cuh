@@ -31,18 +31,6 @@ struct alignas(kVecBytes) Vec {
   T v[kSize];
 };
 
-template <typename T>
-MOE_DEVICE MOE_FORCEINLINE Vec<T> load_vec(const T* p) {
-  Vec<T> r;
-  *reinterpret_cast<uint4*>(&r) = *reinterpret_cast<const uint4*>(p);
-  return r;
-}
-
-template <typename T>
-MOE_DEVICE MOE_FORCEINLINE void store_vec(T* p, const Vec<T>& v) {
-  *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(&v);
-}
-
 // Evict-first 16-byte accesses, for bytes read or written once (weights streamed past L1, a combine's
 // inputs): ld.global.cs / st.global.cs on NVIDIA, plain accesses on AMD.
 MOE_DEVICE MOE_FORCEINLINE uint4 load16_stream(const void* p) {
@@ -59,15 +47,26 @@ MOE_DEVICE MOE_FORCEINLINE void store16_stream(void* p, uint4 v) {
   __stcs(reinterpret_cast<uint4*>(p), v);
 #endif
 }
-template <typename T>
-MOE_DEVICE MOE_FORCEINLINE Vec<T> load_vec_stream(const T* p) {
+
+// One vector as a 16-byte access; kStream: evict-first (above).
+template <bool kStream = false, typename T>
+MOE_DEVICE MOE_FORCEINLINE Vec<T> load_vec(const T* p) {
   Vec<T> r;
-  *reinterpret_cast<uint4*>(&r) = load16_stream(p);
+  if constexpr (kStream) {
+    *reinterpret_cast<uint4*>(&r) = load16_stream(p);
+  } else {
+    *reinterpret_cast<uint4*>(&r) = *reinterpret_cast<const uint4*>(p);
+  }
   return r;
 }
-template <typename T>
-MOE_DEVICE MOE_FORCEINLINE void store_vec_stream(T* p, const Vec<T>& v) {
-  store16_stream(p, *reinterpret_cast<const uint4*>(&v));
+
+template <bool kStream = false, typename T>
+MOE_DEVICE MOE_FORCEINLINE void store_vec(T* p, const Vec<T>& v) {
+  if constexpr (kStream) {
+    store16_stream(p, *reinterpret_cast<const uint4*>(&v));
+  } else {
+    *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(&v);
+  }
 }
 
 }  // namespace moe_ext
