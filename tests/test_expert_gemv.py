@@ -236,3 +236,105 @@ def test_gemv_cuda_graph_and_determinism():
         weights.copy_(new_weights)
         graph.replay()
         assert torch.equal(out, run())
+
+
+# moe_gemv_experts: both GEMVs as one stage (partial sums in an fp32 workspace, then a fixed-order reduction)
+
+
+def experts_inputs(M, topk, E, I, H, dtype, device, mode, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(M, H, generator=g).to(device=device, dtype=dtype)
+    w13 = (torch.randn(E, 2 * I, H, generator=g) / H**0.5).to(device=device, dtype=dtype)
+    w2 = (torch.randn(E, H, I, generator=g) / max(I, 1)**0.5).to(device=device, dtype=dtype)
+    ids, weights, emap = routing(M, topk, E, mode, device, seed=seed + 1)
+    return a, w13, w2, ids, weights, emap
+
+
+def experts_ref(a, w13, w2, ids, weights, emap):
+    return ref.moe_gemv_experts_ref(a.cpu(), w13.cpu(), w2.cpu(), ids.cpu(), weights.cpu(),
+                                    None if emap is None else emap.cpu())
+
+
+def experts_workspace_bytes(M, topk, I, H, cols=16):
+    return nbytes((M * topk * ((I + cols - 1) // cols) * H,), torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,topk,E,I,H", SHAPES)
+@pytest.mark.parametrize("mode", MAP_MODES)
+def test_gemv_experts(device, dtype, M, topk, E, I, H, mode):
+    """Against the two GEMVs' reference (h rounded to the dtype); the workspace and output poisoned first, so
+    a partial row or output element left unwritten fails."""
+    require_kernel("moe_gemv_experts", device)
+    args = experts_inputs(M, topk, E, I, H, dtype, device, mode, seed=M * 1000 + H + I)
+    poison_allocator(device, [nbytes((M, H), dtype), experts_workspace_bytes(M, topk, I, H)])
+    out = moe_ext.moe_gemv_experts(*args)
+    assert out.shape == (M, H) and out.dtype == dtype
+    assert torch.isfinite(out).all(), "non-finite output (an unwritten poisoned element?)"
+    assert_close(out, experts_ref(*args), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gemv_experts_edges(device):
+    """I = 0 (no columns: zeros), every slot without a local expert (zeros), unaligned views (scalar path)."""
+    require_kernel("moe_gemv_experts", device)
+    dtype = torch.bfloat16
+    a, w13, w2, ids, weights, _ = experts_inputs(3, 2, 4, 0, 64, dtype, device, "none", seed=1)
+    out = moe_ext.moe_gemv_experts(a, w13, w2, ids, weights)
+    assert out.shape == (3, 64) and torch.equal(out, torch.zeros_like(out))
+    a, w13, w2, _, weights, _ = experts_inputs(3, 2, 4, 40, 64, dtype, device, "none", seed=2)
+    ids = torch.tensor([[-1, 4], [2**30, -7], [5, 9]], dtype=torch.int32, device=device)
+    emap = torch.full((10,), -1, dtype=torch.int32, device=device)
+    emap[9] = 7  # past E_local = 4
+    poison_allocator(device, [nbytes((3, 64), dtype), experts_workspace_bytes(3, 2, 40, 64)])
+    out = moe_ext.moe_gemv_experts(a, w13, w2, ids, weights, emap)
+    assert torch.equal(out, torch.zeros_like(out))
+    M, topk, E, I, H = 2, 4, 8, 24, 64
+    a = torch.randn(1 + M * H, device=device, dtype=dtype)[1:].view(M, H)
+    _, w13, w2, ids, weights, _ = experts_inputs(M, topk, E, I, H, dtype, device, "none", seed=3)
+    w2 = torch.randn(1 + w2.numel(), device=device, dtype=dtype)[1:].view(E, H, I) / 5
+    assert_close(moe_ext.moe_gemv_experts(a, w13, w2, ids, weights), experts_ref(a, w13, w2, ids, weights, None), dtype)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("I,H", [(768, 2048), (200, 100), (37, 96)])
+def test_gemv_experts_configs_and_two_ops(dtype, I, H):
+    """Every config matches the reference and, to fp32 rounding plus h's one rounding, the two CUDA ops; each
+    config is deterministic (two runs bit-identical)."""
+    require_kernel("moe_gemv_experts", "cuda")
+    args = experts_inputs(3, 8, 16, I, H, dtype, "cuda", "invalid_ids", seed=I + H)
+    a, w13, w2, ids, weights, emap = args
+    want = experts_ref(*args)
+    two_ops = moe_ext.moe_gemv_combine(moe_ext.moe_gemv_silu(a, w13, ids), w2, ids, weights)
+    env = "MOE_EXT_GEMV_EXPERTS_CONFIG"
+    for cfg in range(_num_configs(env, "moe_gemv_experts", lambda: moe_ext.moe_gemv_experts(*args))):
+        os.environ[env] = str(cfg)
+        try:
+            out = moe_ext.moe_gemv_experts(*args)
+            assert torch.equal(out, moe_ext.moe_gemv_experts(*args)), cfg
+        finally:
+            del os.environ[env]
+        assert_close(out, want, dtype)
+        assert_close(out, two_ops, dtype)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
+def test_gemv_experts_matches_cpu_and_graph():
+    """CUDA against the CPU kernel; captured and replayed on new inputs, equal to eager."""
+    require_kernel("moe_gemv_experts", "cuda")
+    M, topk, E, I, H = 2, 8, 64, 128, 256
+    a, w13, w2, ids, weights, emap = experts_inputs(M, topk, E, I, H, torch.bfloat16, "cuda", "expert_map", seed=9)
+    cpu = moe_ext.moe_gemv_experts(a.cpu(), w13.cpu(), w2.cpu(), ids.cpu(), weights.cpu(), emap.cpu())
+    torch.testing.assert_close(moe_ext.moe_gemv_experts(a, w13, w2, ids, weights, emap).cpu(), cpu, rtol=1.6e-2,
+                               atol=2e-3 * cpu.abs().max().item())
+    run = lambda: moe_ext.moe_gemv_experts(a, w13, w2, ids, weights, emap)  # noqa: E731
+    graph, out = capture_graph(run)
+    for seed in range(3):
+        new_ids, new_weights, _ = routing(M, topk, E, "invalid_ids", "cuda", seed=60 + seed)
+        a.copy_(torch.randn_like(a))
+        ids.copy_(new_ids)
+        weights.copy_(new_weights)
+        graph.replay()
+        assert torch.equal(out, run())
