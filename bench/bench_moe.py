@@ -9,9 +9,6 @@ Paths, each on the same inputs:
                first GEMM (moe_ext fuses them through moe_grouped_gemm_silu for bf16 on CUDA).
   moe_ext_fused_silu  decode_gemv=False and fuse_silu=True: moe_grouped_gemm_silu at every T (the
                default fuses only from block_size 32).
-  moe_ext_gemv2  decode_gemv=True, gemv_experts=False: moe_gemv_silu + moe_gemv_combine (T <= 16; on
-               request only, as the next path).
-  moe_ext_gemv1  decode_gemv=True, gemv_experts=True: moe_gemv_experts, both GEMVs as one stage.
   eager_ref    moe_ext.reference.fused_moe_ref with bf16 compute: PyTorch's loop over the hit experts.
   compile_ref  torch.compile(fused_moe_ref, dynamic=False) of the same, compiled once per (model, T).
   grouped_mm   torch ops: top-k routing, tokens sorted by expert, torch._grouped_mm over w13 with
@@ -62,10 +59,8 @@ from moe_ext.models import MODELS  # noqa: E402
 
 PATHS = ["moe_ext", "moe_ext_grouped", "moe_ext_unfused", "moe_ext_fused_silu", "eager_ref", "compile_ref",
          "grouped_mm"]
-GEMV_PATHS = ["moe_ext_gemv2", "moe_ext_gemv1"]  # on request (--paths), and at T <= GEMV_MAX_TOKENS only
-GEMV_MAX_TOKENS = 16
 OPS = ["topk_gating", "moe_align_block_size", "fused_topk_align", "silu_and_mul", "moe_grouped_gemm", "moe_grouped_gemm_silu",
-       "moe_combine", "moe_gemv_silu", "moe_gemv_combine", "moe_gemv_experts"]
+       "moe_combine"]
 GRAPH_MAX_TOKENS = 16   # decode sizes, where the host's launch cost would hide the kernels
 TIME_BUDGET_S = 1.0     # per path and size: runs until about this much is spent, 3 runs at least
 MAX_WEIGHT_SETS = 4
@@ -281,7 +276,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     p.add_argument("--tokens", type=int, nargs="+", default=None, help="default 1 4 16 128 1024 4096 (smoke: 1 4 64)")
-    p.add_argument("--paths", nargs="+", choices=PATHS + GEMV_PATHS, default=PATHS)
+    p.add_argument("--paths", nargs="+", choices=PATHS, default=PATHS)
     p.add_argument("--iters", type=int, default=None, help="most timed runs per path and size (default 100, smoke 3)")
     p.add_argument("--compile-timeout", type=int, default=120,
                    help="seconds allowed for compile_ref's first call; past it, larger T of that model are skipped")
@@ -326,15 +321,11 @@ def main():
                                                                         fuse_silu=False, **routing),
             "moe_ext_fused_silu": lambda x, w13, w2, lg: moe_ext.fused_moe(x, w13, w2, lg, k, decode_gemv=False,
                                                                            fuse_silu=True, **routing),
-            "moe_ext_gemv2": lambda x, w13, w2, lg: moe_ext.fused_moe(x, w13, w2, lg, k, decode_gemv=True,
-                                                                      gemv_experts=False, **routing),
-            "moe_ext_gemv1": lambda x, w13, w2, lg: moe_ext.fused_moe(x, w13, w2, lg, k, decode_gemv=True,
-                                                                      gemv_experts=True, **routing),
             "eager_ref": lambda x, w13, w2, lg: ref.fused_moe_ref(x, w13, w2, lg, k, compute_dtype=dtype, **routing),
             "compile_ref": lambda x, w13, w2, lg: compiled(x, w13, w2, lg, k, compute_dtype=dtype, **routing),
             "grouped_mm": lambda x, w13, w2, lg: grouped_mm_moe(x, w13, w2, lg, k, **routing),
         }
-        ours = ("moe_ext", "moe_ext_grouped", "moe_ext_unfused", "moe_ext_fused_silu", "moe_ext_gemv2", "moe_ext_gemv1")
+        ours = ("moe_ext", "moe_ext_grouped", "moe_ext_unfused", "moe_ext_fused_silu")
         skip = {p: f"skipped: no {device} kernel for {', '.join(missing)}" for p in ours if missing}
         for T in tokens:
             x = torch.randn(T, H, dtype=dtype, device=device)
@@ -348,8 +339,6 @@ def main():
                 done += 1
                 res = dict(us=math.nan, timing="", err=math.nan, first_call_s=math.nan)
                 note = skip.get(path, "")
-                if path in GEMV_PATHS and T > GEMV_MAX_TOKENS:
-                    note = f"skipped: the decode GEMV paths run at T <= {GEMV_MAX_TOKENS}"
                 if not note:
                     try:
                         res = run_path(runners[path], x, sets, logits, want, device, iters,

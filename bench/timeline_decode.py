@@ -58,10 +58,7 @@ def main():
     p.add_argument("--calls", type=int, default=20)
     p.add_argument("--replays", type=int, default=5)
     p.add_argument("--stem", default="timeline-decode")
-    p.add_argument("--gemv-experts", choices=["default", "on", "off"], default="default",
-                   help="fused_moe's gemv_experts (moe_gemv_experts, or the two GEMVs); default: its own choice")
     args = p.parse_args()
-    gemv_experts = {"default": None, "on": True, "off": False}[args.gemv_experts]
     torch.manual_seed(0)
     dev, dt = "cuda", torch.bfloat16
     warm_up_device()
@@ -76,8 +73,7 @@ def main():
 
             def call(i):
                 w13, w2 = sets[i % len(sets)]
-                return moe_ext.fused_moe(x, w13, w2, logits, cfg.topk, correction_bias=bias,
-                                         gemv_experts=gemv_experts, **cfg.routing)
+                return moe_ext.fused_moe(x, w13, w2, logits, cfg.topk, correction_bias=bias, **cfg.routing)
 
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())

@@ -51,16 +51,9 @@ TORCH_LIBRARY(moe_ext, m) {
       "moe_gemv_combine(Tensor h, Tensor w2, Tensor topk_ids, Tensor topk_weights, "
       "Tensor? expert_map=None) -> Tensor");
 
-  // The whole decode expert stage: moe_gemv_combine(moe_gemv_silu(a, w13, topk_ids, expert_map), w2, topk_ids,
-  // topk_weights, expert_map), h rounded to the dtype as there; [M, H]. On CUDA in two launches without h in
-  // memory (fp32 sums in another fixed order: equal to the two ops to fp32 rounding, not bitwise).
-  m.def(
-      "moe_gemv_experts(Tensor a, Tensor w13, Tensor w2, Tensor topk_ids, Tensor topk_weights, "
-      "Tensor? expert_map=None) -> Tensor");
-
   // Entries in a CUDA launcher's tile-config table, which the MOE_EXT_*_CONFIG overrides index (for
-  // tuners and tests): op is "moe_grouped_gemm", "moe_grouped_gemm_silu", "moe_gemv_silu",
-  // "moe_gemv_combine" or "moe_gemv_experts". Registered by CUDA builds only.
+  // tuners and tests): op is "moe_grouped_gemm", "moe_grouped_gemm_silu", "moe_gemv_silu" or
+  // "moe_gemv_combine". Registered by CUDA builds only.
   m.def("num_tile_configs(str op) -> int");
 
   // Top-k combine: [T, topk, H] -> [T, H], optionally weighted by topk_weights [T, topk], fp32 sum.

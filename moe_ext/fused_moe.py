@@ -69,12 +69,6 @@ def use_decode_gemv(hidden_states: torch.Tensor, topk: int, num_experts: int, nu
     return hidden_states.is_cuda and hidden_states.shape[0] * topk * GEMV_EXPERTS_PER_SLOT <= reach
 
 
-def use_gemv_experts(hidden_states: torch.Tensor, topk: int) -> bool:
-    """fused_moe's default for gemv_experts (on the decode GEMV path): moe_gemv_experts, the two GEMVs as
-    one stage, instead of moe_gemv_silu + moe_gemv_combine. Not yet measured on a GPU: off."""
-    return False
-
-
 def use_fused_silu(hidden_states: torch.Tensor, block_size: int, topk: int = 1, num_experts: int = 1,
                    hopper: bool = False) -> bool:
     """fused_moe's default for fuse_silu: the fused first GEMM where it is a tensor-core kernel of its
@@ -137,7 +131,6 @@ def fused_moe(
     block_size: int | None = None,
     fuse_silu: bool | None = None,
     decode_gemv: bool | None = None,
-    gemv_experts: bool | None = None,
 ) -> torch.Tensor:
     """One MoE layer: route, then for each chosen expert silu(x W_gate^T) * (x W_up^T) W_down^T,
     weighted and summed over the k experts.
@@ -162,9 +155,6 @@ def fused_moe(
             GEMMs. None: on CUDA while T * topk <= E / 4 (use_decode_gemv; for grouped top-k, E
             counts the experts of the topk_group best groups only). block_size and
             fuse_silu do not apply then.
-        gemv_experts: on the decode GEMV path, run both GEMVs as one stage (moe_gemv_experts: w2
-            streamed by the CTAs that compute h, partial sums in an fp32 workspace) instead of
-            moe_gemv_silu + moe_gemv_combine. None: use_gemv_experts.
 
     Returns:
         [T, H] in hidden_states' dtype.
@@ -195,10 +185,6 @@ def fused_moe(
             router_logits, topk, scoring_func=scoring_func, renormalize=renormalize,
             correction_bias=correction_bias, num_expert_group=num_expert_group, topk_group=topk_group,
             routed_scaling_factor=routed_scaling_factor)
-        if gemv_experts is None:
-            gemv_experts = use_gemv_experts(hidden_states, topk)
-        if gemv_experts:
-            return ops.moe_gemv_experts(hidden_states, w13, w2, ids, weights, expert_map)  # [T, H]
         h = ops.moe_gemv_silu(hidden_states, w13, ids, expert_map)       # [T*k, I]
         return ops.moe_gemv_combine(h, w2, ids, weights, expert_map)     # [T, H]
     hopper = hidden_states.is_cuda and hopper_tiles(hidden_states.device.index)

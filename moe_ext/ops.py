@@ -302,39 +302,8 @@ def _moe_gemv_combine_fake(h, w2, topk_ids, topk_weights, expert_map=None):
     return h.new_empty((topk_ids.shape[0], w2.shape[1]))
 
 
-def moe_gemv_experts(
-    a: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    expert_map: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The whole decode expert stage: moe_gemv_combine(moe_gemv_silu(a, w13, topk_ids, expert_map), w2,
-    topk_ids, topk_weights, expert_map), with h rounded to the dtype as there.
-
-    Args:
-        a: [M, H] activations (fp32, bf16 or fp16).
-        w13: [E_local, 2I, H], a's dtype; w2: [E_local, H, I], a's dtype.
-        topk_ids: [M, topk] int32; topk_weights: [M, topk] fp32.
-        expert_map: as in moe_gemv_silu.
-
-    Returns:
-        [M, H] in a's dtype. On CUDA in two launches and without h in memory: a CTA per slot and slice of
-        h's columns multiplies them into the same columns of w2 right away, so w2 streams alongside w13;
-        the fp32 partials are summed in a fixed order (deterministic) that is not the two ops' order, so
-        the result equals theirs to fp32 rounding, not bitwise. At most 65535 slots (M * topk).
-    """
-    return torch.ops.moe_ext.moe_gemv_experts.default(a, w13, w2, topk_ids, topk_weights, expert_map)
-
-
-@torch.library.register_fake("moe_ext::moe_gemv_experts")
-def _moe_gemv_experts_fake(a, w13, w2, topk_ids, topk_weights, expert_map=None):
-    return a.new_empty((a.shape[0], a.shape[1]))
-
-
 def num_tile_configs(op: str) -> int:
     """Entries in the CUDA launcher's tile-config table of op ("moe_grouped_gemm",
-    "moe_grouped_gemm_silu", "moe_gemv_silu", "moe_gemv_combine", "moe_gemv_experts"): the valid indices of its
+    "moe_grouped_gemm_silu", "moe_gemv_silu", "moe_gemv_combine"): the valid indices of its
     MOE_EXT_*_CONFIG override, for tuners and tests. CUDA builds only."""
     return torch.ops.moe_ext.num_tile_configs.default(op)

@@ -207,19 +207,6 @@ def moe_gemv_combine_ref(
     return y.view(M, topk, w2.shape[1]).sum(dim=1)
 
 
-def moe_gemv_experts_ref(
-    a: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    expert_map: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """[M, H] fp32: moe_gemv_combine_ref of moe_gemv_silu_ref's h rounded to a's dtype (as the op defines h)."""
-    h = moe_gemv_silu_ref(a, w13, topk_ids, expert_map).to(a.dtype)
-    return moe_gemv_combine_ref(h, w2, topk_ids, topk_weights, expert_map)
-
-
 def moe_combine_ref(x: torch.Tensor, topk_weights: torch.Tensor | None = None) -> torch.Tensor:
     xf = x.float()
     if topk_weights is not None:

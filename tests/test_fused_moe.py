@@ -11,7 +11,7 @@ from moe_ext import reference as ref
 from conftest import DEVICES, HAS_CUDA, capture_graph, rel_l2, require_kernel
 
 ALL_OPS = ["topk_gating", "moe_align_block_size", "fused_topk_align", "silu_and_mul", "moe_grouped_gemm",
-           "moe_grouped_gemm_silu", "moe_combine", "moe_gemv_silu", "moe_gemv_combine", "moe_gemv_experts"]
+           "moe_grouped_gemm_silu", "moe_combine", "moe_gemv_silu", "moe_gemv_combine"]
 
 # Small layers in each model's routing style (real shapes run in the demo and the benchmark).
 STYLES = {
@@ -103,14 +103,13 @@ def test_fused_moe_fuse_silu(device, dtype, style, T, fuse_silu):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("style", list(STYLES))
 @pytest.mark.parametrize("T", [1, 4, 5, 33])
-@pytest.mark.parametrize("decode_gemv,gemv_experts", [(False, None), (True, False), (True, True)])
-def test_fused_moe_decode_gemv(device, dtype, style, T, decode_gemv, gemv_experts):
-    """Every expert path, forced, at token counts on both sides of the default's switch (the GEMVs on
-    CUDA while T * topk <= E / 4): the grouped GEMMs, the two GEMVs, and both GEMVs as one stage
-    (moe_gemv_experts)."""
+@pytest.mark.parametrize("decode_gemv", [False, True])
+def test_fused_moe_decode_gemv(device, dtype, style, T, decode_gemv):
+    """Both expert paths, forced, at token counts on both sides of the default's switch (the GEMVs on
+    CUDA while T * topk <= E / 4)."""
     require_all(device)
     x, w13, w2, logits, topk, routing = make_layer(style, T, dtype, device, seed=T + 11)
-    out = moe_ext.fused_moe(x, w13, w2, logits, topk, decode_gemv=decode_gemv, gemv_experts=gemv_experts, **routing)
+    out = moe_ext.fused_moe(x, w13, w2, logits, topk, decode_gemv=decode_gemv, **routing)
     check_against_reference(out, x, w13, w2, logits, topk, routing)
 
 

@@ -247,7 +247,8 @@ inline void check_gemv_routing_args(const char* op, const at::Tensor& topk_ids,
 
 // moe_gemv_silu: a [M, K]; w13 [E, 2I, K] of a's dtype; topk_ids [M, topk]; optional expert_map.
 inline void check_gemv_silu_args(const at::Tensor& a, const at::Tensor& w13, const at::Tensor& topk_ids,
-                                 const std::optional<at::Tensor>& expert_map, const char* op = "moe_gemv_silu") {
+                                 const std::optional<at::Tensor>& expert_map) {
+  constexpr const char* op = "moe_gemv_silu";
   check_arg(op, "a", a, 2, kFloatTypes, a.device());
   check_arg(op, "w13", w13, 3, kFloatTypes, a.device());
   MOE_CHECK_TYPE(w13.scalar_type() == a.scalar_type(), "moe_ext.", op, ": w13 must have a's dtype ",
@@ -276,25 +277,6 @@ inline void check_gemv_combine_args(const at::Tensor& h, const at::Tensor& w2, c
                   ": topk_ids must be [M, topk] with M * topk = h.size(0) = ", h.size(0), ", got shape ",
                   dims(topk_ids.sizes()));
   check_arg(op, "topk_weights", topk_weights, 2, {c10::ScalarType::Float}, h.device());
-  MOE_CHECK_VALUE(topk_weights.sizes() == topk_ids.sizes(), "moe_ext.", op,
-                  ": topk_weights must have topk_ids' shape ", dims(topk_ids.sizes()), ", got ",
-                  dims(topk_weights.sizes()));
-}
-
-// moe_gemv_experts: moe_gemv_silu's a, w13, topk_ids and expert_map; w2 [E, H, I] of a's dtype (w13 [E, 2I, H]);
-// topk_weights [M, topk] fp32.
-inline void check_gemv_experts_args(const at::Tensor& a, const at::Tensor& w13, const at::Tensor& w2,
-                                    const at::Tensor& topk_ids, const at::Tensor& topk_weights,
-                                    const std::optional<at::Tensor>& expert_map) {
-  constexpr const char* op = "moe_gemv_experts";
-  check_gemv_silu_args(a, w13, topk_ids, expert_map, op);
-  check_arg(op, "w2", w2, 3, kFloatTypes, a.device());
-  MOE_CHECK_TYPE(w2.scalar_type() == a.scalar_type(), "moe_ext.", op, ": w2 must have a's dtype ", a.scalar_type(),
-                 ", got ", w2.scalar_type());
-  MOE_CHECK_VALUE(w2.size(0) == w13.size(0) && w2.size(1) == a.size(1) && w2.size(2) == w13.size(1) / 2, "moe_ext.",
-                  op, ": w2 must be [E, H, I] = [", w13.size(0), ", ", a.size(1), ", ", w13.size(1) / 2,
-                  "] (w13 is [E, 2I, H], a is [M, H]), got shape ", dims(w2.sizes()));
-  check_arg(op, "topk_weights", topk_weights, 2, {c10::ScalarType::Float}, a.device());
   MOE_CHECK_VALUE(topk_weights.sizes() == topk_ids.sizes(), "moe_ext.", op,
                   ": topk_weights must have topk_ids' shape ", dims(topk_ids.sizes()), ", got ",
                   dims(topk_weights.sizes()));

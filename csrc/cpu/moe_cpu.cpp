@@ -193,16 +193,6 @@ at::Tensor moe_gemv_combine_cpu(const at::Tensor& h, const at::Tensor& w2, const
   return y.view({M, topk, H}).sum(1).to(h.scalar_type());
 }
 
-// a: [M, H]; w13: [E, 2I, H]; w2: [E, H, I]; topk_ids, topk_weights: [M, topk]; expert_map: optional.
-// Returns [M, H]: moe_gemv_combine of moe_gemv_silu's h (rounded to the dtype), as the CUDA kernel defines it.
-at::Tensor moe_gemv_experts_cpu(const at::Tensor& a, const at::Tensor& w13, const at::Tensor& w2,
-                                const at::Tensor& topk_ids, const at::Tensor& topk_weights,
-                                const std::optional<at::Tensor>& expert_map) {
-  check_gemv_experts_args(a, w13, w2, topk_ids, topk_weights, expert_map);
-  return moe_gemv_combine_cpu(moe_gemv_silu_cpu(a, w13, topk_ids, expert_map), w2, topk_ids, topk_weights,
-                              expert_map);
-}
-
 TORCH_LIBRARY_IMPL(moe_ext, CPU, m) {
   m.impl("silu_and_mul", &silu_and_mul_cpu);
   m.impl("moe_combine", &moe_combine_cpu);
@@ -210,7 +200,6 @@ TORCH_LIBRARY_IMPL(moe_ext, CPU, m) {
   m.impl("moe_grouped_gemm_silu", &moe_grouped_gemm_silu_cpu);
   m.impl("moe_gemv_silu", &moe_gemv_silu_cpu);
   m.impl("moe_gemv_combine", &moe_gemv_combine_cpu);
-  m.impl("moe_gemv_experts", &moe_gemv_experts_cpu);
 }
 
 }  // namespace moe_ext

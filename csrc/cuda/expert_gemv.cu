@@ -1,6 +1,5 @@
 // Launchers of the decode expert GEMVs: the tile-config tables and the vector / scalar choice.
 #include <climits>
-#include <utility>
 
 #include "../kernels/expert_gemv.cuh"
 #include "dispatch.cuh"
@@ -50,24 +49,6 @@ int default_combine_config(int64_t M, int64_t K, int64_t topk, int elem_bytes) {
   const int64_t vectors = K * elem_bytes / kVecBytes;
   if (M == 1 && vectors >= kShortRowVectors && topk <= 2) return 6;  // one token, two long rows a column
   return M == 1 && vectors < kShortRowVectors && topk >= CombineCfg2::kSlots ? 2 : 5;
-}
-
-// moe_gemv_experts (the two GEMVs as one stage, see expert_gemv.cuh): warps a CTA, columns of h a warp,
-// vectors a w13 row in flight, w2 rows a thread in flight. Config 0: the SiLU GEMV's default tile (config 3)
-// in 8 warps, 16 columns (32-byte w2 row slices for bf16); 1: 32 columns (half the workspace); 2: 16 columns
-// in 4 warps.
-using gemv::ExpertsConfig;
-using ExpertsCfg0 = ExpertsConfig<8, 2, 2, 4>;
-using ExpertsCfg1 = ExpertsConfig<8, 4, 2, 4>;
-using ExpertsCfg2 = ExpertsConfig<4, 4, 2, 4>;
-constexpr int kExpertsCols[] = {ExpertsCfg0::kCols, ExpertsCfg1::kCols, ExpertsCfg2::kCols};
-constexpr int kNumExpertsConfigs = 3;
-constexpr int kDefaultExpertsConfig = 0;
-
-template <typename F>
-cudaError_t dispatch_experts_config(int config, F&& f) {
-  return dispatch_config<ExpertsCfg0, ExpertsCfg1, ExpertsCfg2>(config < 0 ? kDefaultExpertsConfig : config,
-                                                                std::forward<F>(f));
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % kVecBytes == 0; }
@@ -121,49 +102,6 @@ cudaError_t moe_gemv_silu(DType dtype, const void* a, const void* w13, const int
     return dispatch_config<SiluCfg0, SiluCfg1, SiluCfg2, SiluCfg3>(
         config < 0 ? kDefaultSiluConfig : config,
         [&](auto c) { return launch_silu<T, decltype(c)>(p, slots, vec, pdl, stream); });
-  });
-}
-
-int moe_gemv_experts_num_configs() { return kNumExpertsConfigs; }
-
-int64_t moe_gemv_experts_tiles(int64_t I, int config) {
-  if (config >= kNumExpertsConfigs) return -1;
-  const int cols = kExpertsCols[config < 0 ? kDefaultExpertsConfig : config];
-  return (I + cols - 1) / cols;
-}
-
-cudaError_t moe_gemv_experts(DType dtype, const void* a, const void* w13, const void* w2, const int32_t* topk_ids,
-                             const float* topk_weights, const int32_t* expert_map, float* workspace, void* out,
-                             int64_t M, int64_t topk, int64_t I, int64_t H, int64_t E, int64_t E_route, int config,
-                             bool pdl, cudaStream_t stream) {
-  if (M == 0 || H == 0) return cudaSuccess;
-  const int64_t tiles = moe_gemv_experts_tiles(I, config);
-  const int64_t slots = M * topk, rows_per_token = topk * tiles;
-  if (tiles < 0 || 2 * I > INT_MAX || H > INT_MAX || E > INT_MAX || E_route > INT_MAX || slots > 65535 ||
-      tiles > INT_MAX || rows_per_token > INT_MAX || M > 65535)
-    return cudaErrorInvalidValue;
-  const gemv::ExpertsParams p{a, w13, w2, topk_ids, topk_weights, expert_map, workspace, static_cast<int>(topk),
-                              static_cast<int>(I), static_cast<int>(H), static_cast<int>(E),
-                              static_cast<int>(E_route)};
-  const int64_t width = kVecBytes / (dtype == DType::kFloat32 ? 4 : 2);
-  const bool vec = H % width == 0 && I % width == 0 && aligned16(a) && aligned16(w13) && aligned16(w2);
-  return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
-    using T = decltype(tag);
-    if (tiles > 0) {
-      const cudaError_t err = dispatch_experts_config(config, [&](auto c) -> cudaError_t {
-        using Cfg = decltype(c);
-        const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(slots));
-        return vec ? launch_kernel(gemv::moe_gemv_experts_kernel<T, Cfg, true>, grid, dim3(Cfg::kThreads), 0, stream,
-                                   pdl, p)
-                   : launch_kernel(gemv::moe_gemv_experts_kernel<T, Cfg, false>, grid, dim3(Cfg::kThreads), 0,
-                                   stream, pdl, p);
-      });
-      if (err != cudaSuccess) return err;
-    }
-    const dim3 grid(static_cast<unsigned>((H + kWarpSize - 1) / kWarpSize), static_cast<unsigned>(M));
-    return launch_kernel(gemv::moe_gemv_experts_reduce_kernel<T>, grid, dim3(gemv::kReduceWarps * kWarpSize), 0,
-                         stream, pdl, static_cast<const float*>(workspace), static_cast<T*>(out),
-                         static_cast<int>(rows_per_token), static_cast<int>(H));
   });
 }
 

@@ -32,16 +32,4 @@ cudaError_t moe_gemv_combine(DType dtype, const void* h, const void* w2, const i
                              int64_t topk, int64_t H, int64_t K, int64_t E, int64_t E_route, int config,
                              bool pdl, bool prefetch, cudaStream_t stream);
 
-// The whole decode expert stage: out[t] = sum_j topk_weights[t, j] * (h_j @ w2[e_j]^T), h_j the row
-// moe_gemv_silu gives (rounded to the dtype), in two launches (expert_gemv.cuh) and without h in memory.
-// a: [M, H]; w13: [E, 2I, H]; w2: [E, H, I]; out: [M, H]; workspace: M * topk * tiles * H floats, tiles =
-// moe_gemv_experts_tiles(I, config) (-1 for a config outside the table). fp32 sums in a fixed order, one
-// rounding; agrees with the two ops to fp32 rounding, not bitwise.
-int moe_gemv_experts_num_configs();
-int64_t moe_gemv_experts_tiles(int64_t I, int config);
-cudaError_t moe_gemv_experts(DType dtype, const void* a, const void* w13, const void* w2, const int32_t* topk_ids,
-                             const float* topk_weights, const int32_t* expert_map, float* workspace, void* out,
-                             int64_t M, int64_t topk, int64_t I, int64_t H, int64_t E, int64_t E_route, int config,
-                             bool pdl, cudaStream_t stream);
-
 }  // namespace moe_ext::cuda

@@ -5,7 +5,6 @@
 //   MOE_EXT_GEMV_SILU_CONFIG     index into moe_gemv_silu's tile-config table (csrc/cuda/expert_gemv.cu),
 //                                -1 or unset for the default.
 //   MOE_EXT_GEMV_COMBINE_CONFIG  the same for moe_gemv_combine.
-//   MOE_EXT_GEMV_EXPERTS_CONFIG  the same for moe_gemv_experts.
 //   MOE_EXT_PDL                  "0": launch without programmatic dependent launch (sm_90+ uses it).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -79,37 +78,9 @@ at::Tensor moe_gemv_combine_cuda(const at::Tensor& h, const at::Tensor& w2, cons
   return out;
 }
 
-// a: [M, H]; w13: [E, 2I, H]; w2: [E, H, I]; topk_ids, topk_weights: [M, topk]; expert_map: optional.
-// Returns [M, H] in a's dtype. The fp32 workspace of partial rows (M * topk * ceil(I / columns a CTA) x H)
-// comes from PyTorch's allocator: sized from the shapes, so the call can be captured.
-at::Tensor moe_gemv_experts_cuda(const at::Tensor& a, const at::Tensor& w13, const at::Tensor& w2,
-                                 const at::Tensor& topk_ids, const at::Tensor& topk_weights,
-                                 const std::optional<at::Tensor>& expert_map) {
-  constexpr const char* op = "moe_gemv_experts";
-  check_gemv_experts_args(a, w13, w2, topk_ids, topk_weights, expert_map);
-  const int64_t M = a.size(0), H = a.size(1), E = w13.size(0), I = w13.size(1) / 2, topk = topk_ids.size(1);
-  MOE_CHECK_VALUE(M * topk <= 65535 && M <= 65535, "moe_ext.", op, ": at most 65535 slots (M * topk), got ",
-                  M * topk, "; this op is for decode token counts");
-  MOE_CHECK_VALUE(2 * I < (int64_t{1} << 31) && H < (int64_t{1} << 31) && E < (int64_t{1} << 31), "moe_ext.", op,
-                  ": w13's dimensions must be below 2^31, got shape ", dims(w13.sizes()));
-  const int config = config_override(op, "MOE_EXT_GEMV_EXPERTS_CONFIG", cuda::moe_gemv_experts_num_configs());
-  const c10::cuda::CUDAGuard guard(a.device());
-  auto out = at::empty({M, H}, a.options());
-  const int64_t rows = M * topk * cuda::moe_gemv_experts_tiles(I, config);
-  auto workspace = at::empty({rows * H}, a.options().dtype(at::kFloat));
-  const int64_t E_route = expert_map.has_value() ? expert_map->numel() : E;
-  C10_CUDA_CHECK(cuda::moe_gemv_experts(
-      to_dtype(a.scalar_type()), a.const_data_ptr(), w13.const_data_ptr(), w2.const_data_ptr(),
-      topk_ids.const_data_ptr<int32_t>(), topk_weights.const_data_ptr<float>(), map_ptr(expert_map),
-      workspace.data_ptr<float>(), out.data_ptr(), M, topk, I, H, E, E_route, config, use_pdl(a.device().index()),
-      c10::cuda::getCurrentCUDAStream()));
-  return out;
-}
-
 TORCH_LIBRARY_IMPL(moe_ext, CUDA, m) {
   m.impl("moe_gemv_silu", &moe_gemv_silu_cuda);
   m.impl("moe_gemv_combine", &moe_gemv_combine_cuda);
-  m.impl("moe_gemv_experts", &moe_gemv_experts_cuda);
 }
 
 }  // namespace moe_ext

@@ -16,9 +16,8 @@ int64_t num_tile_configs(c10::string_view op) {
   if (op == "moe_grouped_gemm_silu") return cuda::grouped_gemm_silu_num_configs();
   if (op == "moe_gemv_silu") return cuda::moe_gemv_silu_num_configs();
   if (op == "moe_gemv_combine") return cuda::moe_gemv_combine_num_configs();
-  if (op == "moe_gemv_experts") return cuda::moe_gemv_experts_num_configs();
-  MOE_CHECK_VALUE(false, "moe_ext.num_tile_configs: op must be moe_grouped_gemm, moe_grouped_gemm_silu, moe_gemv_silu, "
-                  "moe_gemv_combine or moe_gemv_experts, got \"", std::string(op), "\"");
+  MOE_CHECK_VALUE(false, "moe_ext.num_tile_configs: op must be moe_grouped_gemm, moe_grouped_gemm_silu, moe_gemv_silu "
+                  "or moe_gemv_combine, got \"", std::string(op), "\"");
   return 0;
 }
 

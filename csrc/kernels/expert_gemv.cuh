@@ -42,13 +42,10 @@ struct Params {
 };
 
 // Local expert of a routed id, or -1 when the slot contributes nothing here.
-MOE_DEVICE MOE_FORCEINLINE int local_expert(int32_t id, const int32_t* expert_map, int E, int E_route) {
-  if (id < 0 || id >= E_route) return -1;
-  const int e = expert_map != nullptr ? expert_map[id] : id;
-  return e >= 0 && e < E ? e : -1;
-}
 MOE_DEVICE MOE_FORCEINLINE int local_expert(int32_t id, const Params& p) {
-  return local_expert(id, p.expert_map, p.E, p.E_route);
+  if (id < 0 || id >= p.E_route) return -1;
+  const int e = p.expert_map != nullptr ? p.expert_map[id] : id;
+  return e >= 0 && e < p.E ? e : -1;
 }
 
 // Adds to acc[r] this lane's share of rows[r] . xs[r / (kR / kX)] over K elements (rows with
@@ -275,158 +272,6 @@ __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks) moe_gemv_combine_ke
     const float v = warp_sum(acc[r]);
     if (lane == r && n0 + r < p.N) out[n0 + r] = from_float<T>(v);
   }
-}
-
-
-// The whole decode expert stage in two launches (moe_gemv_experts): out[t] = sum_j topk_weights[t, j] *
-// (w2[e_j] @ h_j), h_j = silu(a[t] @ w13[e_j][:I]^T) * (a[t] @ w13[e_j][I:]^T) rounded to T, as the two
-// ops above give it. A CTA per slot and tile of kCols columns of h computes them (the SiLU GEMV's warps),
-// then right away multiplies them into the same kCols columns of w2[e] over all H rows, scaled by the
-// slot's routed weight, and writes that fp32 partial [H] to a workspace row; moe_gemv_experts_reduce_kernel
-// sums a token's partial rows in a fixed order and rounds once. So w2 streams while other CTAs still
-// stream w13, where moe_gemv_combine_kernel's CTAs can only start as the SiLU CTAs leave the
-// multiprocessors (bench/NOTES.md, session 14's timeline). Deterministic, no atomics; the sum order is
-// not the two ops', so results agree with them to fp32 rounding, not bitwise.
-struct ExpertsParams {
-  const void* a;                  // [M, H]
-  const void* w13;                // [E, 2I, H]
-  const void* w2;                 // [E, H, I]
-  const int32_t* topk_ids;        // [M, topk]
-  const float* topk_weights;      // [M, topk]
-  const int32_t* expert_map;      // [E_route] or null
-  float* partial;                 // [M * topk * tiles, H]
-  int topk, I, H, E, E_route;
-};
-
-// kWarpsT warps a CTA, kRowsT columns of h a warp (kU vectors a row in flight, as SiluConfig), and in the
-// second phase kB rows of w2 a thread in flight.
-template <int kWarpsT, int kRowsT, int kUT, int kBT>
-struct ExpertsConfig {
-  static constexpr int kWarps = kWarpsT, kRows = kRowsT, kU = kUT, kB = kBT;
-  static constexpr int kThreads = kWarpsT * kWarpSize, kCols = kWarpsT * kRowsT;
-};
-
-// grid (ceil(I / Cfg::kCols), M * topk): neighbouring CTAs take neighbouring column slices of one w2[e].
-template <typename T, typename Cfg, bool kVec>
-__global__ void __launch_bounds__(Cfg::kThreads) moe_gemv_experts_kernel(ExpertsParams p) {
-  constexpr int kRows = Cfg::kRows, kCols = Cfg::kCols, kW = Vec<T>::kSize;
-  // Second phase: kLanes lanes share a w2 row, each one vector (kW columns) of the CTA's slice.
-  constexpr int kLanes = kCols / kW;
-  static_assert(kCols % kW == 0 && kWarpSize % kLanes == 0, "a row slice is whole vectors, a warp whole rows");
-  constexpr int kRowsPerStep = Cfg::kThreads / kLanes;
-  __shared__ float hs[kCols];
-  const int tile = blockIdx.x, slot = blockIdx.y;
-  const int lane = lane_id(), warp = static_cast<int>(threadIdx.x) / kWarpSize;
-  const int c0 = tile * kCols, n0 = c0 + warp * kRows;
-  float* partial = p.partial + (static_cast<int64_t>(slot) * gridDim.x + tile) * p.H;
-  // Launched after the router with programmatic dependent launch: topk_ids come from it.
-  grid_dependency_wait();
-  const int e = local_expert(p.topk_ids[slot], p.expert_map, p.E, p.E_route);
-  if (e >= 0) {
-    float g[kRows] = {}, u[kRows] = {};
-    if (n0 < p.I) {
-      const T* w = static_cast<const T*>(p.w13) + static_cast<int64_t>(e) * 2 * p.I * p.H;
-      const T* const xs[1] = {static_cast<const T*>(p.a) + static_cast<int64_t>(slot / p.topk) * p.H};
-      const T* rows[2 * kRows];
-      bool on[2 * kRows];
-      float acc[2 * kRows] = {};
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        const int n = min(n0 + r, p.I - 1);  // columns past I read a valid row; not used
-        rows[r] = w + static_cast<int64_t>(n) * p.H;
-        rows[kRows + r] = w + static_cast<int64_t>(p.I + n) * p.H;
-        on[r] = on[kRows + r] = n0 + r < p.I;
-      }
-      accumulate<T, 2 * kRows, 1, Cfg::kU, kVec>(rows, xs, on, p.H, acc);
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        g[r] = warp_sum(acc[r]);
-        u[r] = warp_sum(acc[kRows + r]);
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < kRows; ++r)  // h as the SiLU op stores it: rounded to T; zero past I
-      if (lane == r) hs[warp * kRows + r] = n0 + r < p.I ? to_float(from_float<T>(silu_mul(g[r], u[r]))) : 0.0f;
-  }
-  // The reduction kernel may start now (it waits for this grid to complete before reading).
-  grid_dependents_launch();
-  if (e < 0) {  // no term: a zero partial keeps the reduction's order fixed
-    for (int n = threadIdx.x; n < p.H; n += Cfg::kThreads) partial[n] = 0.0f;
-    return;  // the whole CTA: e is the same for every thread
-  }
-  __syncthreads();
-  const int sub = lane % kLanes;  // this lane's vector of the slice: columns c0 + sub * kW ...
-  float hv[kW];
-#pragma unroll
-  for (int i = 0; i < kW; ++i) hv[i] = hs[sub * kW + i];
-  const int c = c0 + sub * kW;
-  const bool in = c < p.I;  // kVec: I is a multiple of kW, so a vector is all in or all out
-  const float weight = p.topk_weights[slot];
-  const T* w = static_cast<const T*>(p.w2) + static_cast<int64_t>(e) * p.H * p.I + c;
-  const int first = static_cast<int>(threadIdx.x) / kLanes;
-  for (int n_base = 0; n_base < p.H; n_base += kRowsPerStep * Cfg::kB) {
-    Vec<T> wv[Cfg::kB];
-#pragma unroll
-    for (int b = 0; b < Cfg::kB; ++b) {
-      const int n = n_base + b * kRowsPerStep + first;
-      const T* q = w + static_cast<int64_t>(n) * p.I;
-      if constexpr (kVec) {
-        if (in && n < p.H) {
-          wv[b] = load_vec<true>(q);
-        } else {
-          *reinterpret_cast<uint4*>(&wv[b]) = make_uint4(0, 0, 0, 0);
-        }
-      } else {
-#pragma unroll
-        for (int i = 0; i < kW; ++i) wv[b].v[i] = n < p.H && c + i < p.I ? q[i] : from_float<T>(0.0f);
-      }
-    }
-#pragma unroll
-    for (int b = 0; b < Cfg::kB; ++b) {
-      float dot = 0.0f;
-#pragma unroll
-      for (int i = 0; i < kW; ++i) dot = fmaf(to_float(wv[b].v[i]), hv[i], dot);
-#pragma unroll
-      for (int offset = 1; offset < kLanes; offset *= 2) dot += shfl_xor(dot, offset);
-      const int n = n_base + b * kRowsPerStep + first;
-      if (sub == 0 && n < p.H) partial[n] = weight * dot;
-    }
-  }
-}
-
-// out[t, n] = the sum of token t's rows_per_token partial rows at column n, in row order (the
-// warps of a CTA take interleaved rows, then one warp adds the kReduceWarps sums in warp order), rounded
-// once. grid (ceil(H / kWarpSize), M), kReduceWarps warps.
-constexpr int kReduceWarps = 8;
-template <typename T>
-__global__ void __launch_bounds__(kReduceWarps * kWarpSize)
-    moe_gemv_experts_reduce_kernel(const float* partial, T* out, int rows_per_token, int H) {
-  __shared__ float sums[kReduceWarps][kWarpSize];
-  const int lane = lane_id(), warp = static_cast<int>(threadIdx.x) / kWarpSize;
-  const int n = blockIdx.x * kWarpSize + lane;
-  const int t = blockIdx.y;
-  grid_dependency_wait();  // the partials come from moe_gemv_experts_kernel
-  float s = 0.0f;
-  if (n < H) {
-    const float* q = partial + static_cast<int64_t>(t) * rows_per_token * H + n;
-    constexpr int kUnroll = 8;
-    int r = warp;
-    for (; r + (kUnroll - 1) * kReduceWarps < rows_per_token; r += kUnroll * kReduceWarps) {
-      float v[kUnroll];
-#pragma unroll
-      for (int k = 0; k < kUnroll; ++k) v[k] = q[static_cast<int64_t>(r + k * kReduceWarps) * H];
-#pragma unroll
-      for (int k = 0; k < kUnroll; ++k) s += v[k];
-    }
-    for (; r < rows_per_token; r += kReduceWarps) s += q[static_cast<int64_t>(r) * H];
-  }
-  sums[warp][lane] = s;
-  __syncthreads();
-  if (warp != 0 || n >= H) return;
-  float total = 0.0f;
-#pragma unroll
-  for (int k = 0; k < kReduceWarps; ++k) total += sums[k][lane];
-  out[static_cast<int64_t>(t) * H + n] = from_float<T>(total);
 }
 
 }  // namespace gemv
