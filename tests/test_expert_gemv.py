@@ -175,47 +175,6 @@ def test_gemv_every_config_bit_identical(dtype, K):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("K", [2048, 100])
-@pytest.mark.parametrize("mode", MAP_MODES)
-def test_gemv_silu_shared_experts_bit_identical(dtype, K, mode):
-    """With several tokens, the CTA of the first slot on an expert also serves the later slots on it, two at a
-    time (the rows read once per two slots). Ids drawn with repeats (groups of one to several slots on an
-    expert, repeats within a token too), invalid ids or an expert_map: every config gives the bits of a CTA per
-    slot (MOE_EXT_GEMV_SHARE=0) and matches the reference; no output element is left unwritten."""
-    require_kernel("moe_gemv_silu", "cuda")
-    M, topk, E, N = 5, 4, 6, 72
-    g = torch.Generator().manual_seed(K + len(mode))
-    routed = 2 * E if mode == "expert_map" else E
-    ids = torch.randint(0, routed, (M, topk), generator=g, dtype=torch.int32)
-    emap = None
-    if mode == "invalid_ids":
-        ids[torch.rand(M, topk, generator=g) < 0.25] = -1
-        ids[0, 1], ids[3, 2] = E + 5, 2**30
-    if mode == "expert_map":
-        emap = torch.full((routed,), -1, dtype=torch.int32)
-        emap[torch.randperm(routed, generator=g)[:E]] = torch.arange(E, dtype=torch.int32)
-        emap = emap.cuda()
-    ids = ids.cuda()
-    assert torch.unique(ids).numel() < ids.numel()  # experts shared, so the shared path runs
-    a = torch.randn(M, K, generator=g).to(device="cuda", dtype=dtype)
-    w13 = (torch.randn(E, 2 * N, K, generator=g) / K**0.5).to(device="cuda", dtype=dtype)
-    outs = []
-    for share in ("1", "0"):
-        for cfg in range(moe_ext.ops.num_tile_configs("moe_gemv_silu")):
-            os.environ["MOE_EXT_GEMV_SHARE"], os.environ["MOE_EXT_GEMV_SILU_CONFIG"] = share, str(cfg)
-            try:
-                poison_allocator("cuda", [nbytes((M * topk, N), dtype)])
-                outs.append(moe_ext.moe_gemv_silu(a, w13, ids, emap))
-            finally:
-                del os.environ["MOE_EXT_GEMV_SHARE"], os.environ["MOE_EXT_GEMV_SILU_CONFIG"]
-    for i, out in enumerate(outs):
-        assert torch.equal(out, outs[0]), i
-    assert_close(outs[0], ref.moe_gemv_silu_ref(a.cpu(), w13.cpu(), ids.cpu(), None if emap is None else emap.cpu()),
-                 dtype)
-
-
-@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
 @pytest.mark.parametrize("topk", [1, 3, 5, 8, 33])
 @pytest.mark.parametrize("K", [768, 100])
 def test_gemv_combine_split_configs_bit_identical(topk, K):

@@ -101,15 +101,6 @@ MOE_DEVICE MOE_FORCEINLINE int popcount(moe_lane_mask_t m) {
 #endif
 }
 
-// Index of the lowest set lane of a nonzero lane mask.
-MOE_DEVICE MOE_FORCEINLINE int lowest_lane(moe_lane_mask_t m) {
-#if defined(__HIP_PLATFORM_AMD__)
-  return __ffsll(static_cast<unsigned long long>(m)) - 1;
-#else
-  return __ffs(m) - 1;
-#endif
-}
-
 // Lanes below this one.
 MOE_DEVICE MOE_FORCEINLINE moe_lane_mask_t lanemask_lt() { return lane_bit(lane_id()) - 1; }
 

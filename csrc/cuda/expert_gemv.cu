@@ -61,15 +61,10 @@ cudaError_t launch(void (*kernel)(gemv::Params), const gemv::Params& p, int64_t 
                        0, stream, pdl, p);
 }
 
-// Slots a SiLU CTA serves at once when slots share an expert (moe_gemv_silu_kernel's kX), and the most slots for
-// which it looks: each CTA scans the ids before its own slot.
-constexpr int kSharedSlots = 2;
-constexpr int64_t kMaxSharingScan = 1024;
-
-template <typename T, typename Cfg, int kX>
+template <typename T, typename Cfg>
 cudaError_t launch_silu(const gemv::Params& p, int64_t ctas, bool vec, bool pdl, cudaStream_t stream) {
-  return vec ? launch<Cfg>(gemv::moe_gemv_silu_kernel<T, Cfg, true, kX>, p, ctas, pdl, stream)
-             : launch<Cfg>(gemv::moe_gemv_silu_kernel<T, Cfg, false, kX>, p, ctas, pdl, stream);
+  return vec ? launch<Cfg>(gemv::moe_gemv_silu_kernel<T, Cfg, true>, p, ctas, pdl, stream)
+             : launch<Cfg>(gemv::moe_gemv_silu_kernel<T, Cfg, false>, p, ctas, pdl, stream);
 }
 
 template <typename T, typename Cfg>
@@ -94,7 +89,7 @@ int moe_gemv_combine_num_configs() { return kNumCombineConfigs; }
 
 cudaError_t moe_gemv_silu(DType dtype, const void* a, const void* w13, const int32_t* topk_ids,
                           const int32_t* expert_map, void* out, int64_t M, int64_t topk, int64_t I, int64_t K,
-                          int64_t E, int64_t E_route, int config, bool share, bool pdl, cudaStream_t stream) {
+                          int64_t E, int64_t E_route, int config, bool pdl, cudaStream_t stream) {
   const int64_t slots = M * topk;
   if (slots == 0 || I == 0) return cudaSuccess;
   if (config >= kNumSiluConfigs || 2 * I > INT_MAX || K > INT_MAX || E > INT_MAX || E_route > INT_MAX)
@@ -106,12 +101,7 @@ cudaError_t moe_gemv_silu(DType dtype, const void* a, const void* w13, const int
     using T = decltype(tag);
     return dispatch_config<SiluCfg0, SiluCfg1, SiluCfg2, SiluCfg3>(
         config < 0 ? kDefaultSiluConfig : config,
-        [&](auto c) {
-          // One token's slots name distinct experts (as a router gives them): nothing to share.
-          if (share && M >= 2 && slots <= kMaxSharingScan)
-            return launch_silu<T, decltype(c), kSharedSlots>(p, slots, vec, pdl, stream);
-          return launch_silu<T, decltype(c), 1>(p, slots, vec, pdl, stream);
-        });
+        [&](auto c) { return launch_silu<T, decltype(c)>(p, slots, vec, pdl, stream); });
   });
 }
 

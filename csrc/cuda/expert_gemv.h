@@ -16,13 +16,12 @@ int moe_gemv_combine_num_configs();
 
 // out[t * topk + j] = silu(a[t] @ w13[e][:I]^T) * (a[t] @ w13[e][I:]^T), e the local expert of
 // topk_ids[t, j] (zeros where it has none). a: [M, K]; w13: [E, 2I, K]; topk_ids: [M, topk];
-// expert_map: [E_route] or null (then E_route = E); out: [M * topk, I]. share: with M >= 2, slots on one
-// expert are served by one CTA that reads the expert's rows once for up to two of them (same bits).
-// pdl: launch with programmatic dependent launch (sm_90+): the kernel may start as the router ahead of
-// it finishes, and it lets the combine kernel queued behind it start its weight prefetch early.
+// expert_map: [E_route] or null (then E_route = E); out: [M * topk, I]. pdl: launch with
+// programmatic dependent launch (sm_90+): the kernel may start as the router ahead of it finishes,
+// and it lets the combine kernel queued behind it start its weight prefetch early.
 cudaError_t moe_gemv_silu(DType dtype, const void* a, const void* w13, const int32_t* topk_ids,
                           const int32_t* expert_map, void* out, int64_t M, int64_t topk, int64_t I, int64_t K,
-                          int64_t E, int64_t E_route, int config, bool share, bool pdl, cudaStream_t stream);
+                          int64_t E, int64_t E_route, int config, bool pdl, cudaStream_t stream);
 
 // out[t] = sum_j topk_weights[t, j] * (h[t * topk + j] @ w2[e_j]^T) over the slots with a local
 // expert, fp32 sum, one rounding. h: [M * topk, K]; w2: [E, H, K]; topk_weights: [M, topk] fp32;

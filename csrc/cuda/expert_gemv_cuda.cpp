@@ -5,8 +5,6 @@
 //   MOE_EXT_GEMV_SILU_CONFIG     index into moe_gemv_silu's tile-config table (csrc/cuda/expert_gemv.cu),
 //                                -1 or unset for the default.
 //   MOE_EXT_GEMV_COMBINE_CONFIG  the same for moe_gemv_combine.
-//   MOE_EXT_GEMV_SHARE           "0": moe_gemv_silu gives every slot its own CTA even where slots share an
-//                                expert (by default one CTA serves up to two of them, reading the rows once).
 //   MOE_EXT_PDL                  "0": launch without programmatic dependent launch (sm_90+ uses it).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -14,8 +12,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
-
-#include <cstdlib>
 
 #include "../core/validate.h"
 #include "adapter_utils.h"
@@ -26,13 +22,6 @@ namespace {
 
 // Largest output width the grid covers: 65535 column tiles of the narrowest config (4 warps x 1).
 constexpr int64_t kMaxColumns = int64_t{65535} * 4;
-
-// moe_gemv_silu's sharing of an expert's rows among the slots on it (same bits either way); MOE_EXT_GEMV_SHARE=0
-// turns it off, for A/B timing within one process.
-bool share_experts() {
-  const char* s = std::getenv("MOE_EXT_GEMV_SHARE");
-  return !(s != nullptr && s[0] == '0' && s[1] == '\0');
-}
 
 const int32_t* map_ptr(const std::optional<at::Tensor>& expert_map) {
   return expert_map.has_value() ? expert_map->const_data_ptr<int32_t>() : nullptr;
@@ -57,7 +46,7 @@ at::Tensor moe_gemv_silu_cuda(const at::Tensor& a, const at::Tensor& w13, const 
   const int64_t E_route = expert_map.has_value() ? expert_map->numel() : E;
   C10_CUDA_CHECK(cuda::moe_gemv_silu(to_dtype(a.scalar_type()), a.const_data_ptr(), w13.const_data_ptr(),
                                      topk_ids.const_data_ptr<int32_t>(), map_ptr(expert_map), out.data_ptr(), M, topk,
-                                     I, K, E, E_route, config, share_experts(), use_pdl(a.device().index()),
+                                     I, K, E, E_route, config, use_pdl(a.device().index()),
                                      c10::cuda::getCurrentCUDAStream()));
   return out;
 }

@@ -48,100 +48,58 @@ MOE_DEVICE MOE_FORCEINLINE int local_expert(int32_t id, const Params& p) {
   return e >= 0 && e < p.E ? e : -1;
 }
 
-// What a lane loads of a row or x at a step: a 16-byte vector (kVec) or one element, kept in the storage type
-// until the products (for bf16/fp16, half the registers of fp32 copies).
-template <typename T, bool kVec>
-using Pack = std::conditional_t<kVec, Vec<T>, T>;
-
-template <typename T, bool kVec>
-MOE_DEVICE MOE_FORCEINLINE Pack<T, kVec> load_pack(const T* q, bool stream) {
-  if constexpr (kVec) {
-    // Weight rows are read once: evict-first, so they do not push out of L1 the activation vectors
-    // every warp of the CTA re-reads.
-    return stream ? load_vec<true>(q) : load_vec(q);
-  } else {
-    return *q;
-  }
-}
-
-template <typename T, bool kVec>
-MOE_DEVICE MOE_FORCEINLINE Pack<T, kVec> zero_pack() {
-  Pack<T, kVec> zero;
-  if constexpr (kVec) {
-    *reinterpret_cast<uint4*>(&zero) = make_uint4(0, 0, 0, 0);
-  } else {
-    zero = from_float<T>(0.0f);
-  }
-  return zero;
-}
-
-template <typename T>
-MOE_DEVICE MOE_FORCEINLINE float pack_elem(const Vec<T>& v, int i) { return to_float(v.v[i]); }
-template <typename T>
-MOE_DEVICE MOE_FORCEINLINE float pack_elem(const T& v, int) { return to_float(v); }
-
 // Adds to acc[r] this lane's share of rows[r] . xs[r / (kR / kX)] over K elements (rows with
 // on[r] false are skipped). kVec: K is a multiple of the vector width and every row and x starts
-// 16-byte aligned; lanes then take whole vectors, kU of them per row in flight.
+// 16-byte aligned; lanes then take whole vectors, kU of them per row in flight. Loads are kept
+// in their storage type until the products (for bf16/fp16, half the registers of fp32 copies).
 template <typename T, int kR, int kX, int kU, bool kVec>
 MOE_DEVICE MOE_FORCEINLINE void accumulate(const T* const (&rows)[kR], const T* const (&xs)[kX], const bool (&on)[kR],
                                            int K, float (&acc)[kR]) {
   static_assert(kR % kX == 0, "each x serves the same number of rows");
   constexpr int kRowsPerX = kR / kX;
+  using Pack = std::conditional_t<kVec, Vec<T>, T>;
   constexpr int kW = kVec ? Vec<T>::kSize : 1;
-  const auto zero = zero_pack<T, kVec>();
-  const int steps = K / kW;
-  for (int s0 = lane_id(); s0 < steps; s0 += kWarpSize * kU) {
-    Pack<T, kVec> xv[kU][kX];
-    Pack<T, kVec> wv[kU][kR];
-#pragma unroll
-    for (int u = 0; u < kU; ++u) {
-      const int s = s0 + u * kWarpSize;
-      const bool in = s < steps;
-#pragma unroll
-      for (int x = 0; x < kX; ++x) xv[u][x] = in ? load_pack<T, kVec>(xs[x] + s * kW, false) : zero;
-#pragma unroll
-      for (int r = 0; r < kR; ++r) wv[u][r] = in && on[r] ? load_pack<T, kVec>(rows[r] + s * kW, true) : zero;
+  const auto load = [](const T* q, bool stream) -> Pack {
+    if constexpr (kVec) {
+      // Weight rows are read once: evict-first, so they do not push out of L1 the activation vectors
+      // every warp of the CTA re-reads.
+      return stream ? load_vec<true>(q) : load_vec(q);
+    } else {
+      return *q;
     }
-#pragma unroll
-    for (int u = 0; u < kU; ++u)
-#pragma unroll
-      for (int r = 0; r < kR; ++r)
-#pragma unroll
-        for (int i = 0; i < kW; ++i) acc[r] = fmaf(pack_elem(wv[u][r], i), pack_elem(xv[u][r / kRowsPerX], i), acc[r]);
+  };
+  const auto elem = [](const Pack& v, int i) -> float {
+    if constexpr (kVec) {
+      return to_float(v.v[i]);
+    } else {
+      return to_float(v);
+    }
+  };
+  Pack zero;
+  if constexpr (kVec) {
+    *reinterpret_cast<uint4*>(&zero) = make_uint4(0, 0, 0, 0);
+  } else {
+    zero = from_float<T>(0.0f);
   }
-}
-
-// accumulate's outer form: every row against each of the first nx of the kX x vectors (acc[r][x]; x >= nx is
-// not loaded). Per (row, x) the products are summed in accumulate's order, so a slot's sums are the same bits
-// whether its CTA serves it alone or with other slots of its expert.
-template <typename T, int kR, int kX, int kU, bool kVec>
-MOE_DEVICE MOE_FORCEINLINE void accumulate_outer(const T* const (&rows)[kR], const T* const (&xs)[kX], int nx,
-                                                 const bool (&on)[kR], int K, float (&acc)[kR][kX]) {
-  constexpr int kW = kVec ? Vec<T>::kSize : 1;
-  const auto zero = zero_pack<T, kVec>();
   const int steps = K / kW;
   for (int s0 = lane_id(); s0 < steps; s0 += kWarpSize * kU) {
-    Pack<T, kVec> xv[kU][kX];
-    Pack<T, kVec> wv[kU][kR];
+    Pack xv[kU][kX];
+    Pack wv[kU][kR];
 #pragma unroll
     for (int u = 0; u < kU; ++u) {
       const int s = s0 + u * kWarpSize;
       const bool in = s < steps;
 #pragma unroll
-      for (int x = 0; x < kX; ++x) xv[u][x] = in && x < nx ? load_pack<T, kVec>(xs[x] + s * kW, false) : zero;
+      for (int x = 0; x < kX; ++x) xv[u][x] = in ? load(xs[x] + s * kW, false) : zero;
 #pragma unroll
-      for (int r = 0; r < kR; ++r) wv[u][r] = in && on[r] ? load_pack<T, kVec>(rows[r] + s * kW, true) : zero;
+      for (int r = 0; r < kR; ++r) wv[u][r] = in && on[r] ? load(rows[r] + s * kW, true) : zero;
     }
 #pragma unroll
     for (int u = 0; u < kU; ++u)
 #pragma unroll
       for (int r = 0; r < kR; ++r)
 #pragma unroll
-        for (int x = 0; x < kX; ++x)
-#pragma unroll
-          for (int i = 0; i < kW; ++i)
-            acc[r][x] = fmaf(pack_elem(wv[u][r], i), pack_elem(xv[u][x], i), acc[r][x]);
+        for (int i = 0; i < kW; ++i) acc[r] = fmaf(elem(wv[u][r], i), elem(xv[u][r / kRowsPerX], i), acc[r]);
   }
 }
 
@@ -176,52 +134,8 @@ struct CombineConfig {
 // unsplit tile above it.
 constexpr int kMaxSplitTopk = 32;
 
-// The gate and up rows of expert e for a warp's kRows columns from n0 (columns past N read a valid row, not stored).
-template <typename T, int kR>
-MOE_DEVICE MOE_FORCEINLINE void silu_rows(const Params& p, int e, int n0, const T* (&rows)[kR], bool (&on)[kR]) {
-  constexpr int kRows = kR / 2;
-  const T* w = static_cast<const T*>(p.w) + static_cast<int64_t>(e) * 2 * p.N * p.K;
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    const int n = min(n0 + r, p.N - 1);
-    rows[r] = w + static_cast<int64_t>(n) * p.K;
-    rows[kRows + r] = w + static_cast<int64_t>(p.N + n) * p.K;
-    on[r] = on[kRows + r] = n0 + r < p.N;
-  }
-}
-
-// Up to kX slots from position `from` on (ascending) whose local expert is e: fills members, returns how many;
-// `resume` is where the next search starts (`slots` once the scan has reached the end). Every lane gets the
-// same answer.
-template <int kX>
-MOE_DEVICE MOE_FORCEINLINE int next_members(const Params& p, int slots, int e, int from, int (&members)[kX],
-                                            int& resume) {
-  int count = 0;
-  resume = slots;
-  for (int i0 = from; i0 < slots; i0 += kWarpSize) {
-    const int i = i0 + lane_id();
-    moe_lane_mask_t m = ballot(i < slots && local_expert(p.topk_ids[i], p) == e);
-#pragma unroll
-    for (int k = 0; k < kX; ++k) {
-      if (count == k && m != 0) {
-        members[k] = i0 + lowest_lane(m);
-        m &= m - 1;
-        ++count;
-      }
-    }
-    if (count == kX) {
-      resume = members[kX - 1] + 1;
-      break;
-    }
-  }
-  return count;
-}
-
-// grid (M * topk, ceil(N / Cfg::kCols)). kX > 1 (the launcher's choice when several tokens can share an
-// expert): the CTA of the first slot on a local expert also serves the later slots on it, kX at a time, so the
-// expert's rows are read once per kX slots instead of once per slot; the CTAs of those later slots leave at
-// once. A slot's sums are the same bits either way (accumulate_outer).
-template <typename T, typename Cfg, bool kVec, int kX = 1>
+// grid (M * topk, ceil(N / Cfg::kCols)).
+template <typename T, typename Cfg, bool kVec>
 __global__ void __launch_bounds__(kThreads) moe_gemv_silu_kernel(Params p) {
   constexpr int kRows = Cfg::kRows;
   const int slot = blockIdx.x;
@@ -232,49 +146,22 @@ __global__ void __launch_bounds__(kThreads) moe_gemv_silu_kernel(Params p) {
   grid_dependency_wait();
   grid_dependents_launch();
   if (n0 >= p.N) return;  // whole warps leave; no block-wide barrier below
-  const int e = local_expert(p.topk_ids[slot], p);
-  if constexpr (kX > 1) {
-    if (e >= 0) {
-      const int slots = gridDim.x;
-      for (int i0 = 0; i0 < slot; i0 += kWarpSize) {  // an earlier slot on e: its CTA serves this one
-        const int i = i0 + lane;
-        if (any_lane(i < slot && local_expert(p.topk_ids[i], p) == e)) return;
-      }
-      const T* rows[2 * kRows];
-      bool on[2 * kRows];
-      silu_rows(p, e, n0, rows, on);
-      for (int from = slot; from < slots;) {
-        int members[kX];
-        const int count = next_members(p, slots, e, from, members, from);
-        const T* xs[kX];
-#pragma unroll
-        for (int x = 0; x < kX; ++x)
-          xs[x] = static_cast<const T*>(p.x) + static_cast<int64_t>((x < count ? members[x] : slot) / p.topk) * p.K;
-        float acc[2 * kRows][kX] = {};
-        accumulate_outer<T, 2 * kRows, kX, Cfg::kU, kVec>(rows, xs, count, on, p.K, acc);
-#pragma unroll
-        for (int x = 0; x < kX; ++x) {
-          if (x < count) {  // count is the same in every lane
-            T* out = static_cast<T*>(p.out) + static_cast<int64_t>(members[x]) * p.N;
-#pragma unroll
-            for (int r = 0; r < kRows; ++r) {
-              const float g = warp_sum(acc[r][x]), u = warp_sum(acc[kRows + r][x]);
-              if (lane == r && n0 + r < p.N) out[n0 + r] = from_float<T>(silu_mul(g, u));
-            }
-          }
-        }
-      }
-      return;
-    }
-  }
   T* out = static_cast<T*>(p.out) + static_cast<int64_t>(slot) * p.N;
+  const int e = local_expert(p.topk_ids[slot], p);
   float g[kRows] = {}, u[kRows] = {};
   if (e >= 0) {
+    const T* w = static_cast<const T*>(p.w) + static_cast<int64_t>(e) * 2 * p.N * p.K;
     const T* const xs[1] = {static_cast<const T*>(p.x) + static_cast<int64_t>(slot / p.topk) * p.K};
     const T* rows[2 * kRows];
     bool on[2 * kRows];
-    silu_rows(p, e, n0, rows, on);
     float acc[2 * kRows] = {};
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int n = min(n0 + r, p.N - 1);  // columns past N read a valid row; not stored
+      rows[r] = w + static_cast<int64_t>(n) * p.K;
+      rows[kRows + r] = w + static_cast<int64_t>(p.N + n) * p.K;
+      on[r] = on[kRows + r] = n0 + r < p.N;
+    }
     accumulate<T, 2 * kRows, 1, Cfg::kU, kVec>(rows, xs, on, p.K, acc);
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
