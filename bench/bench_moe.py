@@ -9,6 +9,8 @@ Paths, each on the same inputs:
                first GEMM (moe_ext fuses them through moe_grouped_gemm_silu for bf16 on CUDA).
   moe_ext_fused_silu  decode_gemv=False and fuse_silu=True: moe_grouped_gemm_silu at every T (the
                default fuses only from block_size 32).
+  moe_ext_bs128  block_size=128 wherever the default takes 192 (Hopper prefill where an expert expects
+               96 rows or more; session 15), else the default: the previous prefill blocks, for A/B.
   eager_ref    moe_ext.reference.fused_moe_ref with bf16 compute: PyTorch's loop over the hit experts.
   compile_ref  torch.compile(fused_moe_ref, dynamic=False) of the same, compiled once per (model, T).
   grouped_mm   torch ops: top-k routing, tokens sorted by expert, torch._grouped_mm over w13 with
@@ -57,8 +59,8 @@ from common import copy_bandwidth, markdown_table, time_events, time_graph, writ
 from moe_ext import reference as ref  # noqa: E402
 from moe_ext.models import MODELS  # noqa: E402
 
-PATHS = ["moe_ext", "moe_ext_grouped", "moe_ext_unfused", "moe_ext_fused_silu", "eager_ref", "compile_ref",
-         "grouped_mm"]
+PATHS = ["moe_ext", "moe_ext_grouped", "moe_ext_unfused", "moe_ext_fused_silu", "moe_ext_bs128", "eager_ref",
+         "compile_ref", "grouped_mm"]
 OPS = ["topk_gating", "moe_align_block_size", "fused_topk_align", "silu_and_mul", "moe_grouped_gemm", "moe_grouped_gemm_silu",
        "moe_combine"]
 GRAPH_MAX_TOKENS = 16   # decode sizes, where the host's launch cost would hide the kernels
@@ -314,6 +316,11 @@ def main():
         bias = (torch.randn(E, device=device) * 0.1) if cfg.correction_bias else None
         routing = dict(cfg.routing, correction_bias=bias)
         compiled = torch.compile(ref.fused_moe_ref, dynamic=False)
+
+        def bs128(x, E=E, k=k):  # the default's block size, 128 where it would take 192
+            hopper = x.is_cuda and moe_ext.hopper_tiles(x.device.index)
+            return min(128, moe_ext.choose_block_size(x.shape[0], k, E, hopper)) if hopper else None
+
         runners = {
             "moe_ext": lambda x, w13, w2, lg: moe_ext.fused_moe(x, w13, w2, lg, k, **routing),
             "moe_ext_grouped": lambda x, w13, w2, lg: moe_ext.fused_moe(x, w13, w2, lg, k, decode_gemv=False, **routing),
@@ -321,11 +328,13 @@ def main():
                                                                         fuse_silu=False, **routing),
             "moe_ext_fused_silu": lambda x, w13, w2, lg: moe_ext.fused_moe(x, w13, w2, lg, k, decode_gemv=False,
                                                                            fuse_silu=True, **routing),
+            "moe_ext_bs128": lambda x, w13, w2, lg: moe_ext.fused_moe(x, w13, w2, lg, k, block_size=bs128(x),
+                                                                      **routing),
             "eager_ref": lambda x, w13, w2, lg: ref.fused_moe_ref(x, w13, w2, lg, k, compute_dtype=dtype, **routing),
             "compile_ref": lambda x, w13, w2, lg: compiled(x, w13, w2, lg, k, compute_dtype=dtype, **routing),
             "grouped_mm": lambda x, w13, w2, lg: grouped_mm_moe(x, w13, w2, lg, k, **routing),
         }
-        ours = ("moe_ext", "moe_ext_grouped", "moe_ext_unfused", "moe_ext_fused_silu")
+        ours = ("moe_ext", "moe_ext_grouped", "moe_ext_unfused", "moe_ext_fused_silu", "moe_ext_bs128")
         skip = {p: f"skipped: no {device} kernel for {', '.join(missing)}" for p in ours if missing}
         for T in tokens:
             x = torch.randn(T, H, dtype=dtype, device=device)

@@ -29,17 +29,21 @@ def choose_block_size(num_tokens: int, topk: int, num_experts: int, hopper: bool
     """Rows per grouped-GEMM block: the smallest of 16, 32, 64, 128 that holds the expected rows of
     one hit expert, T*k / min(E, T*k), so blocks are mostly full at decode and large at prefill
     (128-row tiles ran 20-29% faster than 64-row ones at T = 4096 on an H100: bench/NOTES.md).
-    hopper (hopper_tiles): 128 wherever 16 would not do. The wgmma tiles skip a block's empty
-    64-row halves, so a 128-row block costs no more tensor time than two 64-row ones, and they
-    beat the mma.sync tiles of 32- and 64-row blocks (H100, T = 1024: DeepSeek-V3's w13 5.39 ms at
-    128 against 6.80 at 32, GPT-OSS 1.57 against 1.81, Qwen3 0.33 against 0.35 at 64).
+    hopper (hopper_tiles): 128 wherever 16 would not do, and 192 where a hit expert expects 96 rows
+    or more. The wgmma tiles skip a block's empty 64-row groups, so a 128-row block costs no more
+    tensor time than two 64-row ones, and they beat the mma.sync tiles of 32- and 64-row blocks
+    (H100, T = 1024: DeepSeek-V3's w13 5.39 ms at 128 against 6.80 at 32, GPT-OSS 1.57 against 1.81,
+    Qwen3 0.33 against 0.35 at 64). 192-row blocks run three warpgroups under one weight tile, so
+    the weights pulled through L2 serve 192 rows instead of 128 (an expert of ~128 rows takes one
+    block, not two): session 15's ncu found the prefill tiles bound by the link between the two L2
+    partitions (bench/NOTES.md).
     Written as comparisons so a symbolic token count under torch.compile is guarded, not
     specialized."""
     rows = num_tokens * topk
     if rows <= 16 * num_experts:
         return 16
     if hopper:
-        return 128
+        return 192 if rows >= 96 * num_experts else 128
     if rows <= 32 * num_experts:
         return 32
     if rows <= 64 * num_experts:

@@ -114,6 +114,20 @@ def test_fused_moe_decode_gemv(device, dtype, style, T, decode_gemv):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("style", ["mixtral", "gpt-oss", "plain-softmax"])
+@pytest.mark.parametrize("block_size", [None, 128])
+def test_fused_moe_prefill_blocks(device, style, block_size):
+    """Token counts where a hit expert expects 96 rows or more: on Hopper the default takes 192-row
+    blocks (three-warpgroup tiles); 128 forced for comparison. Both against the reference."""
+    require_all(device)
+    s = STYLES[style]
+    T = 96 * s["E"] // s["topk"] + 5
+    x, w13, w2, logits, topk, routing = make_layer(style, T, torch.bfloat16, device, seed=T)
+    out = moe_ext.fused_moe(x, w13, w2, logits, topk, block_size=block_size, **routing)
+    check_against_reference(out, x, w13, w2, logits, topk, routing)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_fused_moe_paths_agree(device):
     """route() (the fused op, whose CUDA kernel differs by T: one block at 16 tokens, the grid at 32
     and 200) equals the separate ops bit for bit, and the layer's output over T rows equals the
@@ -151,10 +165,11 @@ def test_module(device, style):
 
 
 @pytest.mark.parametrize("T,topk,E,plain,hopper", [(1, 8, 256, 16, 16), (64, 8, 256, 16, 16), (1024, 8, 256, 32, 128),
-                                                    (1024, 8, 128, 64, 128), (4096, 2, 8, 128, 128)])
+                                                    (1024, 8, 128, 64, 128), (4096, 8, 256, 128, 192),
+                                                    (4096, 2, 8, 128, 192), (1535, 8, 128, 128, 128)])
 def test_choose_block_size(T, topk, E, plain, hopper):
-    """Decode sizes keep 16-row blocks; prefill takes 128 on Hopper's wgmma tiles, else the smallest
-    block holding an expert's expected rows."""
+    """Decode sizes keep 16-row blocks; prefill on Hopper's wgmma tiles takes 192 where an expert
+    expects 96 rows or more, else 128; elsewhere the smallest block holding an expert's expected rows."""
     assert moe_ext.choose_block_size(T, topk, E) == plain
     assert moe_ext.choose_block_size(T, topk, E, hopper=True) == hopper
 

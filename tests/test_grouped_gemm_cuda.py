@@ -231,7 +231,8 @@ def check_config_families(outs: dict[int, torch.Tensor], first_wgmma: int, name:
 # partial one).
 @pytest.mark.parametrize("shape,block_size", [((17, 4, 8, 130, 200), 16), ((64, 8, 16, 384, 256), 64),
                                               ((100, 2, 4, 200, 136), 128), ((256, 4, 8, 392, 1032), 128),
-                                              ((200, 2, 4, 300, 776), 64), ((600, 2, 4, 264, 520), 128)])
+                                              ((200, 2, 4, 300, 776), 64), ((600, 2, 4, 264, 520), 128),
+                                              ((600, 2, 4, 264, 520), 192), ((300, 8, 16, 392, 1032), 192)])
 def test_every_config_agrees(monkeypatch, shape, block_size):
     """Each config of the table gives the reference's answer; configs of one family agree bit for bit."""
     n = num_configs()
@@ -244,19 +245,20 @@ def test_every_config_agrees(monkeypatch, shape, block_size):
     check_config_families(outs, FIRST_WGMMA_CONFIG, "grouped GEMM")
 
 
-@pytest.mark.parametrize("cfg", range(FIRST_WGMMA_CONFIG, 17))
-def test_wgmma_configs_skip_blocks(monkeypatch, cfg):
+@pytest.mark.parametrize("cfg", range(FIRST_WGMMA_CONFIG, 18))
+@pytest.mark.parametrize("block_size", [128, 192])
+def test_wgmma_configs_skip_blocks(monkeypatch, cfg, block_size):
     """The prefill tiles (cp.async and TMA weight loads) with blocks of expert -1 or out of range,
     one expert's blocks split by such a block, and num_tokens_post_padded cut short: skipped rows are
     zero, all others as the reference."""
     assert cfg < moe_ext.ops.num_tile_configs("moe_grouped_gemm")
     monkeypatch.setenv(CONFIG_ENV, str(cfg))
-    a, w, s, e, ntpp, topk, tw = make_case(700, 2, 4, 264, 200, 128, torch.bfloat16, "one_expert", True)
+    a, w, s, e, ntpp, topk, tw = make_case(700, 2, 4, 264, 200, block_size, torch.bfloat16, "one_expert", True)
     run_and_check(a, w, s, e, ntpp, topk, tw)
     e2 = e.clone()
     e2[1], e2[4] = -1, 4  # 4 = E: out of range, skipped like -1
     run_and_check(a, w, s, e2, ntpp, topk, tw)
-    run_and_check(a, w, s, e, ntpp - 3 * 128, topk, tw)
+    run_and_check(a, w, s, e, ntpp - 3 * block_size, topk, tw)
 
 
 def test_bad_env(monkeypatch):
@@ -365,7 +367,7 @@ def test_silu_shapes(monkeypatch, dtype, T, topk, E, I, K, block_size, mode, zer
 
 
 @pytest.mark.usefixtures("_silu_kernel")
-@pytest.mark.parametrize("block_size", [1, 24, 96, 256])
+@pytest.mark.parametrize("block_size", [1, 24, 96, 192, 256])
 def test_silu_other_block_sizes(block_size):
     run_silu_and_check(*make_silu_case(37, 4, 8, 144, 160, block_size, torch.bfloat16, "dropped"))
 
@@ -380,7 +382,8 @@ def test_silu_model_shapes(T, bs):
 @pytest.mark.usefixtures("_silu_kernel")
 @pytest.mark.parametrize("shape,block_size", [((17, 4, 8, 130, 200), 16), ((64, 8, 16, 200, 256), 64),
                                               ((100, 2, 4, 77, 136), 128), ((256, 4, 8, 200, 1032), 128),
-                                              ((600, 2, 4, 136, 520), 128)])
+                                              ((600, 2, 4, 136, 520), 128), ((600, 2, 4, 136, 520), 192),
+                                              ((300, 8, 16, 200, 1032), 192)])
 def test_silu_every_config_agrees(monkeypatch, shape, block_size):
     """Each SiLU config gives the reference's answer; configs of one family agree bit for bit."""
     n = num_configs(SILU_CONFIG_ENV, moe_ext.moe_grouped_gemm_silu)

@@ -39,6 +39,8 @@ using gg::MmaConfig;
 // The same tiles with the weight tile copied by one thread's TMA (grouped_gemm_wgmma.cuh's kTma):
 //  15  128  256   64   2x1     4     197,632     13 by TMA: block_size 128 (prefill)
 //  16   64  256   64   1x2     4     164,864     14 by TMA: block_size 64
+//  17  192  256   64   3x1     4     230,400     by TMA, three warpgroups: block_size 192 (a third less weight
+//                                                traffic a row than 15 where an expert fills the tile)
 // (12 by TMA was never the fastest on the H200, at any CTA count: results/h200-tune-tma2.md.)
 // Off Hopper (or in a build without sm_90a code) a forced wgmma index runs kWgmmaFallback's config.
 using Cfg0 = MmaConfig<16, 64, 128, 1, 4, 4>;
@@ -58,15 +60,16 @@ using Cfg13 = gg::WgmmaConfig<128, 256, 2, 1, 4>;
 using Cfg14 = gg::WgmmaConfig<64, 256, 1, 2, 4>;
 using Cfg15 = gg::WgmmaConfig<128, 256, 2, 1, 4, false, true>;
 using Cfg16 = gg::WgmmaConfig<64, 256, 1, 2, 4, false, true>;
+using Cfg17 = gg::WgmmaConfig<192, 256, 3, 1, 4, false, true>;
 constexpr int kNumMmaConfigs = 12;  // indices below are mma.sync, from here on wgmma
-constexpr int kNumConfigs = 17;
-constexpr int kWgmmaFallback[kNumConfigs - kNumMmaConfigs] = {9, 9, 3, 9, 3};
+constexpr int kNumConfigs = 18;
+constexpr int kWgmmaFallback[kNumConfigs - kNumMmaConfigs] = {9, 9, 3, 9, 3, 9};
 constexpr int kConfigBM[kNumConfigs] = {Cfg0::BM,  Cfg1::BM,  Cfg2::BM,  Cfg3::BM,  Cfg4::BM,  Cfg5::BM,
                                         Cfg6::BM,  Cfg7::BM,  Cfg8::BM,  Cfg9::BM,  Cfg10::BM, Cfg11::BM,
-                                        Cfg12::BM, Cfg13::BM, Cfg14::BM, Cfg15::BM, Cfg16::BM};
+                                        Cfg12::BM, Cfg13::BM, Cfg14::BM, Cfg15::BM, Cfg16::BM, Cfg17::BM};
 constexpr int kConfigBN[kNumConfigs] = {Cfg0::BN,  Cfg1::BN,  Cfg2::BN,  Cfg3::BN,  Cfg4::BN,  Cfg5::BN,
                                         Cfg6::BN,  Cfg7::BN,  Cfg8::BN,  Cfg9::BN,  Cfg10::BN, Cfg11::BN,
-                                        Cfg12::BN, Cfg13::BN, Cfg14::BN, Cfg15::BN, Cfg16::BN};
+                                        Cfg12::BN, Cfg13::BN, Cfg14::BN, Cfg15::BN, Cfg16::BN, Cfg17::BN};
 // K % 8 != 0 or a base not 16-byte aligned (rows not 16-byte aligned: guarded scalar loads) always
 // takes this config: one extra instance per dtype instead of a second copy of the table, for shapes
 // no production model has.
@@ -126,6 +129,7 @@ int choose_config(const HeuristicRow (&heuristic)[kRows], const int (&bm)[kConfi
 //   3  128   64   64   2x4     3     110,592     block size 128 (prefill); 8 warps of 64 x 16 (x2 sets)
 //   4  128  128   64   2x1     4     197,632     wgmma (Hopper), block size 128; falls back to config 3 off Hopper
 //   5  128  128   64   2x1     4     197,632     4 with the weight tile by TMA; config 3 off Hopper
+//   6  192  128   64   3x1     4     230,400     5 with three warpgroups: block size 192 (see kWgmma192)
 // On an H200 (results/h200-tune-tma-silu2.md, three interleaved rounds) config 5 was the fastest or
 // within 1% at the four models' first GEMMs at T = 1024 and 4096 (GPT-OSS T=4096: 1795 against 1845
 // us for config 4), so block size 128 on Hopper takes it.
@@ -143,16 +147,19 @@ using SiluCfg2 = MmaConfig<64, 64, 64, 2, 2, 4, true>;
 using SiluCfg3 = MmaConfig<128, 64, 64, 2, 4, 3, true>;
 using SiluCfg4 = gg::WgmmaConfig<128, 128, 2, 1, 4, true>;
 using SiluCfg5 = gg::WgmmaConfig<128, 128, 2, 1, 4, true, true>;
+using SiluCfg6 = gg::WgmmaConfig<192, 128, 3, 1, 4, true, true>;
 constexpr int kNumSiluMmaConfigs = 4;
-constexpr int kNumSiluConfigs = 6;
-constexpr int kSiluWgmmaFallback[kNumSiluConfigs - kNumSiluMmaConfigs] = {3, 3};
-constexpr int kSiluConfigBM[kNumSiluConfigs] = {SiluCfg0::BM, SiluCfg1::BM, SiluCfg2::BM,
-                                                SiluCfg3::BM, SiluCfg4::BM, SiluCfg5::BM};
-constexpr int kSiluConfigBN[kNumSiluConfigs] = {SiluCfg0::BN, SiluCfg1::BN, SiluCfg2::BN,
-                                                SiluCfg3::BN, SiluCfg4::BN, SiluCfg5::BN};
+constexpr int kNumSiluConfigs = 7;
+constexpr int kSiluWgmmaFallback[kNumSiluConfigs - kNumSiluMmaConfigs] = {3, 3, 3};
+constexpr int kSiluConfigBM[kNumSiluConfigs] = {SiluCfg0::BM, SiluCfg1::BM, SiluCfg2::BM, SiluCfg3::BM,
+                                                SiluCfg4::BM, SiluCfg5::BM, SiluCfg6::BM};
+constexpr int kSiluConfigBN[kNumSiluConfigs] = {SiluCfg0::BN, SiluCfg1::BN, SiluCfg2::BN, SiluCfg3::BN,
+                                                SiluCfg4::BN, SiluCfg5::BN, SiluCfg6::BN};
 constexpr int kSiluUnalignedConfig = 0;
-constexpr int kSiluWgmma128 = 5;  // the heuristic's pick for 128-row blocks on Hopper (above)
-static_assert(SiluCfg5::kTma && SiluCfg5::BM == 128, "kSiluWgmma128 is the 128-row TMA tile");
+// The heuristic's picks on Hopper (above): 128-row blocks, and blocks of a multiple of 192 rows.
+constexpr int kSiluWgmma128 = 5, kSiluWgmma192 = 6;
+static_assert(SiluCfg5::kTma && SiluCfg5::BM == 128 && SiluCfg6::kTma && SiluCfg6::BM == 192,
+              "kSiluWgmma128 and kSiluWgmma192 are the 128- and 192-row TMA tiles");
 constexpr HeuristicRow kSiluHeuristic[] = {
     {16, 1, 1},
     {64, 2, 0},
@@ -178,9 +185,15 @@ bool wgmma_available(int cc) {
 // (DeepSeek-V3 w13 T=4096: 5813 against 6039 us, Mixtral w13 T=1024: 996 against 1148), and faster
 // than 128 x 128 tiles at every CTA count, so the count no longer matters here; config 16 at 64-row
 // blocks was within 5% of the best.
-constexpr int kWgmma128 = 15, kWgmma64 = 16;
-static_assert(Cfg15::kTma && Cfg15::BM == 128 && Cfg16::kTma && Cfg16::BM == 64, "the heuristic's Hopper picks");
+// Blocks of a multiple of 192 rows (fused_moe's choice where an expert's expected rows are 96 or more on
+// Hopper) take config 17: three warpgroups of 64 rows under one 256-column weight tile, so each weight tile
+// pulled through L2 serves 192 rows instead of 128 (session 15's ncu: the prefill tiles are bound by the
+// link between the two L2 partitions).
+constexpr int kWgmma128 = 15, kWgmma64 = 16, kWgmma192 = 17;
+static_assert(Cfg15::kTma && Cfg15::BM == 128 && Cfg16::kTma && Cfg16::BM == 64 && Cfg17::kTma && Cfg17::BM == 192,
+              "the heuristic's Hopper picks");
 int choose_wgmma_config(int64_t block_size) {
+  if (block_size % Cfg17::BM == 0) return kWgmma192;
   if (block_size >= 128) return kWgmma128;
   return block_size >= 64 ? kWgmma64 : -1;
 }
@@ -259,7 +272,7 @@ cudaError_t launch_mma_config(int cfg, bool aligned, bool wgmma, const GroupedGe
   static_assert(kUnalignedConfig == 1, "the unaligned instance above must match kUnalignedConfig");
   if (cfg >= kNumMmaConfigs) {
     if (!wgmma) return launch_mma_config<T>(kWgmmaFallback[cfg - kNumMmaConfigs], true, false, p, num_blocks, stream);
-    return dispatch_config<Cfg12, Cfg13, Cfg14, Cfg15, Cfg16>(cfg - kNumMmaConfigs, [&](auto c) {
+    return dispatch_config<Cfg12, Cfg13, Cfg14, Cfg15, Cfg16, Cfg17>(cfg - kNumMmaConfigs, [&](auto c) {
       return launch_wgmma<T, decltype(c)>(p, num_blocks, stream);
     });
   }
@@ -276,7 +289,7 @@ cudaError_t launch_silu_config(int cfg, bool aligned, bool wgmma, const GroupedG
   if (cfg >= kNumSiluMmaConfigs) {
     if (!wgmma)
       return launch_silu_config<T>(kSiluWgmmaFallback[cfg - kNumSiluMmaConfigs], true, false, p, num_blocks, stream);
-    return dispatch_config<SiluCfg4, SiluCfg5>(cfg - kNumSiluMmaConfigs, [&](auto c) {
+    return dispatch_config<SiluCfg4, SiluCfg5, SiluCfg6>(cfg - kNumSiluMmaConfigs, [&](auto c) {
       return launch_wgmma<T, decltype(c)>(p, num_blocks, stream);
     });
   }
@@ -385,6 +398,7 @@ cudaError_t moe_grouped_gemm_silu(DType dtype, const void* a, const void* w13, c
         const bool aligned = K % 8 == 0 && aligned16(a) && aligned16(w13);
         const bool wgmma = wgmma_available(compute_capability);
         int cfg = config;
+        if (cfg < 0 && aligned && wgmma && block_size % SiluCfg6::BM == 0) cfg = kSiluWgmma192;
         if (cfg < 0 && aligned && block_size >= 128 && wgmma) cfg = kSiluWgmma128;
         if (cfg < 0)
           cfg = choose_config(kSiluHeuristic, kSiluConfigBM, kSiluConfigBN, 0, rows, E, I, num_blocks, block_size,

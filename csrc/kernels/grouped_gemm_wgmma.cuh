@@ -67,7 +67,8 @@ struct WgmmaConfig {
   static constexpr int kSmemBytes = STAGES * kStageBytes + 1024;  // + slack to align the ring
   static_assert(kWarpSize == 32, "a warpgroup is 4 warps of 32 lanes");
   static_assert(BM == 64 * WG_M && WN % 128 == 0, "a warpgroup computes 64 rows x multiples of 128 columns");
-  static_assert(BM % kRowsPerPass == 0 && kBRows % kRowsPerPass == 0, "a copy pass is all A rows or all B rows");
+  static_assert(BM % kRowsPerPass == 0 && (kTma || kBRows % kRowsPerPass == 0),
+                "a copy pass is all A rows or all B rows (with TMA the threads copy A rows only)");
   static_assert(kStageBytes % 1024 == 0 && STAGES >= 3, "stages must keep the swizzle's 1024-byte alignment");
   static_assert(BN <= 256 && (BN * kRowBytes) % 1024 == 0, "a TMA box (one set's BN rows): <= 256, 1024-byte aligned");
 };
