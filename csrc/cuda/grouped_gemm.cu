@@ -188,7 +188,9 @@ bool wgmma_available(int cc) {
 // Blocks of a multiple of 192 rows (fused_moe's choice where an expert's expected rows are 96 or more on
 // Hopper) take config 17: three warpgroups of 64 rows under one 256-column weight tile, so each weight tile
 // pulled through L2 serves 192 rows instead of 128 (session 15's ncu: the prefill tiles are bound by the
-// link between the two L2 partitions).
+// link between the two L2 partitions), and an expert of 129-192 rows takes one tile, not two. H200, layer
+// at T=4096 against 128-row blocks in the same run (results/h200-moe-prefill-bs192.md): DeepSeek-V3 8691 ->
+// 8428 us, GPT-OSS 2617 -> 2437, Mixtral 5861 -> 5445, Qwen3 915 -> 843.
 constexpr int kWgmma128 = 15, kWgmma64 = 16, kWgmma192 = 17;
 static_assert(Cfg15::kTma && Cfg15::BM == 128 && Cfg16::kTma && Cfg16::BM == 64 && Cfg17::kTma && Cfg17::BM == 192,
               "the heuristic's Hopper picks");
