@@ -332,8 +332,9 @@ def test_topk_gating_cuda_bit_identical_to_cpu(E, dtype, variant, T):
 @pytest.mark.parametrize("E", [32, 64, 100, 128, 256, 512, 1024])
 @pytest.mark.parametrize("scoring_func", ["softmax", "sigmoid"])
 def test_routing_cuda_keys_equal_but_for_low_bits(E, scoring_func):
-    """The CUDA selection rounds first compare keys without their low bits (the expert index takes
-    them) and redo the rounds exactly when two lanes' candidates agree in the rest. Here the leading
+    """The fused kernel's single block at decode (packed rounds) first compares keys without their low
+    bits (the expert index takes them) and redoes the rounds exactly when two lanes' candidates agree
+    in the rest; the router's rounds are exact throughout. Here the leading
     logits (fp32) differ by single ulps, higher experts higher, so their scores agree in all but the
     low bits and the index order is the wrong order: router (small and large grids) and fused op,
     bit for bit against the CPU kernel. Some rows keep a plain random lead, where no redo happens."""

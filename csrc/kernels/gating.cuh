@@ -364,8 +364,8 @@ MOE_DEVICE MOE_FORCEINLINE bool selection_pass(const uint32_t (&okey)[kPerLane],
 // moves on with a select and no round has a vote or a branch. More instructions a round: the router
 // takes it for small grids only, where one warp's chain is the time.
 template <int kPerLane, bool kLookahead = false>
-MOE_DEVICE MOE_FORCEINLINE void select_rounds(const uint32_t (&okey)[kPerLane], const float (&score)[kPerLane], int topk,
-                                              int lane, bool packed, int& my_id, float& my_score,
+MOE_DEVICE MOE_FORCEINLINE void select_rounds(const uint32_t (&okey)[kPerLane], const float (&score)[kPerLane],
+                                              int topk, int lane, bool packed, int& my_id, float& my_score,
                                               float& selected_sum) {
   const bool done =
       packed && selection_pass<kPerLane, kLookahead, true>(okey, score, topk, lane, my_id, my_score, selected_sum);
