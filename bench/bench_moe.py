@@ -11,6 +11,8 @@ Paths, each on the same inputs:
                default fuses only from block_size 32).
   moe_ext_bs128  block_size=128 wherever the default takes 192 (Hopper prefill where an expert expects
                96 rows or more; session 15), else the default: the previous prefill blocks, for A/B.
+  moe_ext_block16, _block32, _block64, _block128, _block192  the grouped GEMMs (decode_gemv=False) at
+               that block size whatever the default: to place choose_block_size's thresholds.
   eager_ref    moe_ext.reference.fused_moe_ref with bf16 compute: PyTorch's loop over the hit experts.
   compile_ref  torch.compile(fused_moe_ref, dynamic=False) of the same, compiled once per (model, T).
   grouped_mm   torch ops: top-k routing, tokens sorted by expert, torch._grouped_mm over w13 with
@@ -59,8 +61,9 @@ from common import copy_bandwidth, markdown_table, time_events, time_graph, writ
 from moe_ext import reference as ref  # noqa: E402
 from moe_ext.models import MODELS  # noqa: E402
 
-PATHS = ["moe_ext", "moe_ext_grouped", "moe_ext_unfused", "moe_ext_fused_silu", "moe_ext_bs128", "eager_ref",
-         "compile_ref", "grouped_mm"]
+FORCED_BLOCK = {f"moe_ext_block{b}": b for b in (16, 32, 64, 128, 192)}
+PATHS = ["moe_ext", "moe_ext_grouped", "moe_ext_unfused", "moe_ext_fused_silu", "moe_ext_bs128", *FORCED_BLOCK,
+         "eager_ref", "compile_ref", "grouped_mm"]
 OPS = ["topk_gating", "moe_align_block_size", "fused_topk_align", "silu_and_mul", "moe_grouped_gemm", "moe_grouped_gemm_silu",
        "moe_combine"]
 GRAPH_MAX_TOKENS = 16   # decode sizes, where the host's launch cost would hide the kernels
@@ -278,7 +281,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     p.add_argument("--tokens", type=int, nargs="+", default=None, help="default 1 4 16 128 1024 4096 (smoke: 1 4 64)")
-    p.add_argument("--paths", nargs="+", choices=PATHS, default=PATHS)
+    p.add_argument("--paths", nargs="+", choices=PATHS, default=[p for p in PATHS if p not in FORCED_BLOCK])
     p.add_argument("--iters", type=int, default=None, help="most timed runs per path and size (default 100, smoke 3)")
     p.add_argument("--compile-timeout", type=int, default=120,
                    help="seconds allowed for compile_ref's first call; past it, larger T of that model are skipped")
@@ -330,11 +333,14 @@ def main():
                                                                            fuse_silu=True, **routing),
             "moe_ext_bs128": lambda x, w13, w2, lg: moe_ext.fused_moe(x, w13, w2, lg, k, block_size=bs128(x),
                                                                       **routing),
+            **{path: (lambda x, w13, w2, lg, bs=bs: moe_ext.fused_moe(x, w13, w2, lg, k, block_size=bs,
+                                                                      decode_gemv=False, **routing))
+               for path, bs in FORCED_BLOCK.items()},
             "eager_ref": lambda x, w13, w2, lg: ref.fused_moe_ref(x, w13, w2, lg, k, compute_dtype=dtype, **routing),
             "compile_ref": lambda x, w13, w2, lg: compiled(x, w13, w2, lg, k, compute_dtype=dtype, **routing),
             "grouped_mm": lambda x, w13, w2, lg: grouped_mm_moe(x, w13, w2, lg, k, **routing),
         }
-        ours = ("moe_ext", "moe_ext_grouped", "moe_ext_unfused", "moe_ext_fused_silu", "moe_ext_bs128")
+        ours = ("moe_ext", "moe_ext_grouped", "moe_ext_unfused", "moe_ext_fused_silu", "moe_ext_bs128", *FORCED_BLOCK)
         skip = {p: f"skipped: no {device} kernel for {', '.join(missing)}" for p in ours if missing}
         for T in tokens:
             x = torch.randn(T, H, dtype=dtype, device=device)

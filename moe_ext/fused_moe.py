@@ -25,25 +25,43 @@ def hopper_tiles(device_index: int) -> bool:
     return _HOPPER_TILES[device_index]
 
 
-def choose_block_size(num_tokens: int, topk: int, num_experts: int, hopper: bool = False) -> int:
+# Hopper's 64-row wgmma blocks (weight tiles by TMA) stream an expert's weights faster than the 16-row
+# mma.sync blocks once a hit expert expects more than half a row for experts of this many bytes (w13 + w2)
+# or more, more than two rows for smaller ones (bench/NOTES.md, session 16: DeepSeek-V3's 88 MB and
+# Mixtral's 352 MB experts gained 1-3% from about one row an expert, GPT-OSS's 50 MB and Qwen3's 9.4 MB
+# lost 0.5-1% there).
+LARGE_EXPERT_BYTES = 64 << 20
+
+
+def choose_block_size(num_tokens: int, topk: int, num_experts: int, hopper: bool = False,
+                      expert_bytes: int = 0) -> int:
     """Rows per grouped-GEMM block: the smallest of 16, 32, 64, 128 that holds the expected rows of
     one hit expert, T*k / min(E, T*k), so blocks are mostly full at decode and large at prefill
     (128-row tiles ran 20-29% faster than 64-row ones at T = 4096 on an H100: bench/NOTES.md).
-    hopper (hopper_tiles): 128 wherever 16 would not do, and 192 where a hit expert expects 96 rows
-    or more. The wgmma tiles skip a block's empty 64-row groups, so a 128-row block costs no more
-    tensor time than two 64-row ones, and they beat the mma.sync tiles of 32- and 64-row blocks
-    (H100, T = 1024: DeepSeek-V3's w13 5.39 ms at 128 against 6.80 at 32, GPT-OSS 1.57 against 1.81,
-    Qwen3 0.33 against 0.35 at 64). 192-row blocks run three warpgroups under one weight tile, so
-    the weights pulled through L2 serve 192 rows instead of 128 (an expert of ~128 rows takes one
-    block, not two): session 15's ncu found the prefill tiles bound by the link between the two L2
-    partitions (bench/NOTES.md).
+
+    hopper (hopper_tiles): the wgmma tiles from a few rows an expert, whose blocks may be mostly
+    empty: the tiles skip a block's empty 64-row groups, and weight tiles by TMA stream faster than
+    the 16-row mma.sync tiles, which also read an expert's weights once per 16 rows. 16 while a hit
+    expert expects at most two rows (at most half a row where expert_bytes, one expert's w13 + w2, is
+    LARGE_EXPERT_BYTES or more), 64 below eight rows, 128 below 96 and 192 from 96: three warpgroups
+    under one weight tile, so the weights pulled through L2 serve 192 rows instead of 128 (session
+    15's ncu found the prefill tiles bound by the link between the two L2 partitions). H200, the
+    layer (bench/results/h200-moe-block-threshold*.md): 16-row blocks at 16 rows an expert ran
+    DeepSeek-V3 T=512 at 49% of the floor, 64- or 128-row ones at 88-91%; Mixtral T=4 89.5% -> 92.1%
+    at 64 rows.
+
     Written as comparisons so a symbolic token count under torch.compile is guarded, not
     specialized."""
     rows = num_tokens * topk
+    if hopper:
+        few = 2 * rows <= num_experts if expert_bytes >= LARGE_EXPERT_BYTES else rows <= 2 * num_experts
+        if few:
+            return 16
+        if rows < 8 * num_experts:
+            return 64
+        return 192 if rows >= 96 * num_experts else 128
     if rows <= 16 * num_experts:
         return 16
-    if hopper:
-        return 192 if rows >= 96 * num_experts else 128
     if rows <= 32 * num_experts:
         return 32
     if rows <= 64 * num_experts:
@@ -193,7 +211,8 @@ def fused_moe(
         return ops.moe_gemv_combine(h, w2, ids, weights, expert_map)     # [T, H]
     hopper = hidden_states.is_cuda and hopper_tiles(hidden_states.device.index)
     if block_size is None:
-        block_size = choose_block_size(T, topk, E, hopper)
+        expert_bytes = (w13.shape[1] * w13.shape[2] + w2.shape[1] * w2.shape[2]) * w13.element_size()
+        block_size = choose_block_size(T, topk, E, hopper, expert_bytes)
     weights, _, sorted_ids, expert_ids, num_post_padded = route(
         router_logits, topk, block_size, scoring_func=scoring_func, renormalize=renormalize,
         correction_bias=correction_bias, num_expert_group=num_expert_group, topk_group=topk_group,

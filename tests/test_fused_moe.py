@@ -7,6 +7,7 @@ import torch
 
 import moe_ext
 from moe_ext import reference as ref
+from moe_ext.fused_moe import LARGE_EXPERT_BYTES
 
 from conftest import DEVICES, HAS_CUDA, capture_graph, rel_l2, require_kernel
 
@@ -164,14 +165,22 @@ def test_module(device, style):
                                 layer.router_logits(flat).detach(), s["topk"], routing)
 
 
-@pytest.mark.parametrize("T,topk,E,plain,hopper", [(1, 8, 256, 16, 16), (64, 8, 256, 16, 16), (1024, 8, 256, 32, 128),
-                                                    (1024, 8, 128, 64, 128), (4096, 8, 256, 128, 192),
-                                                    (4096, 2, 8, 128, 192), (1535, 8, 128, 128, 128)])
-def test_choose_block_size(T, topk, E, plain, hopper):
-    """Decode sizes keep 16-row blocks; prefill on Hopper's wgmma tiles takes 192 where an expert
-    expects 96 rows or more, else 128; elsewhere the smallest block holding an expert's expected rows."""
-    assert moe_ext.choose_block_size(T, topk, E) == plain
-    assert moe_ext.choose_block_size(T, topk, E, hopper=True) == hopper
+MIXTRAL_EXPERT_BYTES = 3 * 4096 * 14336 * 2  # w13 + w2 of one Mixtral-8x7B expert, bf16
+
+
+@pytest.mark.parametrize("T,topk,E,expert_bytes,plain,hopper", [
+    (1, 8, 256, 0, 16, 16), (64, 8, 256, 0, 16, 16), (65, 8, 256, 0, 16, 64), (128, 8, 256, 0, 16, 64),
+    (255, 8, 256, 0, 16, 64), (256, 8, 256, 0, 16, 128), (1024, 8, 256, 0, 32, 128), (1024, 8, 128, 0, 64, 128),
+    (4096, 8, 256, 0, 128, 192), (4096, 2, 8, 0, 128, 192), (1535, 8, 128, 0, 128, 128),
+    (4, 2, 8, 0, 16, 16), (2, 2, 8, MIXTRAL_EXPERT_BYTES, 16, 16), (3, 2, 8, MIXTRAL_EXPERT_BYTES, 16, 64),
+    (4, 2, 8, MIXTRAL_EXPERT_BYTES, 16, 64), (16, 8, 256, LARGE_EXPERT_BYTES, 16, 16),
+    (17, 8, 256, LARGE_EXPERT_BYTES, 16, 64), (16, 8, 256, LARGE_EXPERT_BYTES - 1, 16, 16)])
+def test_choose_block_size(T, topk, E, expert_bytes, plain, hopper):
+    """Off Hopper, the smallest block holding an expert's expected rows. On Hopper: 16-row blocks up to
+    two rows an expert (half a row for experts of LARGE_EXPERT_BYTES or more), then the wgmma tiles: 64
+    below 8 rows an expert, 128 below 96, 192 from 96."""
+    assert moe_ext.choose_block_size(T, topk, E, expert_bytes=expert_bytes) == plain
+    assert moe_ext.choose_block_size(T, topk, E, hopper=True, expert_bytes=expert_bytes) == hopper
 
 
 @pytest.mark.parametrize("device", DEVICES)
