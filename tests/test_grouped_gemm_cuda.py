@@ -245,7 +245,7 @@ def test_every_config_agrees(monkeypatch, shape, block_size):
     check_config_families(outs, FIRST_WGMMA_CONFIG, "grouped GEMM")
 
 
-@pytest.mark.parametrize("cfg", range(FIRST_WGMMA_CONFIG, 18))
+@pytest.mark.parametrize("cfg", range(FIRST_WGMMA_CONFIG, 19))
 @pytest.mark.parametrize("block_size", [128, 192])
 def test_wgmma_configs_skip_blocks(monkeypatch, cfg, block_size):
     """The prefill tiles (cp.async and TMA weight loads) with blocks of expert -1 or out of range,

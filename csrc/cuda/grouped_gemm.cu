@@ -41,6 +41,8 @@ using gg::MmaConfig;
 //  16   64  256   64   1x2     4     164,864     14 by TMA: block_size 64
 //  17  192  256   64   3x1     4     230,400     by TMA, three warpgroups: block_size 192 (a third less weight
 //                                                traffic a row than 15 where an expert fills the tile)
+//  18   64  128   64   1x1     4      99,328     by TMA, one warpgroup: block_size 64 where 16's grid would leave
+//                                                multiprocessors idle (twice its CTAs, two a multiprocessor)
 // (12 by TMA was never the fastest on the H200, at any CTA count: results/h200-tune-tma2.md.)
 // Off Hopper (or in a build without sm_90a code) a forced wgmma index runs kWgmmaFallback's config.
 using Cfg0 = MmaConfig<16, 64, 128, 1, 4, 4>;
@@ -61,15 +63,16 @@ using Cfg14 = gg::WgmmaConfig<64, 256, 1, 2, 4>;
 using Cfg15 = gg::WgmmaConfig<128, 256, 2, 1, 4, false, true>;
 using Cfg16 = gg::WgmmaConfig<64, 256, 1, 2, 4, false, true>;
 using Cfg17 = gg::WgmmaConfig<192, 256, 3, 1, 4, false, true>;
+using Cfg18 = gg::WgmmaConfig<64, 128, 1, 1, 4, false, true>;
 constexpr int kNumMmaConfigs = 12;  // indices below are mma.sync, from here on wgmma
-constexpr int kNumConfigs = 18;
-constexpr int kWgmmaFallback[kNumConfigs - kNumMmaConfigs] = {9, 9, 3, 9, 3, 9};
-constexpr int kConfigBM[kNumConfigs] = {Cfg0::BM,  Cfg1::BM,  Cfg2::BM,  Cfg3::BM,  Cfg4::BM,  Cfg5::BM,
-                                        Cfg6::BM,  Cfg7::BM,  Cfg8::BM,  Cfg9::BM,  Cfg10::BM, Cfg11::BM,
-                                        Cfg12::BM, Cfg13::BM, Cfg14::BM, Cfg15::BM, Cfg16::BM, Cfg17::BM};
-constexpr int kConfigBN[kNumConfigs] = {Cfg0::BN,  Cfg1::BN,  Cfg2::BN,  Cfg3::BN,  Cfg4::BN,  Cfg5::BN,
-                                        Cfg6::BN,  Cfg7::BN,  Cfg8::BN,  Cfg9::BN,  Cfg10::BN, Cfg11::BN,
-                                        Cfg12::BN, Cfg13::BN, Cfg14::BN, Cfg15::BN, Cfg16::BN, Cfg17::BN};
+constexpr int kNumConfigs = 19;
+constexpr int kWgmmaFallback[kNumConfigs - kNumMmaConfigs] = {9, 9, 3, 9, 3, 9, 3};
+constexpr int kConfigBM[kNumConfigs] = {Cfg0::BM,  Cfg1::BM,  Cfg2::BM,  Cfg3::BM,  Cfg4::BM,  Cfg5::BM,  Cfg6::BM,
+                                        Cfg7::BM,  Cfg8::BM,  Cfg9::BM,  Cfg10::BM, Cfg11::BM, Cfg12::BM, Cfg13::BM,
+                                        Cfg14::BM, Cfg15::BM, Cfg16::BM, Cfg17::BM, Cfg18::BM};
+constexpr int kConfigBN[kNumConfigs] = {Cfg0::BN,  Cfg1::BN,  Cfg2::BN,  Cfg3::BN,  Cfg4::BN,  Cfg5::BN,  Cfg6::BN,
+                                        Cfg7::BN,  Cfg8::BN,  Cfg9::BN,  Cfg10::BN, Cfg11::BN, Cfg12::BN, Cfg13::BN,
+                                        Cfg14::BN, Cfg15::BN, Cfg16::BN, Cfg17::BN, Cfg18::BN};
 // K % 8 != 0 or a base not 16-byte aligned (rows not 16-byte aligned: guarded scalar loads) always
 // takes this config: one extra instance per dtype instead of a second copy of the table, for shapes
 // no production model has.
@@ -191,13 +194,20 @@ bool wgmma_available(int cc) {
 // link between the two L2 partitions), and an expert of 129-192 rows takes one tile, not two. H200, layer
 // at T=4096 against 128-row blocks in the same run (results/h200-moe-prefill-bs192.md): DeepSeek-V3 8691 ->
 // 8428 us, GPT-OSS 2617 -> 2437, Mixtral 5861 -> 5445, Qwen3 915 -> 843.
-constexpr int kWgmma128 = 15, kWgmma64 = 16, kWgmma192 = 17;
-static_assert(Cfg15::kTma && Cfg15::BM == 128 && Cfg16::kTma && Cfg16::BM == 64 && Cfg17::kTma && Cfg17::BM == 192,
+// 64-row blocks whose config-16 grid (estimated from shapes) is under two CTAs a multiprocessor take config 18:
+// half the columns a CTA, so twice the CTAs, two a multiprocessor (99 KB of shared memory each). Session 16:
+// fused_moe takes 64-row blocks from a few rows an expert, where Mixtral's w2 (16 N-tiles an expert) with 4
+// experts hit made 64 CTAs for 132 multiprocessors.
+constexpr int kWgmma128 = 15, kWgmma64 = 16, kWgmma192 = 17, kWgmma64Narrow = 18;
+static_assert(Cfg15::kTma && Cfg15::BM == 128 && Cfg16::kTma && Cfg16::BM == 64 && Cfg17::kTma && Cfg17::BM == 192 &&
+                  Cfg18::kTma && Cfg18::BM == 64,
               "the heuristic's Hopper picks");
-int choose_wgmma_config(int64_t block_size) {
+int choose_wgmma_config(int64_t rows, int64_t E, int64_t N, int64_t num_blocks, int64_t block_size, int num_sms) {
   if (block_size % Cfg17::BM == 0) return kWgmma192;
   if (block_size >= 128) return kWgmma128;
-  return block_size >= 64 ? kWgmma64 : -1;
+  if (block_size < 64) return -1;
+  const int64_t ctas = estimated_ctas(Cfg16::BM, Cfg16::BN, rows, E, N, num_blocks, block_size);
+  return ctas >= 2 * num_sms ? kWgmma64 : kWgmma64Narrow;
 }
 
 // cuTensorMapEncodeTiled, taken from the driver through the runtime (no link against libcuda).
@@ -274,7 +284,7 @@ cudaError_t launch_mma_config(int cfg, bool aligned, bool wgmma, const GroupedGe
   static_assert(kUnalignedConfig == 1, "the unaligned instance above must match kUnalignedConfig");
   if (cfg >= kNumMmaConfigs) {
     if (!wgmma) return launch_mma_config<T>(kWgmmaFallback[cfg - kNumMmaConfigs], true, false, p, num_blocks, stream);
-    return dispatch_config<Cfg12, Cfg13, Cfg14, Cfg15, Cfg16, Cfg17>(cfg - kNumMmaConfigs, [&](auto c) {
+    return dispatch_config<Cfg12, Cfg13, Cfg14, Cfg15, Cfg16, Cfg17, Cfg18>(cfg - kNumMmaConfigs, [&](auto c) {
       return launch_wgmma<T, decltype(c)>(p, num_blocks, stream);
     });
   }
@@ -360,7 +370,7 @@ cudaError_t moe_grouped_gemm(DType dtype, const void* a, const void* w, const in
           const bool aligned = K % 8 == 0 && aligned16(a) && aligned16(w);
           const bool wgmma = wgmma_available(compute_capability);
           int cfg = config;
-          if (cfg < 0 && aligned && wgmma) cfg = choose_wgmma_config(block_size);
+          if (cfg < 0 && aligned && wgmma) cfg = choose_wgmma_config(rows, E, N, num_blocks, block_size, num_sms);
           if (cfg < 0)
             cfg = choose_config(kHeuristic, kConfigBM, kConfigBN, 1, rows, E, N, num_blocks, block_size, num_sms);
           err = launch_mma_config<T>(cfg, aligned, wgmma, p, num_blocks, stream);
