@@ -89,8 +89,11 @@ def copy_bandwidth(nbytes: int = 2 << 30) -> float:
 
 def write_results(stem: str, meta: dict, rows: list[dict], table: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
+    # The MOE_EXT_* settings the run was made under (config overrides, paths) belong to its command.
+    env = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MOE_EXT_"))
     meta = dict(meta, device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                torch=torch.__version__, cuda=torch.version.cuda, command=" ".join(["python"] + sys.argv))
+                torch=torch.__version__, cuda=torch.version.cuda,
+                command=" ".join(([env] if env else []) + ["python"] + sys.argv))
     path = RESULTS / f"{device_tag()}-{stem}"
     path.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     header = "\n".join(f"- {k}: {v}" for k, v in meta.items())

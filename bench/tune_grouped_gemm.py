@@ -32,21 +32,24 @@ ENV = "MOE_EXT_GROUPED_GEMM_CONFIG"
 SILU_ENV = "MOE_EXT_GROUPED_GEMM_SILU_CONFIG"
 
 
-def shapes_from_models(tokens):
-    """(name, T, topk, E, N, K, second) for both GEMMs of each model layer; second: the op runs as
-    fused_moe's second GEMM (a is [T * topk, K], op topk 1), else as its first (a is [T, K])."""
+def shapes_from_models(tokens, models, esize):
+    """(name, T, topk, E, N, K, second, expert_bytes) for both GEMMs of each model layer; second: the op
+    runs as fused_moe's second GEMM (a is [T * topk, K], op topk 1), else as its first (a is [T, K]);
+    expert_bytes: one expert's w13 + w2, as fused_moe passes it to choose_block_size."""
     out = []
-    for cfg in MODELS.values():
+    for cfg in (MODELS[m] for m in models):
+        H, I = cfg.hidden_size, cfg.intermediate_size
+        eb = 3 * H * I * esize
         for T in tokens:
-            out.append((f"{cfg.name} w13", T, cfg.topk, cfg.num_experts, 2 * cfg.intermediate_size,
-                        cfg.hidden_size, False))
-            out.append((f"{cfg.name} w2", T, cfg.topk, cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, True))
+            out.append((f"{cfg.name} w13", T, cfg.topk, cfg.num_experts, 2 * I, H, False, eb))
+            out.append((f"{cfg.name} w2", T, cfg.topk, cfg.num_experts, H, I, True, eb))
     return out
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 128, 1024, 4096])
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     p.add_argument("--shape", action="append", default=[], help="T,topk,E,N,K (repeatable); replaces --models")
     p.add_argument("--block-size", type=int, nargs="+", default=None,
                    help="default: moe_ext.choose_block_size for each shape")
@@ -72,14 +75,14 @@ def main():
         shapes = []
         for s in args.shape:
             T, k, E, N, K = (int(x) for x in s.split(","))
-            shapes.append((s, T, k, E, N, K, False))
+            shapes.append((s, T, k, E, N, K, False, 0))
     else:
-        shapes = shapes_from_models(args.tokens)
+        shapes = shapes_from_models(args.tokens, args.models, esize)
     if args.silu:
-        shapes = [sh for sh in shapes if not sh[-1]]
+        shapes = [sh for sh in shapes if not sh[6]]
 
     rows, best = [], []
-    for name, T, k, E, N, K, second in shapes:
+    for name, T, k, E, N, K, second, expert_bytes in shapes:
         if E * N * K * esize > args.max_weight_gib * 2**30:
             print(f"skip {name} T={T}: weights over --max-weight-gib")
             continue
@@ -96,7 +99,7 @@ def main():
         flops = 2 * T * k * N * K
         nbytes = (hit * N * K + a.numel() + T * k * (N // 2 if args.silu else N)) * esize
         hopper = moe_ext.hopper_tiles(a.device.index)
-        for bs in args.block_size or [moe_ext.choose_block_size(T, k, E, hopper)]:
+        for bs in args.block_size or [moe_ext.choose_block_size(T, k, E, hopper, expert_bytes)]:
             s, e, n = moe_ext.moe_align_block_size(ids, E, bs)
             times = {}
             baseline = op(a, ws[0], s, e, n, op_topk, tw)  # the heuristic's answer

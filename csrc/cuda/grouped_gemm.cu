@@ -93,7 +93,8 @@ struct HeuristicRow {
 // results/h200-tune-stream.md, the four models' two GEMMs at T = 1, 4, 16) config 11 was fastest or
 // within 2% of the fastest at 20 of the 24 decode GEMMs (7% at worst: Qwen3's w2 at T=1, 13.1 against
 // 12.2 us) and config 0 up to 14% slower than it (DeepSeek-V3 w13 T=16: 1662 against 1468 us), so
-// block size 16 takes config 11 whatever the CTA count.
+// block size 16 takes config 11 whatever the CTA count (on Hopper, from session 17, the wgmma config 18
+// where its grid fills the GPU: choose_wgmma_config).
 constexpr HeuristicRow kHeuristic[] = {
     {16, 11, 11},
     {32, 8, 10},
@@ -180,13 +181,13 @@ bool wgmma_available(int cc) {
 #endif
 }
 
-// The heuristic's Hopper choice for prefill-sized blocks (>= 64 rows), or -1 to use the mma.sync
-// table: 128-row blocks take 128 x 256 tiles, 64-row blocks 64 x 256, both with the weight tile by
-// TMA. On an H200 (session 9, results/h200-tune-tma2.md: the four models' GEMMs at T = 128, 1024,
-// 4096, blocks of 64 and 128; configs 12-17 of that run, 17 there is 16 here) config 15 was the
-// fastest or within 4% of it at every 128-row shape, 3-18% faster than the cp.async config 13
-// (DeepSeek-V3 w13 T=4096: 5813 against 6039 us, Mixtral w13 T=1024: 996 against 1148), and faster
-// than 128 x 128 tiles at every CTA count, so the count no longer matters here; config 16 at 64-row
+// The heuristic's Hopper choice, or -1 to use the mma.sync table: 128-row blocks take 128 x 256 tiles,
+// 64-row blocks 64 x 256, both with the weight tile by TMA; the 64 x 128 tile (config 18) where a hit expert
+// expects few rows, decode blocks included (below). On an H200 (session 9, results/h200-tune-tma2.md: the
+// four models' GEMMs at T = 128, 1024, 4096, blocks of 64 and 128; configs 12-17 of that run, 17 there is 16
+// here) config 15 was the fastest or within 4% of it at every 128-row shape, 3-18% faster than the cp.async
+// config 13 (DeepSeek-V3 w13 T=4096: 5813 against 6039 us, Mixtral w13 T=1024: 996 against 1148), and
+// faster than 128 x 128 tiles at every CTA count, so the count no longer matters here; config 16 at 64-row
 // blocks was within 5% of the best.
 // Blocks of a multiple of 192 rows (fused_moe's choice where an expert's expected rows are 96 or more on
 // Hopper) take config 17: three warpgroups of 64 rows under one 256-column weight tile, so each weight tile
@@ -198,14 +199,37 @@ bool wgmma_available(int cc) {
 // half the columns a CTA, so twice the CTAs, two a multiprocessor (99 KB of shared memory each). Session 16:
 // fused_moe takes 64-row blocks from a few rows an expert, where Mixtral's w2 (16 N-tiles an expert) with 4
 // experts hit made 64 CTAs for 132 multiprocessors.
+// Session 17: config 18 also takes every block below 192 rows wherever a hit expert expects at most
+// kNarrowRowsPerExpert rows (rows <= 16 E): one 64-row m-tile then mostly holds an expert's rows, so the weights
+// are read about once either way, and two CTAs a multiprocessor keep one CTA's prologue and epilogue under the
+// other's stream. Decode blocks (below 64 rows, where the mma.sync table's config 11 ran) take it only when its
+// grid fills the GPU twice over (Mixtral's w2 with 3 experts hit would make 96 CTAs). H200, session 17:
+// - tuner, two interleaved rounds, balanced random routing (results/h200-tune-s17-mid.md, -dec16.md): 18 the
+//   fastest of 15-19 at all 16 GEMMs with r = rows / E = 2-32 (Qwen3 w2 T=256: 118.9 against 129.7 us for 15),
+//   slower at r = 64 (Qwen3 w13 T=1024 12%, Mixtral w2 T=256 20%: experts of more than 64 rows read their
+//   weights once per m-tile); at 16-row blocks 1-11% faster than 11 at DeepSeek-V3, GPT-OSS and Mixtral, T =
+//   8-32, and 1.3% faster to 3.5% slower at Qwen3.
+// - the layer (results/h200-s17-*.md, graph replay at T <= 16, events above): with 18 forced at 16-row
+//   blocks, DeepSeek-V3 T=8-16 2-3% faster, GPT-OSS T=12-32 1-7%, Qwen3 T=12-32 1-3% (T=8 +0.2%). At 128-row
+//   blocks Qwen3 T=128-512 4.2-4.7% faster, GPT-OSS T=256-1024 1.4-2.3%, but DeepSeek-V3 T=512 0.8-2.2% and
+//   T=1024 5.5-7.7% slower: its routing (correction bias) is skewed, 39 rows a hit expert on average at
+//   T=1024 (208 hit), so many experts exceed 64 rows; hence r <= 16, not 32.
+// A 128 x 128 TMA tile of 3 stages (two CTAs a multiprocessor; config 19 of that run, removed since) was slower
+// than 15 at every GEMM (4-16%).
 constexpr int kWgmma128 = 15, kWgmma64 = 16, kWgmma192 = 17, kWgmma64Narrow = 18;
+constexpr int64_t kNarrowRowsPerExpert = 16;
 static_assert(Cfg15::kTma && Cfg15::BM == 128 && Cfg16::kTma && Cfg16::BM == 64 && Cfg17::kTma && Cfg17::BM == 192 &&
                   Cfg18::kTma && Cfg18::BM == 64,
               "the heuristic's Hopper picks");
 int choose_wgmma_config(int64_t rows, int64_t E, int64_t N, int64_t num_blocks, int64_t block_size, int num_sms) {
   if (block_size % Cfg17::BM == 0) return kWgmma192;
+  const bool narrow = rows <= kNarrowRowsPerExpert * E;
+  if (block_size < 64) {
+    const int64_t ctas = estimated_ctas(Cfg18::BM, Cfg18::BN, rows, E, N, num_blocks, block_size);
+    return narrow && ctas >= 2 * num_sms ? kWgmma64Narrow : -1;
+  }
+  if (narrow) return kWgmma64Narrow;
   if (block_size >= 128) return kWgmma128;
-  if (block_size < 64) return -1;
   const int64_t ctas = estimated_ctas(Cfg16::BM, Cfg16::BN, rows, E, N, num_blocks, block_size);
   return ctas >= 2 * num_sms ? kWgmma64 : kWgmma64Narrow;
 }
