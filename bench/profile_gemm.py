@@ -30,7 +30,7 @@ def main():
     shapes = {s[0]: s for s in shapes_from_models([args.tokens])}
     if args.shape not in shapes:
         p.error(f"--shape must be one of {sorted(shapes)}")
-    _, T, k, E, N, K, second = shapes[args.shape]
+    _, T, k, E, N, K, second, expert_bytes = shapes[args.shape]
     if args.silu and second:
         p.error("--silu takes a w13 shape")
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -38,7 +38,7 @@ def main():
     a = torch.randn(T * k if second else T, K, device="cuda", dtype=dt, generator=g)
     w = torch.randn(E, N, K, device="cuda", dtype=dt, generator=g) / K**0.5
     ids = torch.rand(T, E, device="cuda", generator=g).topk(k, dim=1).indices.to(torch.int32)
-    bs = args.block_size or moe_ext.choose_block_size(T, k, E, moe_ext.hopper_tiles(a.device.index))
+    bs = args.block_size or moe_ext.choose_block_size(T, k, E, moe_ext.hopper_tiles(a.device.index), expert_bytes)
     s, e, n = moe_ext.moe_align_block_size(ids, E, bs)
     topk = 1 if second else k
     for _ in range(args.calls):

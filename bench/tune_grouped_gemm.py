@@ -32,7 +32,7 @@ ENV = "MOE_EXT_GROUPED_GEMM_CONFIG"
 SILU_ENV = "MOE_EXT_GROUPED_GEMM_SILU_CONFIG"
 
 
-def shapes_from_models(tokens, models, esize):
+def shapes_from_models(tokens, models=tuple(MODELS), esize=2):
     """(name, T, topk, E, N, K, second, expert_bytes) for both GEMMs of each model layer; second: the op
     runs as fused_moe's second GEMM (a is [T * topk, K], op topk 1), else as its first (a is [T, K]);
     expert_bytes: one expert's w13 + w2, as fused_moe passes it to choose_block_size."""
