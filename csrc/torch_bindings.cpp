@@ -56,6 +56,14 @@ TORCH_LIBRARY(moe_ext, m) {
   // "moe_gemv_combine". Registered by CUDA builds only.
   m.def("num_tile_configs(str op) -> int");
 
+  // The config a grouped-GEMM launcher's heuristic takes for these shapes on a device of this compute
+  // capability (major * 10 + minor) and multiprocessor count, 16-byte aligned bf16/fp16 operands: an index
+  // into num_tile_configs(op)'s table, or -1 where no table serves them. op: "moe_grouped_gemm" or
+  // "moe_grouped_gemm_silu" (N is then I). Registered by CUDA builds only; needs no GPU.
+  m.def(
+      "grouped_gemm_tile_config(str op, int rows, int N, int K, int num_experts, int num_blocks, int block_size, "
+      "int compute_capability, int num_sms) -> int");
+
   // Top-k combine: [T, topk, H] -> [T, H], optionally weighted by topk_weights [T, topk], fp32 sum.
   m.def("moe_combine(Tensor x, Tensor? topk_weights=None) -> Tensor");
 }

@@ -307,3 +307,20 @@ def num_tile_configs(op: str) -> int:
     "moe_grouped_gemm_silu", "moe_gemv_silu", "moe_gemv_combine"): the valid indices of its
     MOE_EXT_*_CONFIG override, for tuners and tests. CUDA builds only."""
     return torch.ops.moe_ext.num_tile_configs.default(op)
+
+
+def grouped_gemm_tile_config(op: str, rows: int, N: int, K: int, num_experts: int, num_blocks: int, block_size: int,
+                             compute_capability: int | None = None, num_sms: int | None = None) -> int:
+    """The config index the CUDA launcher of op ("moe_grouped_gemm" or "moe_grouped_gemm_silu") takes by its
+    heuristic for rows = M * topk output rows, N output columns (I for the SiLU variant), K, num_experts
+    local experts and num_blocks blocks of block_size rows (as moe_align_block_size sizes them), with
+    16-byte aligned bf16/fp16 operands: an index into num_tile_configs(op)'s table (the value
+    MOE_EXT_GROUPED_GEMM[_SILU]_CONFIG would force), or -1 where no tensor-core table serves the shapes.
+    compute_capability (major * 10 + minor) and num_sms default to the current CUDA device's; given both,
+    no GPU is needed. CUDA builds only."""
+    if compute_capability is None or num_sms is None:
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        compute_capability = props.major * 10 + props.minor if compute_capability is None else compute_capability
+        num_sms = props.multi_processor_count if num_sms is None else num_sms
+    return torch.ops.moe_ext.grouped_gemm_tile_config.default(op, rows, N, K, num_experts, num_blocks, block_size,
+                                                              compute_capability, num_sms)

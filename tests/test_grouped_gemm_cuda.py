@@ -245,6 +245,27 @@ def test_every_config_agrees(monkeypatch, shape, block_size):
     check_config_families(outs, FIRST_WGMMA_CONFIG, "grouped GEMM")
 
 
+# Decode and prefill block sizes, few experts and many, so the pick ranges over the mma.sync and wgmma tiles.
+@pytest.mark.parametrize("shape,block_size", [((4, 2, 8, 4096, 1024), 16), ((40, 8, 64, 1024, 512), 16),
+                                              ((6, 2, 8, 512, 2048), 64), ((64, 8, 16, 384, 256), 128),
+                                              ((600, 2, 4, 264, 520), 192)])
+@pytest.mark.parametrize("silu", [False, True])
+def test_tile_config_query_matches_launch(monkeypatch, shape, block_size, silu):
+    """moe_ext.ops.grouped_gemm_tile_config names a config the launcher's heuristic runs: forcing that
+    index gives the default call's bits. Configs of one family agree bit for bit, so this pins the family
+    (mma.sync or wgmma); test_errors_opcheck pins the indices on the host."""
+    T, topk, E, N, K = shape
+    op, env = ((moe_ext.moe_grouped_gemm_silu, SILU_CONFIG_ENV) if silu else (moe_ext.moe_grouped_gemm, CONFIG_ENV))
+    a, w, s, e, ntpp, _, tw = make_case(T, topk, E, 2 * N if silu else N, K, block_size, torch.bfloat16, "random",
+                                        not silu)
+    cfg = moe_ext.ops.grouped_gemm_tile_config(op.__name__, T * topk, N, K, E, e.numel(), block_size)
+    assert 0 <= cfg < moe_ext.ops.num_tile_configs(op.__name__)
+    args = [t.cuda() for t in (a, w, s, e, ntpp)] + [topk] + ([] if silu else [tw.cuda()])
+    default = op(*args)
+    monkeypatch.setenv(env, str(cfg))
+    assert torch.equal(op(*args), default), f"{op.__name__}: the launch did not run config {cfg}"
+
+
 @pytest.mark.parametrize("cfg", range(FIRST_WGMMA_CONFIG, 19))
 @pytest.mark.parametrize("block_size", [128, 192])
 def test_wgmma_configs_skip_blocks(monkeypatch, cfg, block_size):

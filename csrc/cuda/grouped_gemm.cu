@@ -334,6 +334,20 @@ cudaError_t launch_silu_config(int cfg, bool aligned, bool wgmma, const GroupedG
     return launch_mma<T, decltype(c), true>(p, num_blocks, stream);
   });
 }
+// The heuristics' picks (config -1). wgmma: the Hopper tiles may run (aligned operands, a cc 9.0 device, a
+// build with sm_90a code). Operands that are not 16-byte aligned run the unaligned instance whatever the pick.
+int plain_heuristic(bool wgmma, int64_t rows, int64_t E, int64_t N, int64_t num_blocks, int64_t block_size,
+                    int num_sms) {
+  const int cfg = wgmma ? choose_wgmma_config(rows, E, N, num_blocks, block_size, num_sms) : -1;
+  return cfg >= 0 ? cfg
+                  : choose_config(kHeuristic, kConfigBM, kConfigBN, 1, rows, E, N, num_blocks, block_size, num_sms);
+}
+int silu_heuristic(bool wgmma, int64_t rows, int64_t E, int64_t I, int64_t num_blocks, int64_t block_size,
+                   int num_sms) {
+  if (wgmma && block_size % SiluCfg6::BM == 0) return kSiluWgmma192;
+  if (wgmma && block_size >= 128) return kSiluWgmma128;
+  return choose_config(kSiluHeuristic, kSiluConfigBM, kSiluConfigBN, 0, rows, E, I, num_blocks, block_size, num_sms);
+}
 #else
 constexpr int kNumConfigs = 0;
 constexpr int kNumSiluConfigs = 0;
@@ -371,6 +385,21 @@ cudaError_t zero_uncovered_rows(const uint8_t* covered, void* out, int64_t rows,
 int grouped_gemm_num_configs() { return kNumConfigs; }
 int grouped_gemm_silu_num_configs() { return kNumSiluConfigs; }
 
+int grouped_gemm_heuristic_config(bool silu, int64_t rows, int64_t N, int64_t K, int64_t E, int64_t num_blocks,
+                                  int64_t block_size, int compute_capability, int num_sms) {
+#if MOE_GG_HAS_MMA
+  if (compute_capability < 80 || rows <= 0 || N <= 0 || num_blocks <= 0 || block_size <= 0) return -1;
+  if (K % 8 != 0) return silu ? kSiluUnalignedConfig : kUnalignedConfig;
+  const bool wgmma = wgmma_available(compute_capability);
+  return silu ? silu_heuristic(wgmma, rows, E, N, num_blocks, block_size, num_sms)
+              : plain_heuristic(wgmma, rows, E, N, num_blocks, block_size, num_sms);
+#else
+  (void)silu, (void)rows, (void)N, (void)K, (void)E, (void)num_blocks, (void)block_size, (void)compute_capability,
+      (void)num_sms;
+  return -1;
+#endif
+}
+
 cudaError_t moe_grouped_gemm(DType dtype, const void* a, const void* w, const int32_t* sorted_ids,
                              const int32_t* expert_ids, const int32_t* num_post_padded, const float* topk_weights,
                              void* out, uint8_t* covered, int64_t M, int64_t topk, int64_t N, int64_t K, int64_t E,
@@ -394,10 +423,8 @@ cudaError_t moe_grouped_gemm(DType dtype, const void* a, const void* w, const in
         if (compute_capability >= 80) {
           const bool aligned = K % 8 == 0 && aligned16(a) && aligned16(w);
           const bool wgmma = wgmma_available(compute_capability);
-          int cfg = config;
-          if (cfg < 0 && aligned && wgmma) cfg = choose_wgmma_config(rows, E, N, num_blocks, block_size, num_sms);
-          if (cfg < 0)
-            cfg = choose_config(kHeuristic, kConfigBM, kConfigBN, 1, rows, E, N, num_blocks, block_size, num_sms);
+          const int cfg =
+              config >= 0 ? config : plain_heuristic(aligned && wgmma, rows, E, N, num_blocks, block_size, num_sms);
           err = launch_mma_config<T>(cfg, aligned, wgmma, p, num_blocks, stream);
         } else {
           err = launch_simt<T>(p, num_blocks, stream);
@@ -434,12 +461,8 @@ cudaError_t moe_grouped_gemm_silu(DType dtype, const void* a, const void* w13, c
                                   static_cast<int>(K), static_cast<int>(E), static_cast<int>(block_size), 1};
         const bool aligned = K % 8 == 0 && aligned16(a) && aligned16(w13);
         const bool wgmma = wgmma_available(compute_capability);
-        int cfg = config;
-        if (cfg < 0 && aligned && wgmma && block_size % SiluCfg6::BM == 0) cfg = kSiluWgmma192;
-        if (cfg < 0 && aligned && block_size >= 128 && wgmma) cfg = kSiluWgmma128;
-        if (cfg < 0)
-          cfg = choose_config(kSiluHeuristic, kSiluConfigBM, kSiluConfigBN, 0, rows, E, I, num_blocks, block_size,
-                              num_sms);
+        const int cfg =
+            config >= 0 ? config : silu_heuristic(aligned && wgmma, rows, E, I, num_blocks, block_size, num_sms);
         const cudaError_t err = launch_silu_config<T>(cfg, aligned, wgmma, p, num_blocks, stream);
         if (err != cudaSuccess) return err;
       }

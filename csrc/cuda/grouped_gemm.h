@@ -15,6 +15,12 @@ namespace moe_ext::cuda {
 int grouped_gemm_num_configs();
 // Entries in the SiLU-and-mul variant's config table (0 without tensor cores in the build).
 int grouped_gemm_silu_num_configs();
+// The config the launcher runs with `config` -1 for these shapes (rows = M * topk; N is I for the SiLU-and-mul
+// variant) and 16-byte aligned bf16/fp16 operands on a device of this compute capability and multiprocessor
+// count: an index into that op's table, or -1 where no table serves them (cc < 80, a build without tensor-core
+// code, empty shapes). Host arithmetic only, the same the launchers call.
+int grouped_gemm_heuristic_config(bool silu, int64_t rows, int64_t N, int64_t K, int64_t E, int64_t num_blocks,
+                                  int64_t block_size, int compute_capability, int num_sms);
 
 // a: [M, K]; w: [E, N, K] (a's dtype); sorted_ids: [num_blocks * block_size]; expert_ids:
 // [num_blocks]; num_post_padded: [1] (device, never read on the host); topk_weights: [M * topk]

@@ -1,6 +1,7 @@
 // The sizes of the CUDA launchers' tile-config tables, for tuners and tests (they force each entry
-// through the MOE_EXT_*_CONFIG overrides). No tensor arguments: registered as the op's
-// CompositeExplicitAutograd kernel, which the dispatcher calls for any backend.
+// through the MOE_EXT_*_CONFIG overrides), and the grouped-GEMM heuristics' pick for given shapes. No
+// tensor arguments: registered as the ops' CompositeExplicitAutograd kernels, which the dispatcher calls
+// for any backend.
 #include <torch/library.h>
 
 #include <string>
@@ -21,6 +22,25 @@ int64_t num_tile_configs(c10::string_view op) {
   return 0;
 }
 
-TORCH_LIBRARY_IMPL(moe_ext, CompositeExplicitAutograd, m) { m.impl("num_tile_configs", &num_tile_configs); }
+int64_t grouped_gemm_tile_config(c10::string_view op, int64_t rows, int64_t N, int64_t K, int64_t num_experts,
+                                 int64_t num_blocks, int64_t block_size, int64_t compute_capability, int64_t num_sms) {
+  const bool silu = op == "moe_grouped_gemm_silu";
+  MOE_CHECK_VALUE(silu || op == "moe_grouped_gemm",
+                  "moe_ext.grouped_gemm_tile_config: op must be moe_grouped_gemm or moe_grouped_gemm_silu, got \"",
+                  std::string(op), "\"");
+  MOE_CHECK_VALUE(rows >= 0 && N >= 0 && K >= 0 && num_experts >= 0 && num_blocks >= 0,
+                  "moe_ext.grouped_gemm_tile_config: rows, N, K, num_experts and num_blocks must be >= 0, got ", rows,
+                  ", ", N, ", ", K, ", ", num_experts, ", ", num_blocks);
+  MOE_CHECK_VALUE(block_size > 0 && num_sms > 0 && compute_capability > 0,
+                  "moe_ext.grouped_gemm_tile_config: block_size, compute_capability and num_sms must be positive, got ",
+                  block_size, ", ", compute_capability, ", ", num_sms);
+  return cuda::grouped_gemm_heuristic_config(silu, rows, N, K, num_experts, num_blocks, block_size,
+                                             static_cast<int>(compute_capability), static_cast<int>(num_sms));
+}
+
+TORCH_LIBRARY_IMPL(moe_ext, CompositeExplicitAutograd, m) {
+  m.impl("num_tile_configs", &num_tile_configs);
+  m.impl("grouped_gemm_tile_config", &grouped_gemm_tile_config);
+}
 
 }  // namespace moe_ext
