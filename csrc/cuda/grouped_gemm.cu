@@ -206,7 +206,7 @@ bool wgmma_available(int cc) {
 // grid fills the GPU twice over (Mixtral's w2 with 3 experts hit would make 96 CTAs; config 11 streamed it at
 // T=2 in 82.6 us against 109.5 for 18, results/h200-tune-s17-splitk.md). H200, session 17:
 // - tuner, two interleaved rounds, balanced random routing (results/h200-tune-s17-mid.md, -dec16.md): 18 the
-//   fastest of 15-19 at all 16 GEMMs with r = rows / E = 2-32 (Qwen3 w2 T=256: 118.9 against 129.7 us for 15),
+//   fastest of 15-19 at all 18 GEMMs with r = rows / E = 2-32 (Qwen3 w2 T=256: 118.9 against 129.7 us for 15),
 //   slower at r = 64 (Qwen3 w13 T=1024 12%, Mixtral w2 T=256 20%: experts of more than 64 rows read their
 //   weights once per m-tile); at 16-row blocks 1-11% faster than 11 at DeepSeek-V3, GPT-OSS and Mixtral, T =
 //   8-32, and 1.3% faster to 3.5% slower at Qwen3.
