@@ -320,10 +320,6 @@ def main():
         routing = dict(cfg.routing, correction_bias=bias)
         compiled = torch.compile(ref.fused_moe_ref, dynamic=False)
 
-        def bs128(x, E=E, k=k):  # the default's block size, 128 where it would take 192
-            hopper = x.is_cuda and moe_ext.hopper_tiles(x.device.index)
-            return min(128, moe_ext.choose_block_size(x.shape[0], k, E, hopper)) if hopper else None
-
         runners = {
             "moe_ext": lambda x, w13, w2, lg: moe_ext.fused_moe(x, w13, w2, lg, k, **routing),
             "moe_ext_grouped": lambda x, w13, w2, lg: moe_ext.fused_moe(x, w13, w2, lg, k, decode_gemv=False, **routing),
@@ -331,8 +327,9 @@ def main():
                                                                         fuse_silu=False, **routing),
             "moe_ext_fused_silu": lambda x, w13, w2, lg: moe_ext.fused_moe(x, w13, w2, lg, k, decode_gemv=False,
                                                                            fuse_silu=True, **routing),
-            "moe_ext_bs128": lambda x, w13, w2, lg: moe_ext.fused_moe(x, w13, w2, lg, k, block_size=bs128(x),
-                                                                      **routing),
+            # the default's block size, 128 where it would take 192
+            "moe_ext_bs128": lambda x, w13, w2, lg: moe_ext.fused_moe(
+                x, w13, w2, lg, k, block_size=min(128, moe_ext.default_block_size(x, w13, w2, k, E)), **routing),
             **{path: (lambda x, w13, w2, lg, bs=bs: moe_ext.fused_moe(x, w13, w2, lg, k, block_size=bs,
                                                                       decode_gemv=False, **routing))
                for path, bs in FORCED_BLOCK.items()},

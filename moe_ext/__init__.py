@@ -25,7 +25,7 @@ def _load_library() -> str:
 LIBRARY_PATH = _load_library()
 
 from . import ops  # noqa: E402
-from .fused_moe import choose_block_size, fused_moe, hopper_tiles, route  # noqa: E402
+from .fused_moe import choose_block_size, default_block_size, fused_moe, hopper_tiles, route  # noqa: E402
 from .layer import MoE  # noqa: E402
 from .ops import (  # noqa: E402
     fused_topk_align,
@@ -48,6 +48,7 @@ def has_kernel(op: str, device: str = "cuda") -> bool:
 __all__ = [
     "MoE",
     "choose_block_size",
+    "default_block_size",
     "fused_moe",
     "fused_topk_align",
     "has_kernel",

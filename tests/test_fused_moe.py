@@ -129,6 +129,19 @@ def test_fused_moe_prefill_blocks(device, style, block_size):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("T", [2, 3, 64, 4096])
+def test_default_block_size(device, T):
+    """fused_moe's default: choose_block_size with the device's hopper_tiles and one expert's w13 + w2
+    bytes (Mixtral's shapes on the meta device: 352 MB experts, so T=3 takes 64 rows on Hopper)."""
+    x = torch.empty(T, 4096, dtype=torch.bfloat16, device=device)
+    w13 = torch.empty(8, 2 * 14336, 4096, dtype=torch.bfloat16, device="meta")
+    w2 = torch.empty(8, 4096, 14336, dtype=torch.bfloat16, device="meta")
+    hopper = x.is_cuda and moe_ext.hopper_tiles(x.device.index)
+    want = moe_ext.choose_block_size(T, 2, 8, hopper, MIXTRAL_EXPERT_BYTES)
+    assert moe_ext.default_block_size(x, w13, w2, 2, 8) == want
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_fused_moe_paths_agree(device):
     """route() (the fused op, whose CUDA kernel differs by T: one block at 16 tokens, the grid at 32
     and 200) equals the separate ops bit for bit, and the layer's output over T rows equals the
