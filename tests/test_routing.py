@@ -615,24 +615,29 @@ def test_align_cuda_token_mask_path(T, E, topk, repeats, monkeypatch):
 
 
 # Sizes of the one-launch grid path (4096 < ids <= 32768), as (T, topk), and one past it; the
-# forced two-launch path also at decode sizes.
+# forced two-launch path also at decode sizes; topk 32 (the cooperative path's 7 tokens a block).
 GRID_SIZES = [(4097, 1), (750, 8), (1024, 8), (2048, 8), (4096, 8), (5461, 6), (32769, 1)]
-TWO_LAUNCH_SIZES = [(1, 1), (16, 8), (33, 3), (300, 8)] + GRID_SIZES
-# The automatic path; the one-launch grid and the two launches (count, place) forced where they take
-# the size; and the two launches without programmatic dependent launch.
+TWO_LAUNCH_SIZES = [(1, 1), (16, 8), (33, 3), (300, 8), (900, 32)] + GRID_SIZES
+# The automatic path; the one-launch grid, the two launches (count, place) and the cooperative grid
+# forced where they take the size (the cooperative one also with 5 tokens a block); the two launches
+# and the cooperative grid without programmatic dependent launch.
 ALIGN_PATHS = {"auto": {}, "grid": {"MOE_EXT_ALIGN_PATH": "2"}, "two-launch": {"MOE_EXT_ALIGN_PATH": "3"},
-               "two-launch-nopdl": {"MOE_EXT_ALIGN_PATH": "3", "MOE_EXT_PDL": "0"}}
+               "two-launch-nopdl": {"MOE_EXT_ALIGN_PATH": "3", "MOE_EXT_PDL": "0"},
+               "coop": {"MOE_EXT_ALIGN_PATH": "4"},
+               "coop-5": {"MOE_EXT_ALIGN_PATH": "4", "MOE_EXT_ALIGN_COOP_TOKENS": "5"},
+               "coop-nopdl": {"MOE_EXT_ALIGN_PATH": "4", "MOE_EXT_PDL": "0"}}
+FORCED_PATHS = ("grid", "two-launch", "two-launch-nopdl", "coop", "coop-5", "coop-nopdl")
 
 
 @cuda_only
 @pytest.mark.parametrize("T,topk,path", [(T, k, "auto") for T, k in GRID_SIZES] +
-                         [(T, k, p) for T, k in TWO_LAUNCH_SIZES for p in ("grid", "two-launch", "two-launch-nopdl")])
+                         [(T, k, p) for T, k in TWO_LAUNCH_SIZES for p in FORCED_PATHS])
 @pytest.mark.parametrize("E", [8, 256, 257, 1024])
 def test_align_cuda_multi_block_paths(T, topk, E, path, monkeypatch):
-    """The multi-block paths (the one-launch grid, the two launches) equal the CPU kernel bit for
-    bit, and are deterministic: ids distinct within each row (as the router gives them), one expert
-    taking most ids (rows repeat it), invalid ids with an expert map, and ids starting off a 16-byte
-    boundary."""
+    """The multi-block paths (the one-launch grid, the two launches, the cooperative grid) equal the CPU
+    kernel bit for bit, and are deterministic: ids distinct within each row (as the router gives them),
+    one expert taking most ids (rows repeat it: the cooperative grid's counting fallback), invalid ids
+    with an expert map, and ids starting off a 16-byte boundary."""
     require_kernel("moe_align_block_size", "cuda")
     for name, value in ALIGN_PATHS[path].items():
         monkeypatch.setenv(name, value)
@@ -666,6 +671,41 @@ def test_align_cuda_multi_block_paths(T, topk, E, path, monkeypatch):
                 assert torch.equal(a.cpu(), b), f"{name} differs (block {block_size}, map {expert_map is not None})"
             again = moe_ext.moe_align_block_size(ids_gpu, E, block_size, map_gpu)
             assert all(torch.equal(a, b) for a, b in zip(gpu, again)), "not deterministic"
+
+
+@cuda_only
+@pytest.mark.parametrize("T,E,topk", [(1024, 256, 8), (1024, 128, 4), (900, 8, 32), (1024, 512, 2), (64, 256, 8)])
+@pytest.mark.parametrize("tokens_per_block", ["auto", "32"])
+def test_align_cuda_coop_path(T, E, topk, tokens_per_block, monkeypatch):
+    """The cooperative grid is the automatic path at these sizes (the kernel runs), and stays exact where
+    its byte counts are fullest: every id of a block naming one expert (with 32 tokens a block asked for:
+    31 tokens, 248 ids, at topk 8; 7 tokens, 224 ids, at topk 32) and a single repeated id in an
+    otherwise router-like block."""
+    require_kernel("moe_align_block_size", "cuda")
+    if tokens_per_block != "auto":
+        monkeypatch.setenv("MOE_EXT_ALIGN_COOP_TOKENS", tokens_per_block)
+    cap = min(32, 255 // topk)  # tokens a block at most; the grid is at most a block a multiprocessor
+    T = min(T, cap * torch.cuda.get_device_properties(0).multi_processor_count)
+    g = torch.Generator().manual_seed(E + topk)
+    if topk <= E:
+        routed = torch.rand(T, E, generator=g).argsort(dim=1)[:, :topk]
+    else:
+        routed = torch.randint(0, E, (T, topk), generator=g)
+    one_expert = torch.full((T, topk), E - 1)
+    one_repeat = routed.clone()
+    one_repeat[T // 3, -1] = one_repeat[T // 3, 0]
+    for ids in (routed, one_expert, one_repeat):
+        ids = ids.to(torch.int32)
+        for block_size in (16, 5):
+            cpu = moe_ext.moe_align_block_size(ids, E, block_size)
+            max_padded = ref.align_max_padded(T * topk, E, block_size)
+            poison_allocator("cuda", [max_padded * 4, max_padded // block_size * 4, 4])
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                gpu = moe_ext.moe_align_block_size(ids.cuda(), E, block_size)
+                torch.cuda.synchronize()
+            assert any("moe_align_coop_kernel" in e.name for e in prof.events()), "cooperative kernel not run"
+            for name, a, b in zip(("sorted", "expert_ids", "ntpp"), gpu, cpu):
+                assert torch.equal(a.cpu(), b), f"{name} differs (block {block_size})"
 
 
 @cuda_only

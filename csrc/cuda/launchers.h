@@ -35,22 +35,31 @@ cudaError_t topk_gating(DType dtype, const void* logits, int64_t row_stride, int
                         float* weights, int32_t* ids, bool pdl, cudaStream_t stream);
 
 // How moe_align places the ids (csrc/kernels/align.cuh): one block ranking within runs, one block
-// ranking by token masks, one launch over a grid, or two launches (count, place) for any size.
-enum class AlignPath : int { kSmall = 0, kRows = 1, kGrid = 2, kTwoLaunch = 3 };
-constexpr int kAlignPaths = 4;
+// ranking by token masks, one launch over a grid, two launches (count, place) for any size, or one
+// cooperative launch over a grid of blocks of whole tokens with one grid barrier.
+enum class AlignPath : int { kSmall = 0, kRows = 1, kGrid = 2, kTwoLaunch = 3, kCoop = 4 };
+constexpr int kAlignPaths = 5;
 
-// The path for [num_tokens, topk] ids: `forced` (an AlignPath value) where it takes the size, else
-// the automatic choice (forced = -1).
-AlignPath moe_align_path(int64_t num_tokens, int topk, int num_experts, int forced);
+struct AlignPlan {
+  AlignPath path;
+  int coop_tokens = 0, coop_blocks = 0;  // kCoop: tokens a block, and blocks
+};
 
-// Int32 workspace elements moe_align needs on `path` (0 on the single-launch paths).
-int64_t moe_align_workspace(int64_t num_tokens, int topk, int num_experts, AlignPath path);
+// The plan for [num_tokens, topk] ids on a device of num_sms multiprocessors: `forced` (an AlignPath
+// value) where it takes the size, else the automatic choice (forced = -1); coop_tokens > 0 sets the
+// cooperative path's tokens a block (capped at what it takes), 0 leaves it automatic.
+AlignPlan moe_align_plan(int64_t num_tokens, int topk, int num_experts, int num_sms, int forced, int coop_tokens);
+
+// Int32 workspace elements moe_align needs for `plan` (0 on the paths that need none; the cooperative
+// path's also holds the two launches' table, which it falls back to when its grid cannot be resident).
+int64_t moe_align_workspace(int64_t num_tokens, int topk, int num_experts, const AlignPlan& plan);
 
 // ids: [num_tokens, topk] int32; expert_map: [E] int32 or null; sorted: [max_padded]; expert_ids:
 // [max_padded / block_size]; num_post_padded: [1]; workspace: moe_align_workspace(...) ints.
 cudaError_t moe_align(const int32_t* ids, int64_t num_tokens, int topk, int num_experts, int block_size,
                       const int32_t* expert_map, int64_t max_padded, int32_t* sorted, int32_t* expert_ids,
-                      int32_t* num_post_padded, AlignPath path, int32_t* workspace, bool pdl, cudaStream_t stream);
+                      int32_t* num_post_padded, const AlignPlan& plan, int32_t* workspace, bool pdl,
+                      cudaStream_t stream);
 
 // Most tokens fused_topk_align takes in its single launch.
 int fused_routing_max_tokens();

@@ -85,12 +85,47 @@ AlignChunks align_two_launch_chunks(int64_t numel, int E) {
   return {static_cast<int>(chunk), static_cast<int>((numel + chunk - 1) / chunk)};
 }
 
-AlignPath auto_align_path(int64_t num_tokens, int topk, int E) {
+// The cooperative grid (moe_align_coop_kernel): whole tokens a block, a warp each, at most
+// kAlignCoopMaxBlockIds ids a block (a block's count of one expert is a byte), every block resident at
+// once (at most one a multiprocessor). Tokens a block: 4, doubled up to 16 while there are more than 32
+// blocks; more only where the blocks would outnumber the multiprocessors. H200, graph replay
+// (results/h200-routing-coop-s18b-e256-A.md, -e128-A.md, forced 4-24 tokens a block), the alignment
+// alone at E=256 top-8: T=128 4 a block 3.48 us, 16 3.73, 24 4.17; T=256 8: 3.62, 4: 3.85; T=1024 16:
+// 4.38, 8: 4.98, 24: 4.68, 31 (the first form's cap): 5.21; E=128 top-4 T=1024 16: 4.04, 8: 4.36.
+// Blocks of 32 warps measured ~1 us slower than of 16 at any T, likely because a grid behind (PDL)
+// cannot become resident beside them. Chosen from kAlignCoopAutoMinIds ids, where it beat the one-block
+// paths (E=256 top-8 T=64: 3.48 against 3.83 us; E=128 top-4 T=128: 3.31 against 3.67; at 256 ids the
+// one block won: 3.04 against 3.25), for E <= kAlignCoopAutoMaxExperts (above, a thread an expert makes
+// every block 32 warps: not measured).
+constexpr int64_t kAlignCoopAutoMinIds = 512;
+constexpr int kAlignCoopAutoMaxExperts = 512;
+constexpr int kAlignCoopMinTokens = 4, kAlignCoopMaxTokens = 16, kAlignCoopFewBlocks = 32;
+
+AlignPlan align_coop_plan(int64_t num_tokens, int topk, int E, int num_sms, int coop_tokens) {
+  if (topk < 1 || topk > kWarpSize || num_tokens < 1 || num_sms < 1) return {AlignPath::kCoop};
+  const int cap = std::min(kWarpSize, kAlignCoopMaxBlockIds / topk);
+  int tokens = coop_tokens;
+  if (tokens <= 0) {
+    tokens = kAlignCoopMinTokens;
+    while (tokens < kAlignCoopMaxTokens && tokens * int64_t(kAlignCoopFewBlocks) < num_tokens) tokens *= 2;
+    tokens = static_cast<int>(std::max<int64_t>(tokens, (num_tokens + num_sms - 1) / num_sms));
+  }
+  tokens = std::min(tokens, cap);
+  const int64_t blocks = (num_tokens + tokens - 1) / tokens;
+  if (blocks > num_sms || align_coop_smem_bytes(E, tokens, topk) > kAlignSmemInts * 4) return {AlignPath::kCoop};
+  return {AlignPath::kCoop, tokens, static_cast<int>(blocks)};
+}
+
+AlignPlan auto_align_plan(int64_t num_tokens, int topk, int E, int num_sms, int coop_tokens) {
   const int64_t numel = num_tokens * topk;
-  if (align_small_fits(numel, E)) return AlignPath::kSmall;
-  if (numel <= kAlignRowsAutoMaxIds && align_rows_fits(num_tokens, topk, E)) return AlignPath::kRows;
-  if (numel <= kAlignGridAutoMaxIds && align_grid_fits(numel, E)) return AlignPath::kGrid;
-  return AlignPath::kTwoLaunch;
+  if (numel >= kAlignCoopAutoMinIds && E <= kAlignCoopAutoMaxExperts) {
+    const AlignPlan coop = align_coop_plan(num_tokens, topk, E, num_sms, coop_tokens);
+    if (coop.coop_blocks > 0) return coop;
+  }
+  if (align_small_fits(numel, E)) return {AlignPath::kSmall};
+  if (numel <= kAlignRowsAutoMaxIds && align_rows_fits(num_tokens, topk, E)) return {AlignPath::kRows};
+  if (numel <= kAlignGridAutoMaxIds && align_grid_fits(numel, E)) return {AlignPath::kGrid};
+  return {AlignPath::kTwoLaunch};
 }
 
 // log2(n) for a power of two n, else -1 (the fused kernels' block_shift).
@@ -156,31 +191,41 @@ cudaError_t topk_gating(DType dtype, const void* logits, int64_t row_stride, int
   });
 }
 
-AlignPath moe_align_path(int64_t num_tokens, int topk, int num_experts, int forced) {
+AlignPlan moe_align_plan(int64_t num_tokens, int topk, int num_experts, int num_sms, int forced, int coop_tokens) {
   const int64_t numel = num_tokens * topk;
   const int E = num_experts;
   switch (static_cast<AlignPath>(forced)) {  // a forced path that cannot take the size: the automatic one
-    case AlignPath::kSmall: if (align_small_fits(numel, E)) return AlignPath::kSmall; break;
-    case AlignPath::kRows: if (align_rows_fits(num_tokens, topk, E)) return AlignPath::kRows; break;
-    case AlignPath::kGrid: if (align_grid_fits(numel, E)) return AlignPath::kGrid; break;
-    case AlignPath::kTwoLaunch: if (numel > 0) return AlignPath::kTwoLaunch; break;
+    case AlignPath::kSmall: if (align_small_fits(numel, E)) return {AlignPath::kSmall}; break;
+    case AlignPath::kRows: if (align_rows_fits(num_tokens, topk, E)) return {AlignPath::kRows}; break;
+    case AlignPath::kGrid: if (align_grid_fits(numel, E)) return {AlignPath::kGrid}; break;
+    case AlignPath::kTwoLaunch: if (numel > 0) return {AlignPath::kTwoLaunch}; break;
+    case AlignPath::kCoop: {
+      const AlignPlan coop = align_coop_plan(num_tokens, topk, E, num_sms, coop_tokens);
+      if (coop.coop_blocks > 0) return coop;
+      break;
+    }
     default: break;
   }
-  return auto_align_path(num_tokens, topk, E);
+  return auto_align_plan(num_tokens, topk, E, num_sms, coop_tokens);
 }
 
-int64_t moe_align_workspace(int64_t num_tokens, int topk, int num_experts, AlignPath path) {
-  if (path != AlignPath::kTwoLaunch) return 0;
-  return int64_t(align_table_stride(align_two_launch_chunks(num_tokens * topk, num_experts).chunks)) * num_experts;
+int64_t moe_align_workspace(int64_t num_tokens, int topk, int num_experts, const AlignPlan& plan) {
+  if (plan.path != AlignPath::kTwoLaunch && plan.path != AlignPath::kCoop) return 0;
+  const int64_t two = int64_t(align_table_stride(align_two_launch_chunks(num_tokens * topk, num_experts).chunks)) *
+                      num_experts;
+  if (plan.path == AlignPath::kTwoLaunch) return two;
+  const int64_t coop_bytes = int64_t(grid_table_stride(plan.coop_blocks)) * num_experts;
+  return std::max(two, (coop_bytes + 3) / 4);
 }
 
 cudaError_t moe_align(const int32_t* ids, int64_t num_tokens, int topk, int num_experts, int block_size,
                       const int32_t* expert_map, int64_t max_padded, int32_t* sorted, int32_t* expert_ids,
-                      int32_t* num_post_padded, AlignPath path, int32_t* workspace, bool pdl, cudaStream_t stream) {
+                      int32_t* num_post_padded, const AlignPlan& plan, int32_t* workspace, bool pdl,
+                      cudaStream_t stream) {
   const int E = num_experts;
   const int64_t numel64 = num_tokens * topk;
   const int numel = static_cast<int>(numel64), padded = static_cast<int>(max_padded);
-  switch (path) {
+  switch (plan.path) {
     case AlignPath::kSmall: {
       const int threads = static_cast<int>(std::min<int64_t>(
           1024, std::max<int64_t>(128, ((std::max<int64_t>(numel64, E) + kWarpSize - 1) / kWarpSize) * kWarpSize)));
@@ -201,6 +246,17 @@ cudaError_t moe_align(const int32_t* ids, int64_t num_tokens, int topk, int num_
       return launch_kernel(moe_align_grid_kernel, dim3(g.blocks), dim3(g.warps * kWarpSize), smem, stream, pdl, ids,
                            numel, g.chunk, g.warps, E, block_size, expert_map, padded, sorted, expert_ids,
                            num_post_padded);
+    }
+    case AlignPath::kCoop: {
+      const int threads = std::max(plan.coop_tokens, (E + kWarpSize - 1) / kWarpSize) * kWarpSize;
+      const size_t smem = static_cast<size_t>(align_coop_smem_bytes(E, plan.coop_tokens, topk));
+      const cudaError_t err = launch_kernel_ex(
+          moe_align_coop_kernel, dim3(plan.coop_blocks), dim3(threads), smem, stream, pdl, /*cooperative=*/true, ids,
+          static_cast<int>(num_tokens), topk, plan.coop_tokens, E, block_size, log2_if_power_of_two(block_size),
+          expert_map, padded, reinterpret_cast<uint8_t*>(workspace), sorted, expert_ids, num_post_padded);
+      if (err != cudaErrorCooperativeLaunchTooLarge) return err;
+      (void)cudaGetLastError();  // not every block fits at once (a shared or partitioned GPU): two launches
+      [[fallthrough]];
     }
     case AlignPath::kTwoLaunch: {
       const AlignChunks c = align_two_launch_chunks(numel64, E);
@@ -239,7 +295,7 @@ FusedGridShape fused_grid_shape(int num_tokens, int num_sms, int tokens_per_bloc
 }
 
 int64_t fused_grid_workspace_bytes(int num_experts, const FusedGridShape& g) {
-  return int64_t(num_experts) * fused_grid_table_stride(g.blocks);
+  return int64_t(num_experts) * grid_table_stride(g.blocks);
 }
 
 cudaError_t fused_topk_align_grid(DType dtype, const void* logits, int64_t row_stride, int num_tokens,
@@ -276,7 +332,7 @@ cudaError_t fused_topk_align(DType dtype, const void* logits, int64_t row_stride
         err != cudaSuccess)
       return err;
     return moe_align(ids, num_tokens, p.topk, p.num_experts, block_size, expert_map, max_padded, sorted, expert_ids,
-                     num_post_padded, moe_align_path(num_tokens, p.topk, p.num_experts, -1), nullptr, pdl,
+                     num_post_padded, moe_align_plan(num_tokens, p.topk, p.num_experts, 0, -1, 0), nullptr, pdl,
                      stream);  // at most 32 * 32 ids: a single-launch path, no workspace
   }
   return fused_launch(dtype, logits, row_stride, num_tokens, p, block_size, expert_map, max_padded, weights, ids,

@@ -4,7 +4,8 @@
 // current stream under a device guard. Nothing here synchronizes with the host.
 // Environment, read on every call (for A/B timing in one process):
 //   MOE_EXT_PDL                "0": launch without programmatic dependent launch (sm_90+ uses it).
-//   MOE_EXT_ALIGN_PATH         0-3: force moe_align's path (cuda::AlignPath) where it takes the size.
+//   MOE_EXT_ALIGN_PATH         0-4: force moe_align's path (cuda::AlignPath) where it takes the size.
+//   MOE_EXT_ALIGN_COOP_TOKENS  1-32: tokens a block on moe_align's cooperative path (capped at 255 ids).
 //   MOE_EXT_FUSED_PATH         0-2: force fused_topk_align's path (FusedPath) where it takes the size.
 //   MOE_EXT_FUSED_GRID_TOKENS  1-32: tokens a block on fused_topk_align's grid path.
 #include <algorithm>
@@ -62,14 +63,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> align_launch(const at::Tensor& to
   const int64_t T = topk_ids.size(0), k = topk_ids.size(1);
   AlignOutputs out = align_outputs(topk_ids, T * k, num_experts, block_size);
   const int forced = config_override("moe_align_block_size", "MOE_EXT_ALIGN_PATH", cuda::kAlignPaths);
-  const cuda::AlignPath path = cuda::moe_align_path(T, static_cast<int>(k), static_cast<int>(num_experts), forced);
-  const int64_t ws = cuda::moe_align_workspace(T, static_cast<int>(k), static_cast<int>(num_experts), path);
+  const int coop_tokens = config_override("moe_align_block_size", "MOE_EXT_ALIGN_COOP_TOKENS",
+                                          cuda::fused_routing_max_tokens() + 1);  // a warp a token, as there
+  const cuda::AlignPlan plan = cuda::moe_align_plan(T, static_cast<int>(k), static_cast<int>(num_experts),
+                                                    num_sms(topk_ids.device().index()), forced, coop_tokens);
+  const int64_t ws = cuda::moe_align_workspace(T, static_cast<int>(k), static_cast<int>(num_experts), plan);
   at::Tensor workspace = ws ? at::empty({ws}, topk_ids.options()) : at::Tensor();
   C10_CUDA_CHECK(cuda::moe_align(topk_ids.const_data_ptr<int32_t>(), T, static_cast<int>(k),
                                  static_cast<int>(num_experts), static_cast<int>(block_size),
                                  expert_map.has_value() ? expert_map->const_data_ptr<int32_t>() : nullptr,
                                  out.sorted.numel(), out.sorted.data_ptr<int32_t>(), out.expert_ids.data_ptr<int32_t>(),
-                                 out.num_post_padded.data_ptr<int32_t>(), path,
+                                 out.num_post_padded.data_ptr<int32_t>(), plan,
                                  ws ? workspace.data_ptr<int32_t>() : nullptr, use_pdl(topk_ids.device().index()),
                                  c10::cuda::getCurrentCUDAStream()));
   return {out.sorted, out.expert_ids, out.num_post_padded};

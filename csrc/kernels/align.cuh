@@ -8,7 +8,10 @@
 //   1. count: each warp counts its segment's ids per expert (shared atomics: order-free sums);
 //   2. scan: per expert, across segments (chunks, then warps), plus the padded per-expert offsets;
 //   3. scatter: each warp walks its segment and writes every id at base + rank.
-// Four paths, by size (the launcher, csrc/cuda/routing.cu, picks; E <= 1024, slots fit 11 bits):
+// Five paths, by size (the launcher, csrc/cuda/routing.cu, picks; E <= 1024, slots fit 11 bits):
+// - from 512 ids up to a block of whole tokens a multiprocessor, one cooperative launch
+//   (moe_align_coop_kernel, at the end of this file): token bit masks rank each block's ids, one grid
+//   barrier shares the blocks' per-expert counts; the automatic choice wherever it fits;
 // - up to 1024 ids, one block (moe_align_small_kernel): ranks ids within each expert's run instead;
 // - up to 4096 ids where the masks fit, one block (moe_align_rows_kernel): ranks from token masks;
 // - up to 32768 ids, one launch over a grid (moe_align_grid_kernel): each block does step 1 for
@@ -475,7 +478,7 @@ __global__ void __launch_bounds__(1024, 1) moe_align_grid_kernel(
 // Shared: counts [E] | map [E].
 MOE_HOST_DEVICE MOE_FORCEINLINE int align_table_stride(int chunks) { return (chunks + 3) / 4 * 4; }
 // Chunk-major, so the 16-byte vectors a warp's threads (consecutive experts) load at once are 512
-// contiguous bytes, as in the fused grid kernel's byte table (fused_grid_table_index: expert-major
+// contiguous bytes, as in the cooperative grid's byte table (grid_table_index: expert-major
 // rows measured up to 3 us slower there at 128 blocks).
 MOE_HOST_DEVICE MOE_FORCEINLINE int align_table_index(int s, int c, int E) { return ((c >> 2) * E + s) * 4 + (c & 3); }
 
@@ -583,6 +586,159 @@ __global__ void __launch_bounds__(kPlaceMaxThreads) moe_align_place_kernel(
   __syncthreads();
   scatter_segments(ids, c0, c1, warps, E, smap, counts, nullptr, sorted);
   write_grid_fills(offsets, totals, E, block_size, max_padded, numel, smap, expert_ids, sorted);
+}
+
+// ---- The cooperative grid (moe_align_coop_kernel here, fused_gating_align_grid_kernel in
+// fused_routing.cuh): blocks of at most kWarpSize tokens, a warp a token, every block resident at once.
+// A block knows each of its ids' rank inside its own run of the id's expert, and each expert's count
+// in the block (at most 255); it writes the counts into its column of a byte table, and after one
+// grid barrier every block sums the table (each expert's total, and its ids in earlier blocks), scans
+// the padded totals, and writes its ids at offset + before + rank. No block counts another's ids.
+
+// Rows of a run of c ids padded to whole blocks: block_size is 1 << block_shift when block_shift >= 0.
+MOE_DEVICE MOE_FORCEINLINE int pad_to_blocks(int c, int block_size, int block_shift) {
+  return block_shift >= 0 ? ((c + block_size - 1) >> block_shift) << block_shift
+                          : (c + block_size - 1) / block_size * block_size;
+}
+MOE_DEVICE MOE_FORCEINLINE int blocks_of(int rows, int block_size, int block_shift) {
+  return block_shift >= 0 ? rows >> block_shift : rows / block_size;
+}
+
+MOE_HOST_DEVICE MOE_FORCEINLINE int grid_table_stride(int blocks) { return (blocks + 15) / 16 * 16; }
+// The count of expert e in block c: the table is chunk-major, [stride / 16][E][16] bytes, so the
+// vectors of 16 blocks' counts that a warp's threads (consecutive experts) load at once are 512
+// contiguous bytes. Row-major ([E][stride], a thread's vectors its own row) measured 0.3-3 us slower
+// at 64-128 blocks (H200, results/h200-fused-grid-s12a.md: fused T=1024 E=256 top-8 8 tokens a block
+// 7.90 against 11.12 us): every block reads the whole table, and each warp load touched 32 sectors
+// instead of 16 and 16 lines instead of 4. Four copies of the table (block b reading copy b % 4,
+// against hot L2 lines) measured slower in both layouts.
+MOE_HOST_DEVICE MOE_FORCEINLINE int grid_table_index(int e, int c, int E) { return ((c >> 4) * E + e) * 16 + (c & 15); }
+constexpr int kGridRowBatch = 4;  // table vectors (64 blocks' counts) a thread loads at once
+// Programmatic dependent launch: a grid of at most this many blocks lets the kernel behind it launch
+// at once, a larger one once past the grid barrier, as the router does (topk_gating_kernel). H200,
+// fused T = 1024, E = 256 top-8, 64 blocks, calls back to back: an early trigger 9.4 us a call, none
+// 8.9, after the barrier 8.3-8.5.
+constexpr int kGridEarlyTriggerBlocks = 32;
+
+// Bytes of chunks [c, c + 4) of a table word that are below `limit` (0..4 of them, low first).
+MOE_DEVICE MOE_FORCEINLINE uint32_t bytes_below(int c, int limit) {
+  const int n = limit - c;
+  return n >= 4 ? 0xffffffffu : (n <= 0 ? 0u : (1u << (8 * n)) - 1u);
+}
+
+// Everything after the per-block counts, for both cooperative kernels. Thread e < E holds `count`, its
+// expert's ids in this block (<= 255); a thread with an id holds its `slot` (-1: none) and its flat
+// index `flat`, and rank() gives its rank in the block's run of that slot (called last, so what it
+// reads need not live across the barrier). base: [E] ints, warp_total: [kWarpSize] ints of shared
+// memory. Every thread of every block must call it (grid barrier inside).
+template <typename RankFn>
+MOE_DEVICE MOE_FORCEINLINE void grid_place(uint8_t* __restrict__ table, int count, int slot, RankFn rank, int flat,
+                                           int E, int block_size, int block_shift,
+                                           const int32_t* __restrict__ expert_map, int max_padded, int* base,
+                                           int* warp_total, int32_t* __restrict__ sorted,
+                                           int32_t* __restrict__ expert_ids, int32_t* __restrict__ num_post_padded) {
+  const int tid = threadIdx.x, b = blockIdx.x, nb = gridDim.x;
+  if (tid < E) table[grid_table_index(tid, b, E)] = static_cast<uint8_t>(count);
+  grid_sync();
+  if (nb > kGridEarlyTriggerBlocks) grid_dependents_launch();
+
+  int total = 0, before = 0;  // expert tid's ids in the grid, and in blocks before b
+  if (tid < E) {
+    const uint4* vec = reinterpret_cast<const uint4*>(table) + tid;  // expert tid's counts of blocks 0-15
+    const int nvec = grid_table_stride(nb) / 16;
+    for (int q0 = 0; q0 < nvec; q0 += kGridRowBatch) {  // kGridRowBatch loads in flight
+      uint4 v[kGridRowBatch];
+#pragma unroll
+      for (int q = 0; q < kGridRowBatch; ++q)
+        if (q0 + q < nvec) v[q] = vec[(q0 + q) * E];
+#pragma unroll
+      for (int q = 0; q < kGridRowBatch; ++q) {
+        if (q0 + q >= nvec) break;
+        const uint32_t x[4] = {v[q].x, v[q].y, v[q].z, v[q].w};
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const int c = 16 * (q0 + q) + 4 * k;
+          total = add_bytes(x[k] & bytes_below(c, nb), total);  // past nb: never written
+          before = add_bytes(x[k] & bytes_below(c, b), before);
+        }
+      }
+    }
+  }
+  const int padded = pad_to_blocks(total, block_size, block_shift);
+  int all;
+  const int offset = block_scan_one(padded, warp_total, all);  // ends past a barrier
+  if (tid < E) base[tid] = offset + before;
+  if (b == 0 && tid == 0) *num_post_padded = all;
+  if (tid < E && tid % nb == b && padded > 0) {  // expert tid's blocks, from one block of the grid
+    const int32_t e = expert_map ? expert_map[tid] : tid;
+    const int b0 = blocks_of(offset, block_size, block_shift), b1 = blocks_of(offset + padded, block_size, block_shift);
+    for (int x = b0; x < b1; ++x) expert_ids[x] = e;
+  }
+  for (int x = blocks_of(all, block_size, block_shift) + b * blockDim.x + tid;
+       x < blocks_of(max_padded, block_size, block_shift); x += nb * blockDim.x)
+    expert_ids[x] = -1;
+  __syncthreads();  // base ready
+  if (slot >= 0) sorted[base[slot] + rank()] = flat;
+}
+
+// The alignment alone over the cooperative grid: block b holds tokens [b * tokens_per_block, ...), warp w
+// token w of them, lane j < topk its j-th id (topk <= kWarpSize). A token that names an expert once
+// (what a router gives) is ranked by token bit masks, as in the fused kernels: an expert's count is its
+// mask's popcount, an id's rank the popcount below its token's bit. A block in which some token repeats
+// an expert (a caller's ids may) ranks instead by a thread an expert walking the block's ids in order
+// (at most 255). The launcher keeps tokens_per_block * topk <= 255, so a block's count fits a byte.
+// Shared: masks [E] lane masks | base [E] ints | warp_total [kWarpSize] ints | slots [tokens_per_block *
+// topk] ints | ranks [the same].
+MOE_HOST_DEVICE MOE_FORCEINLINE int align_coop_smem_bytes(int E, int tokens_per_block, int topk) {
+  return E * int(sizeof(moe_lane_mask_t)) + (E + kWarpSize + 2 * tokens_per_block * topk) * 4;
+}
+constexpr int kAlignCoopMaxBlockIds = 255;
+
+__global__ void __launch_bounds__(1024) moe_align_coop_kernel(
+    const int32_t* __restrict__ ids,          // [num_tokens, topk]
+    int num_tokens, int topk, int tokens_per_block, int E,
+    int block_size, int block_shift,          // block_shift = log2(block_size), or -1 if not a power of two
+    const int32_t* __restrict__ expert_map,   // [E] int32 or null
+    int max_padded,
+    uint8_t* __restrict__ table,              // E x grid_table_stride(gridDim.x) bytes, workspace
+    int32_t* __restrict__ sorted,             // [max_padded] int32
+    int32_t* __restrict__ expert_ids,         // [max_padded / block_size] int32
+    int32_t* __restrict__ num_post_padded) {  // [1] int32
+  extern __shared__ __align__(16) char coop_smem[];
+  moe_lane_mask_t* masks = reinterpret_cast<moe_lane_mask_t*>(coop_smem);
+  int* base = reinterpret_cast<int*>(masks + E);
+  int* warp_total = base + E;
+  int* slots = warp_total + kWarpSize;
+  int* ranks = slots + tokens_per_block * topk;
+  const int b = blockIdx.x, tid = threadIdx.x, warp = tid / kWarpSize, lane = lane_id();
+  const int numel = num_tokens * topk, t = b * tokens_per_block + warp;
+  const int tokens = min(tokens_per_block, num_tokens - b * tokens_per_block);
+
+  if (gridDim.x <= kGridEarlyTriggerBlocks) grid_dependents_launch();
+  if (tid < E) masks[tid] = 0;
+  grid_dependency_wait();
+  for (int i = b * blockDim.x + tid; i < max_padded; i += gridDim.x * blockDim.x) sorted[i] = numel;  // sentinel
+  const bool holds = warp < tokens && lane < topk;
+  const int slot = holds ? align_slot_device(ids[int64_t(t) * topk + lane], E, expert_map) : -1;
+  const moe_lane_mask_t peers = match_any<kAlignMatchBits>(slot);  // a token's lanes naming the same slot
+  if (warp < tokens_per_block && lane < topk) slots[warp * topk + lane] = slot;
+  __syncthreads();  // masks zeroed
+  if (slot >= 0) atomicOr(&masks[slot], lane_bit(warp));
+  const bool repeats = __syncthreads_or(slot >= 0 && popcount(peers) > 1);  // masks complete
+
+  int count = 0, rank = 0;
+  if (!repeats) {
+    if (tid < E) count = popcount(masks[tid]);
+    if (slot >= 0) rank = popcount(masks[slot] & (lane_bit(warp) - 1));
+  } else {  // block-uniform
+    if (tid < E)
+      for (int i = 0; i < tokens * topk; ++i)
+        if (slots[i] == tid) ranks[i] = count++;
+    __syncthreads();
+    if (slot >= 0) rank = ranks[warp * topk + lane];
+  }
+  grid_place(table, count, slot, [rank] { return rank; }, t * topk + lane, E, block_size, block_shift, expert_map,
+             max_padded, base, warp_total, sorted, expert_ids, num_post_padded);
 }
 
 }  // namespace moe_ext

@@ -66,15 +66,6 @@ MOE_HOST_DEVICE MOE_FORCEINLINE int fused_threads(int E, int num_tokens) {
   return (w > kFusedMinWarps ? w : kFusedMinWarps) * kWarpSize;
 }
 
-// Rows of a run of c ids padded to whole blocks: block_size is 1 << block_shift when block_shift >= 0.
-MOE_DEVICE MOE_FORCEINLINE int pad_to_blocks(int c, int block_size, int block_shift) {
-  return block_shift >= 0 ? ((c + block_size - 1) >> block_shift) << block_shift
-                          : (c + block_size - 1) / block_size * block_size;
-}
-MOE_DEVICE MOE_FORCEINLINE int blocks_of(int rows, int block_size, int block_shift) {
-  return block_shift >= 0 ? rows >> block_shift : rows / block_size;
-}
-
 // Both kernels' gating step: warp `warp` of the block gates token t when it has one (warp-uniform),
 // with its grouped top-k scratch in `grouped` (a fused_grouped_stride slice a warp), and its first
 // topk lanes store their weight and id (`packed_rounds`: see select_rounds). Returns the lane's
@@ -205,34 +196,13 @@ __global__ void __launch_bounds__(1024) fused_gating_align_kernel(
 // kFusedMaxTokens tokens (a warp a token), and one grid barrier in place of the alignment's launches.
 // Block b holds tokens [b * tokens_per_block, ...): a contiguous run of the flat ids, so an id's
 // place is its expert's padded offset + the expert's ids in blocks before b + its rank inside b
-// (the popcount of its expert's token mask below its own bit, as above). Before the barrier each
-// block writes its per-expert counts (at most kFusedMaxTokens: a byte) into its column of a byte
-// table (fused_grid_table_index); after it, thread s sums expert s's counts four blocks to a word
-// (all of them, and those of blocks before b), and the block scans the padded totals. The sentinel
-// fill of sorted comes before the barrier, so the ids written after it land over it. Limits:
+// (the popcount of its expert's token mask below its own bit, as above). Each block's per-expert
+// counts (at most kFusedMaxTokens: a byte) go through the byte table and the grid barrier of
+// grid_place (align.cuh), which moe_align_coop_kernel shares. The sentinel fill of sorted comes
+// before the barrier, so the ids written after it land over it. Limits:
 // gridDim.x blocks all resident (the launcher caps it at the multiprocessor count: one block of at
 // most 1024 threads, 64 registers a thread, fits each), blockDim.x >= E (a thread an expert) and >=
 // a warp a token.
-MOE_HOST_DEVICE MOE_FORCEINLINE int fused_grid_table_stride(int blocks) { return (blocks + 15) / 16 * 16; }
-// The count of expert e in block c: the table is chunk-major, [stride / 16][E][16] bytes, so the
-// vectors of 16 blocks' counts that a warp's threads (consecutive experts) load at once are 512
-// contiguous bytes. Row-major ([E][stride], a thread's vectors its own row) measured 0.3-3 us slower
-// at 64-128 blocks (H200, results/h200-fused-grid-s12a.md: T=1024 E=256 top-8 8 tokens a block 7.90
-// against 11.12 us): every block reads the whole table, and each warp load touched 32 sectors
-// instead of 16 and 16 lines instead of 4. Four copies of the table (block b reading copy b % 4,
-// against hot L2 lines) measured slower in both layouts.
-MOE_HOST_DEVICE MOE_FORCEINLINE int fused_grid_table_index(int e, int c, int E) {
-  return ((c >> 4) * E + e) * 16 + (c & 15);
-}
-constexpr int kFusedGridRowBatch = 4;  // table vectors (64 blocks' counts) a thread loads at once
-constexpr int kFusedGridEarlyTriggerBlocks = 32;
-
-// Bytes of chunks [c, c + 4) of a table word that are below `limit` (0..4 of them, low first).
-MOE_DEVICE MOE_FORCEINLINE uint32_t bytes_below(int c, int limit) {
-  const int n = limit - c;
-  return n >= 4 ? 0xffffffffu : (n <= 0 ? 0u : (1u << (8 * n)) - 1u);
-}
-
 template <typename T, int kPerLane>
 __global__ void __launch_bounds__(1024) fused_gating_align_grid_kernel(
     const T* __restrict__ logits,             // [num_tokens, E], rows row_stride apart
@@ -240,7 +210,7 @@ __global__ void __launch_bounds__(1024) fused_gating_align_grid_kernel(
     int block_size, int block_shift,          // block_shift = log2(block_size), or -1 if not a power of two
     const int32_t* __restrict__ expert_map,   // [E] int32 or null
     int max_padded,
-    uint8_t* __restrict__ table,              // E x fused_grid_table_stride(gridDim.x) bytes, workspace
+    uint8_t* __restrict__ table,              // E x grid_table_stride(gridDim.x) bytes, workspace
     float* __restrict__ weights,              // [num_tokens, topk] fp32
     int32_t* __restrict__ ids,                // [num_tokens, topk] int32
     int32_t* __restrict__ sorted,             // [max_padded] int32
@@ -253,11 +223,8 @@ __global__ void __launch_bounds__(1024) fused_gating_align_grid_kernel(
   const int numel = num_tokens * topk, t = b * tokens_per_block + warp;
   const int tokens = min(tokens_per_block, num_tokens - b * tokens_per_block);
 
-  // Programmatic dependent launch: a small grid lets the kernel behind it launch at once, a larger
-  // one once past the grid barrier, as the router does (topk_gating_kernel). H200, T = 1024, E = 256
-  // top-8, 64 blocks, calls back to back: an early trigger 9.4 us a call, none 8.9, after it 8.3-8.5.
-  const bool early = nb <= kFusedGridEarlyTriggerBlocks;
-  if (early) grid_dependents_launch();
+  // Programmatic dependent launch: see kGridEarlyTriggerBlocks (align.cuh).
+  if (nb <= kGridEarlyTriggerBlocks) grid_dependents_launch();
   if (tid < E) masks[tid] = 0;
   grid_dependency_wait();
   for (int i = b * blockDim.x + tid; i < max_padded; i += nb * blockDim.x) sorted[i] = numel;  // sentinel
@@ -268,47 +235,10 @@ __global__ void __launch_bounds__(1024) fused_gating_align_grid_kernel(
                                   ids, /*packed_rounds=*/false);
   if (slot >= 0) atomicOr(&masks[slot], lane_bit(warp));
   __syncthreads();  // masks complete
-  if (tid < E) table[fused_grid_table_index(tid, b, E)] = static_cast<uint8_t>(popcount(masks[tid]));
-  grid_sync();
-  if (!early) grid_dependents_launch();
-
-  int total = 0, before = 0;  // expert tid's ids in the grid, and in blocks before b
-  if (tid < E) {
-    const uint4* vec = reinterpret_cast<const uint4*>(table) + tid;  // expert tid's counts of blocks 0-15
-    const int nvec = fused_grid_table_stride(nb) / 16;
-    for (int q0 = 0; q0 < nvec; q0 += kFusedGridRowBatch) {  // kFusedGridRowBatch loads in flight
-      uint4 v[kFusedGridRowBatch];
-#pragma unroll
-      for (int q = 0; q < kFusedGridRowBatch; ++q)
-        if (q0 + q < nvec) v[q] = vec[(q0 + q) * E];
-#pragma unroll
-      for (int q = 0; q < kFusedGridRowBatch; ++q) {
-        if (q0 + q >= nvec) break;
-        const uint32_t x[4] = {v[q].x, v[q].y, v[q].z, v[q].w};
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const int c = 16 * (q0 + q) + 4 * k;
-          total = add_bytes(x[k] & bytes_below(c, nb), total);  // past nb: never written
-          before = add_bytes(x[k] & bytes_below(c, b), before);
-        }
-      }
-    }
-  }
-  const int padded = pad_to_blocks(total, block_size, block_shift);
-  int all;
-  const int offset = block_scan_one(padded, warp_total, all);  // ends past a barrier
-  if (tid < E) base[tid] = offset + before;
-  if (b == 0 && tid == 0) *num_post_padded = all;
-  if (tid < E && tid % nb == b && padded > 0) {  // expert tid's blocks, from one block of the grid
-    const int32_t e = expert_map ? expert_map[tid] : tid;
-    const int b0 = blocks_of(offset, block_size, block_shift), b1 = blocks_of(offset + padded, block_size, block_shift);
-    for (int x = b0; x < b1; ++x) expert_ids[x] = e;
-  }
-  for (int x = blocks_of(all, block_size, block_shift) + b * blockDim.x + tid;
-       x < blocks_of(max_padded, block_size, block_shift); x += nb * blockDim.x)
-    expert_ids[x] = -1;
-  __syncthreads();  // base ready
-  if (slot >= 0) sorted[base[slot] + popcount(masks[slot] & (lane_bit(warp) - 1))] = t * topk + lane;
+  const int count = tid < E ? popcount(masks[tid]) : 0;
+  const auto rank = [&] { return popcount(masks[slot] & (lane_bit(warp) - 1)); };
+  grid_place(table, count, slot, rank, t * topk + lane, E, block_size, block_shift, expert_map, max_padded, base,
+             warp_total, sorted, expert_ids, num_post_padded);
 }
 
 }  // namespace moe_ext

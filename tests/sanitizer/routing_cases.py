@@ -1,7 +1,7 @@
 """Routing kernels on a few shapes each, for compute-sanitizer (run by tests/sanitizer/run.sh):
 the fused decode kernel over T = 1..32 with every routing variant, its grid path, and the alignment paths (one
-block, token masks with and without repeated experts, the one-launch grid, the two launches, also
-forced at small sizes). Exits non-zero on a mismatch."""
+block, token masks with and without repeated experts, the one-launch grid, the two launches, the
+cooperative grid, also forced at small sizes). Exits non-zero on a mismatch."""
 
 from __future__ import annotations
 
@@ -50,8 +50,9 @@ for T, E, topk, bs in [(513, 256, 8, 16), (4096, 256, 8, 64), (3000, 1024, 8, 12
         c = moe_ext.moe_align_block_size(x.cpu(), E, bs, None if m is None else m.cpu())
         assert all(torch.equal(y.cpu(), z) for y, z in zip(a, c)), (T, E, topk, bs)
 # The two launches (count, place) forced where another path would run, with and without programmatic
-# dependent launch, and the one-launch grid forced.
-for path, pdl in (("3", "1"), ("3", "0"), ("2", "1")):
+# dependent launch, the one-launch grid forced, and the cooperative grid forced (rows repeating E // 3:
+# its counting fallback; with and without programmatic dependent launch).
+for path, pdl in (("3", "1"), ("3", "0"), ("2", "1"), ("4", "1"), ("4", "0")):
     os.environ.update(MOE_EXT_ALIGN_PATH=path, MOE_EXT_PDL=pdl)
     for T, E, topk, bs in [(3, 256, 8, 16), (1024, 256, 8, 16), (4096, 1024, 8, 64), (9000, 8, 2, 1)]:
         ids = torch.randint(0, E, (T, topk), device=dev, dtype=torch.int32)
