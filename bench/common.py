@@ -53,8 +53,9 @@ def time_events(fn, iters: int = 100, warmup: int = 10) -> float:
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) * 1e3
 
 
-def time_graph(fn, calls_per_graph: int = 20, replays: int = 50) -> float:
-    """Median µs per call of fn captured calls_per_graph times in one CUDA graph and replayed."""
+def capture_calls(fn, calls_per_graph: int) -> torch.cuda.CUDAGraph:
+    """fn called 3 times on a side stream (warm-up), then captured calls_per_graph times in one CUDA graph,
+    replayed 3 times."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -68,6 +69,12 @@ def time_graph(fn, calls_per_graph: int = 20, replays: int = 50) -> float:
     for _ in range(3):
         graph.replay()
     torch.cuda.synchronize()
+    return graph
+
+
+def time_graph(fn, calls_per_graph: int = 20, replays: int = 50) -> float:
+    """Median µs per call of fn captured calls_per_graph times in one CUDA graph and replayed."""
+    graph = capture_calls(fn, calls_per_graph)
     times = []
     for _ in range(replays):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -13,6 +13,7 @@ start to the next call's first start). Medians over the calls; writes a markdown
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -22,7 +23,7 @@ import torch
 
 import moe_ext
 from bench_moe import make_weight_sets
-from common import markdown_table, warm_up_device, write_results
+from common import capture_calls, markdown_table, warm_up_device, write_results
 from moe_ext.models import MODELS
 
 
@@ -32,6 +33,18 @@ def kernel_events(trace_path: str) -> list[tuple[float, float, str]]:
         events = json.load(f)["traceEvents"]
     out = [(e["ts"], e["ts"] + e["dur"], e["name"]) for e in events if e.get("cat") == "kernel" and "dur" in e]
     return sorted(out)
+
+
+def replay_kernels(graph: torch.cuda.CUDAGraph, replays: int) -> list[tuple[float, float, str]]:
+    """(start µs, end µs, name) of every kernel of `replays` replays of graph, from the profiler's trace."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        return kernel_events(path)
 
 
 def short(name: str) -> str:
@@ -75,27 +88,9 @@ def main():
                 w13, w2 = sets[i % len(sets)]
                 return moe_ext.fused_moe(x, w13, w2, logits, cfg.topk, correction_bias=bias, **cfg.routing)
 
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for i in range(3):
-                    call(i)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for i in range(args.calls):
-                    call(i)
-            for _ in range(3):
-                graph.replay()
-            torch.cuda.synchronize()
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                for _ in range(args.replays):
-                    graph.replay()
-                torch.cuda.synchronize()
-            with tempfile.TemporaryDirectory() as tmp:
-                path = os.path.join(tmp, "trace.json")
-                prof.export_chrome_trace(path)
-                kernels = kernel_events(path)
+            order = itertools.count()  # the calls rotate over the weight copies, warm-up and captured ones
+            graph = capture_calls(lambda: call(next(order)), args.calls)
+            kernels = replay_kernels(graph, args.replays)
             # Calls: the kernel sequence repeats every len(kernels) / (calls * replays) kernels.
             per_call = len(kernels) // (args.calls * args.replays)
             if per_call == 0 or per_call * args.calls * args.replays != len(kernels):
