@@ -133,9 +133,9 @@ def route(
     (csrc/cuda/routing_cuda.cpp): one block at decode, a cooperative grid with one barrier up to 32
     tokens a multiprocessor, the router and alignment kernels in turn above.
     The grid path measured faster than the two kernels at every T it takes (H200, E = 256 top-8,
-    graph replay: 5.45 against 6.11 us at T = 32, 5.76 against 9.30 at T = 128, 7.68 against 9.60
-    at T = 1024; bench/results/h200-fused-routing.md), so no token count needs the separate ops and
-    the choice adds no guard under torch.compile.
+    graph replay, session 18, the alignment on its cooperative grid: 5.62 against 6.19 us at T = 32,
+    5.75 against 6.64 at T = 128, 7.81 against 8.96 at T = 1024; bench/results/h200-fused-routing.md),
+    so no token count needs the separate ops and the choice adds no guard under torch.compile.
 
     Returns (topk_weights, topk_ids, sorted_token_ids, expert_ids, num_tokens_post_padded).
     """
