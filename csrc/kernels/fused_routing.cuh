@@ -236,7 +236,8 @@ __global__ void __launch_bounds__(1024) fused_gating_align_grid_kernel(
   if (slot >= 0) atomicOr(&masks[slot], lane_bit(warp));
   __syncthreads();  // masks complete
   const int count = tid < E ? popcount(masks[tid]) : 0;
-  const auto rank = [&] { return popcount(masks[slot] & (lane_bit(warp) - 1)); };
+  moe_lane_mask_t* const token_masks = masks;  // a lambda may not capture a structured binding before C++20
+  const auto rank = [&] { return popcount(token_masks[slot] & (lane_bit(warp) - 1)); };
   grid_place(table, count, slot, rank, t * topk + lane, E, block_size, block_shift, expert_map, max_padded, base,
              warp_total, sorted, expert_ids, num_post_padded);
 }
