@@ -25,8 +25,10 @@ cudaError_t dispatch_per_lane(int E, F&& f) {
   return cudaErrorInvalidValue;
 }
 
-// One block (one launch) up to this many ids. The single block ranks each id within its expert's
-// run, which costs O(run length) per id: cheap at decode, not at a thousand tokens (see bench/NOTES.md).
+// The paths below the cooperative grid (align_coop_plan, further down) are the automatic choice where it does
+// not take the size: under kAlignCoopAutoMinIds ids, above kAlignCoopAutoMaxExperts experts, or more blocks
+// than multiprocessors. One block (one launch) up to this many ids. The single block ranks each id within its
+// expert's run, which costs O(run length) per id: cheap at decode, not at a thousand tokens (see bench/NOTES.md).
 constexpr int64_t kAlignSingleBlockMaxIds = 1024;
 
 bool align_small_fits(int64_t numel, int E) {
