@@ -121,6 +121,7 @@ int main() {
     for (int T : {1, 2, 4, 8, 12, 16}) run<8>(VARIANT, 256, 8, T, false, s);
     for (int T : {1, 4}) run<4>(VARIANT, 128, 4, T, false, s);
     run<8>(VARIANT, 256, 8, 1, true, s);
+    run<8>(VARIANT, 256, 8, 4, true, s);
   }
   return 0;
 }

@@ -362,6 +362,41 @@ def test_routing_cuda_keys_equal_but_for_low_bits(E, scoring_func):
                 assert torch.equal(a.cpu(), b), f"fused {name} differs (T={T}, topk={topk})"
 
 
+# E, topk, grouped (DeepSeek-V3: sigmoid, correction bias, 8 groups, top 4 groups): the decode shapes, up to
+# 8 slots a lane and topk 8, and one past them.
+TIE_SHAPES = [(256, 8, False), (128, 4, False), (128, 8, False), (64, 2, False), (32, 1, False), (20, 5, False),
+                (256, 8, True), (512, 8, False)]
+
+
+@cuda_only
+@pytest.mark.parametrize("E,topk,grouped", TIE_SHAPES)
+@pytest.mark.parametrize("levels", [3, 12, 64])
+def test_routing_cuda_exact_ties(E, topk, grouped, levels):
+    """bf16 logits drawn from `levels` values, so many experts tie exactly inside the top k and across its
+    boundary: the decode selection (the router's lookahead rounds, the fused single block's packed rounds,
+    which compare keys without their low bits; session 19's merge network, not merged, was tested here too)
+    must still pick by key, then by lower index, as the CPU kernel does. Router and fused op, T = 1..8, bit
+    for bit."""
+    require_kernel("topk_gating", "cuda")
+    g = torch.Generator().manual_seed(E * 31 + topk + levels)
+    kw = dict(renormalize=True)
+    if grouped:
+        kw.update(scoring_func="sigmoid", num_expert_group=8, topk_group=4,
+                  correction_bias=(torch.randint(0, 3, (E,), generator=g) * 0.125).float(), routed_scaling_factor=2.5)
+    kw_cuda = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in kw.items()}
+    for T in (1, 2, 3, 8):
+        values = torch.randn(levels, generator=g)
+        logits = values[torch.randint(0, levels, (T, E), generator=g)].to(torch.bfloat16)
+        cpu = moe_ext.topk_gating(logits, topk, **kw)
+        gpu = moe_ext.topk_gating(logits.cuda(), topk, **kw_cuda)
+        assert torch.equal(gpu[1].cpu(), cpu[1]), f"router ids differ (T={T})"
+        assert torch.equal(gpu[0].cpu(), cpu[0]), f"router weights differ (T={T})"
+        want = moe_ext.fused_topk_align(logits, topk, 16, **kw)
+        fused = moe_ext.fused_topk_align(logits.cuda(), topk, 16, **kw_cuda)
+        for name, a, b in zip(["weights", "ids", "sorted", "expert_ids", "ntpp"], fused, want):
+            assert torch.equal(a.cpu(), b), f"fused {name} differs (T={T})"
+
+
 @cuda_only
 @pytest.mark.parametrize("E", [40, 64, 100, 256, 1024])
 @pytest.mark.parametrize("dtype", DTYPES)
