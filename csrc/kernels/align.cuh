@@ -721,7 +721,6 @@ __global__ void __launch_bounds__(1024) moe_align_coop_kernel(
   const bool holds = warp < tokens && lane < topk;
   const int slot = holds ? align_slot_device(ids[int64_t(t) * topk + lane], E, expert_map) : -1;
   const moe_lane_mask_t peers = match_any<kAlignMatchBits>(slot);  // a token's lanes naming the same slot
-  if (warp < tokens_per_block && lane < topk) slots[warp * topk + lane] = slot;
   __syncthreads();  // masks zeroed
   if (slot >= 0) atomicOr(&masks[slot], lane_bit(warp));
   const bool repeats = __syncthreads_or(slot >= 0 && popcount(peers) > 1);  // masks complete
@@ -730,7 +729,9 @@ __global__ void __launch_bounds__(1024) moe_align_coop_kernel(
   if (!repeats) {
     if (tid < E) count = popcount(masks[tid]);
     if (slot >= 0) rank = popcount(masks[slot] & (lane_bit(warp) - 1));
-  } else {  // block-uniform
+  } else {  // block-uniform; only this path stages the slots
+    if (warp < tokens_per_block && lane < topk) slots[warp * topk + lane] = slot;
+    __syncthreads();
     if (tid < E)
       for (int i = 0; i < tokens * topk; ++i)
         if (slots[i] == tid) ranks[i] = count++;
