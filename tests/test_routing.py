@@ -365,7 +365,7 @@ def test_routing_cuda_keys_equal_but_for_low_bits(E, scoring_func):
 # E, topk, grouped (DeepSeek-V3: sigmoid, correction bias, 8 groups, top 4 groups): the decode shapes, up to
 # 8 slots a lane and topk 8, and one past them.
 TIE_SHAPES = [(256, 8, False), (128, 4, False), (128, 8, False), (64, 2, False), (32, 1, False), (20, 5, False),
-                (256, 8, True), (512, 8, False)]
+              (256, 8, True), (512, 8, False)]
 
 
 @cuda_only
