@@ -70,10 +70,12 @@ def choose_block_size(num_tokens: int, topk: int, num_experts: int, hopper: bool
 
 
 def default_block_size(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk: int,
-                       num_experts: int) -> int:
+                       num_experts: int, hopper: bool | None = None) -> int:
     """fused_moe's block size when none is given: choose_block_size for hidden_states' token count, with
-    the device's hopper_tiles and one expert's w13 + w2 bytes."""
-    hopper = hidden_states.is_cuda and hopper_tiles(hidden_states.device.index)
+    the device's hopper_tiles (or `hopper`, where the caller has it already) and one expert's w13 + w2
+    bytes."""
+    if hopper is None:
+        hopper = hidden_states.is_cuda and hopper_tiles(hidden_states.device.index)
     expert_bytes = (w13.shape[1] * w13.shape[2] + w2.shape[1] * w2.shape[2]) * w13.element_size()
     return choose_block_size(hidden_states.shape[0], topk, num_experts, hopper, expert_bytes)
 
@@ -220,7 +222,7 @@ def fused_moe(
         return ops.moe_gemv_combine(h, w2, ids, weights, expert_map)     # [T, H]
     hopper = hidden_states.is_cuda and hopper_tiles(hidden_states.device.index)
     if block_size is None:
-        block_size = default_block_size(hidden_states, w13, w2, topk, E)
+        block_size = default_block_size(hidden_states, w13, w2, topk, E, hopper)
     weights, _, sorted_ids, expert_ids, num_post_padded = route(
         router_logits, topk, block_size, scoring_func=scoring_func, renormalize=renormalize,
         correction_bias=correction_bias, num_expert_group=num_expert_group, topk_group=topk_group,

@@ -139,6 +139,8 @@ def test_default_block_size(device, T):
     hopper = x.is_cuda and moe_ext.hopper_tiles(x.device.index)
     want = moe_ext.choose_block_size(T, 2, 8, hopper, MIXTRAL_EXPERT_BYTES)
     assert moe_ext.default_block_size(x, w13, w2, 2, 8) == want
+    other = moe_ext.choose_block_size(T, 2, 8, not hopper, MIXTRAL_EXPERT_BYTES)  # a caller's hopper wins
+    assert moe_ext.default_block_size(x, w13, w2, 2, 8, hopper=not hopper) == other
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -335,7 +335,8 @@ cudaError_t fused_topk_align(DType dtype, const void* logits, int64_t row_stride
       return err;
     return moe_align(ids, num_tokens, p.topk, p.num_experts, block_size, expert_map, max_padded, sorted, expert_ids,
                      num_post_padded, moe_align_plan(num_tokens, p.topk, p.num_experts, 0, -1, 0), nullptr, pdl,
-                     stream);  // at most 32 * 32 ids: a single-launch path, no workspace
+                     stream);  // at most 32 * 32 ids; num_sms 0 rules the cooperative grid (it needs a
+                               // workspace) out: a single-launch path with none
   }
   return fused_launch(dtype, logits, row_stride, num_tokens, p, block_size, expert_map, max_padded, weights, ids,
                       sorted, expert_ids, num_post_padded, pdl, stream);
