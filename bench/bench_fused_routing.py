@@ -45,6 +45,8 @@ def main():
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 33, 48, 64])
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--no-kernel-time", action="store_true")
+    p.add_argument("--stem", default="fused-routing",
+                   help="results/<device>-<stem>.json/.md (a partial grid elsewhere)")
     args = p.parse_args()
     calib = Calibration()
     rows, fns = [], []
@@ -85,7 +87,7 @@ def main():
     meta = {"block_size": args.block_size, "logits": "bf16",
             "configs": {n: {k: (v if k != "routing" else str(v)) for k, v in CONFIGS[n].items()} for n in args.configs},
             "calibration_1elem_add": calib.kernel_time(args.no_kernel_time)}
-    path = write_results("fused-routing", meta, rows, markdown_table(rows, cols))
+    path = write_results(args.stem, meta, rows, markdown_table(rows, cols))
     print(f"\nwrote {path}.json/.md")
 
 

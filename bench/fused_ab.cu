@@ -67,7 +67,11 @@ void run(const char* variant, int E, int k, int T, bool grouped, cudaStream_t s)
                  grouped ? 8 : 1, grouped ? 4 : 1, grouped ? 2.5f : 1.0f};
   const int G = p.num_expert_group;
   const int fsmem = fused_smem_bytes(E, G, T);
-#ifdef FUSED_AB_PACKED  // the instance the extension launches (csrc/cuda/routing.cu fused_launch)
+#if defined(FUSED_AB_PACKED_RULE)  // the instance the extension launches (csrc/cuda/routing.cu fused_launch)
+  const auto fused_kernel = fused_packed_rounds(T, k, G)
+                                ? fused_gating_align_kernel<__nv_bfloat16, kPerLane, true>
+                                : fused_gating_align_kernel<__nv_bfloat16, kPerLane, false>;
+#elif defined(FUSED_AB_PACKED)  // session 13 to 19: packed up to kFusedPackedMaxTokens
   const auto fused_kernel = T <= kFusedPackedMaxTokens && G <= 1
                                 ? fused_gating_align_kernel<__nv_bfloat16, kPerLane, true>
                                 : fused_gating_align_kernel<__nv_bfloat16, kPerLane, false>;
@@ -118,8 +122,8 @@ int main() {
   for (int rep = 0; rep < 2; ++rep) {
     const float empty = time_graph(s, 100, [&](int) { launch(empty_kernel, 1, 32, 0, s); });
     printf("%-12s empty kernel %.3f us\n", VARIANT, empty);
-    for (int T : {1, 2, 4, 8, 12, 16}) run<8>(VARIANT, 256, 8, T, false, s);
-    for (int T : {1, 4}) run<4>(VARIANT, 128, 4, T, false, s);
+    for (int T : {1, 2, 4, 5, 6, 8, 12, 16}) run<8>(VARIANT, 256, 8, T, false, s);
+    for (int T : {1, 4, 8, 12}) run<4>(VARIANT, 128, 4, T, false, s);
     run<8>(VARIANT, 256, 8, 1, true, s);
     run<8>(VARIANT, 256, 8, 4, true, s);
   }

@@ -5,7 +5,8 @@ revision there and edit it for an ablation). Torch-free; needs nvcc and a GPU.
     python bench/fused_ab.py new=csrc old=/tmp/old   # /tmp/old from: git archive REV csrc | tar -x ...
 
 A variant whose kernels have the fused kernel's kPacked parameter (session 13 on) is built with
--DFUSED_AB_PACKED, so it times the instances the extension launches.
+-DFUSED_AB_PACKED (-DFUSED_AB_PACKED_RULE from session 20, where fused_packed_rounds decides), so it
+times the instances the extension launches.
 """
 
 import os
@@ -14,5 +15,13 @@ import sys
 from ab_build import ROOT, build_and_run, header_has
 
 variants = dict(arg.split("=", 1) for arg in sys.argv[1:]) or {"csrc": os.path.join(ROOT, "csrc")}
+
+
+def flags(kernels):
+    if header_has(kernels, "fused_routing.cuh", "fused_packed_rounds("):
+        return ["-DFUSED_AB_PACKED_RULE"]
+    return ["-DFUSED_AB_PACKED"] if header_has(kernels, "fused_routing.cuh", "bool kPacked") else []
+
+
 build_and_run("fused_ab.cu", variants, os.environ.get("FUSED_AB_BUILD", "/tmp/fused_ab"), nvcc_flags=["--fmad=false"],
-              flags=lambda k: ["-DFUSED_AB_PACKED"] if header_has(k, "fused_routing.cuh", "bool kPacked") else [])
+              flags=flags)

@@ -362,6 +362,18 @@ def test_routing_cuda_keys_equal_but_for_low_bits(E, scoring_func):
                 assert torch.equal(a.cpu(), b), f"fused {name} differs (T={T}, topk={topk})"
 
 
+def assert_cuda_routing_equals_cpu(logits, topk, kw, kw_cuda, T):
+    """Router and fused op on CUDA against the CPU kernels, bit for bit (kw_cuda: kw with tensors on CUDA)."""
+    cpu = moe_ext.topk_gating(logits, topk, **kw)
+    gpu = moe_ext.topk_gating(logits.cuda(), topk, **kw_cuda)
+    assert torch.equal(gpu[1].cpu(), cpu[1]), f"router ids differ (T={T})"
+    assert torch.equal(gpu[0].cpu(), cpu[0]), f"router weights differ (T={T})"
+    want = moe_ext.fused_topk_align(logits, topk, 16, **kw)
+    fused = moe_ext.fused_topk_align(logits.cuda(), topk, 16, **kw_cuda)
+    for name, a, b in zip(["weights", "ids", "sorted", "expert_ids", "ntpp"], fused, want):
+        assert torch.equal(a.cpu(), b), f"fused {name} differs (T={T})"
+
+
 # E, topk, grouped (DeepSeek-V3: sigmoid, correction bias, 8 groups, top 4 groups): the decode shapes, up to
 # 8 slots a lane and topk 8, and one past them.
 TIE_SHAPES = [(256, 8, False), (128, 4, False), (128, 8, False), (64, 2, False), (32, 1, False), (20, 5, False),
@@ -387,14 +399,27 @@ def test_routing_cuda_exact_ties(E, topk, grouped, levels):
     for T in (1, 2, 3, 8):
         values = torch.randn(levels, generator=g)
         logits = values[torch.randint(0, levels, (T, E), generator=g)].to(torch.bfloat16)
-        cpu = moe_ext.topk_gating(logits, topk, **kw)
-        gpu = moe_ext.topk_gating(logits.cuda(), topk, **kw_cuda)
-        assert torch.equal(gpu[1].cpu(), cpu[1]), f"router ids differ (T={T})"
-        assert torch.equal(gpu[0].cpu(), cpu[0]), f"router weights differ (T={T})"
-        want = moe_ext.fused_topk_align(logits, topk, 16, **kw)
-        fused = moe_ext.fused_topk_align(logits.cuda(), topk, 16, **kw_cuda)
-        for name, a, b in zip(["weights", "ids", "sorted", "expert_ids", "ntpp"], fused, want):
-            assert torch.equal(a.cpu(), b), f"fused {name} differs (T={T})"
+        assert_cuda_routing_equals_cpu(logits, topk, kw, kw_cuda, T)
+
+
+@cuda_only
+@pytest.mark.parametrize("E,topk", [(256, 8), (128, 8), (32, 8), (256, 16), (200, 9)])
+@pytest.mark.parametrize("tied", [31, 32, 33, 40])
+@pytest.mark.parametrize("scoring_func", ["softmax", "sigmoid"])
+def test_routing_cuda_threshold_capacity(E, topk, tied, scoring_func):
+    """The threshold selection (select_threshold: topk >= 8, the router's grids of more than 16 tokens, the
+    fused op from 5 tokens) keeps every slot at or above a bound taken from the lanes' best keys, up to 32 of
+    them, and leaves more to the selection rounds. Here `tied` experts share the top logit (spread over the
+    lanes, so the bound is that logit): 31 and 32 candidates take the threshold path, ranked by index among
+    equal keys; 33 and 40 the rounds. Router and fused op, T = 1, 5, 24, 40, bit for bit with the CPU."""
+    require_kernel("topk_gating", "cuda")
+    g = torch.Generator().manual_seed(E + tied + topk)
+    for T in (1, 5, 24, 40):
+        logits = random_logits(T, E, torch.float32, "cpu", g)  # |x| well under 20
+        for t in range(T):
+            logits[t, torch.randperm(E, generator=g)[:min(tied, E)]] = 25.0
+        kw = dict(scoring_func=scoring_func, renormalize=True)
+        assert_cuda_routing_equals_cpu(logits.to(torch.bfloat16), topk, kw, kw, T)
 
 
 @cuda_only

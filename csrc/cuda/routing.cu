@@ -144,7 +144,7 @@ cudaError_t fused_launch(DType dtype, const void* logits, int64_t row_stride, in
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     return dispatch_per_lane(E, [&](auto per_lane) {
-      const bool packed = num_tokens <= kFusedPackedMaxTokens && p.num_expert_group <= 1;
+      const bool packed = fused_packed_rounds(num_tokens, p.topk, p.num_expert_group);
       return BOOL_SWITCH(packed, kPacked, [&] {
         constexpr auto kernel = fused_gating_align_kernel<T, decltype(per_lane)::value, kPacked>;
         if (const cudaError_t err = allow_dynamic_smem<kernel>(smem); err != cudaSuccess) return err;

@@ -29,8 +29,16 @@ constexpr int kFusedMinWarps = 4;
 // Packed selection rounds (select_rounds) up to this many tokens in the single block, without grouped
 // top-k: H200, bench/fused_ab.cu, E=256 top-8: T=1-8 0.05-0.13 us faster, T=12 0.03 slower, T=16 0.19
 // slower (16 warps share the issue slots); DeepSeek-V3 grouped T=1 no faster (0.0-0.07 slower); in
-// the grid kernel (8-32 warps a multiprocessor) up to 0.9 us slower.
+// the grid kernel (8-32 warps a multiprocessor) up to 0.9 us slower. At topk >= kSelectThresholdMinTopk
+// the other instance's threshold selection is faster from 5 tokens (bench/fused_ab.cu, E=256 top-8: T=4
+// 3.50 against 3.40 us, T=5 3.70 / 3.83, T=6 3.73 / 3.75, T=8 3.83 / 4.07), so packed rounds stop at 4.
 constexpr int kFusedPackedMaxTokens = 8;
+constexpr int kFusedPackedMaxTokensTop8 = 4;
+// Whether the single block runs the packed-rounds instance (fused_gating_align_kernel<..., true>).
+MOE_HOST_DEVICE MOE_FORCEINLINE bool fused_packed_rounds(int num_tokens, int topk, int num_expert_group) {
+  return num_expert_group <= 1 &&
+         num_tokens <= (topk >= kSelectThresholdMinTopk ? kFusedPackedMaxTokensTop8 : kFusedPackedMaxTokens);
+}
 
 // Alignment scratch: masks [E] lane masks | offsets [E] int | warp totals [kWarpSize] int, rounded
 // to 16 bytes; then one grouped-top-k scratch per token (only when num_expert_group > 1).
@@ -74,13 +82,14 @@ template <typename T, int kPerLane>
 MOE_DEVICE MOE_FORCEINLINE int gate_and_store(const T* __restrict__ logits, int64_t row_stride, bool has_token, int t,
                                               const GatingParams& p, int warp, int lane, char* grouped,
                                               const int32_t* __restrict__ expert_map, float* __restrict__ weights,
-                                              int32_t* __restrict__ ids, bool packed_rounds) {
+                                              int32_t* __restrict__ ids, bool packed_rounds,
+                                              SelectScratch* select) {
   float w = 0.0f;
   int id = -1;
   if (has_token)
     gate_token<T, kPerLane>(logits + int64_t(t) * row_stride, p, lane,
                             grouped + warp * fused_grouped_stride(p.num_experts, p.num_expert_group), packed_rounds,
-                            w, id);
+                            select, w, id);
   const bool holds_id = has_token && lane < p.topk;
   if (holds_id) {
     weights[t * p.topk + lane] = w;
@@ -89,7 +98,7 @@ MOE_DEVICE MOE_FORCEINLINE int gate_and_store(const T* __restrict__ logits, int6
   return holds_id ? align_slot_device(id, p.num_experts, expert_map) : -1;
 }
 
-// kPacked: the gating's packed selection rounds (the launcher's choice, kFusedPackedMaxTokens); an
+// kPacked: the gating's packed selection rounds (the launcher's choice, fused_packed_rounds); an
 // instance of its own, since the runtime choice in one instance slowed the exact rounds' path
 // (DeepSeek-V3 grouped T=1 0.12 us, bench/fused_ab.cu).
 template <typename T, int kPerLane, bool kPacked = false>
@@ -105,6 +114,7 @@ __global__ void __launch_bounds__(1024) fused_gating_align_kernel(
     int32_t* __restrict__ expert_ids,         // [max_padded / block_size] int32
     int32_t* __restrict__ num_post_padded) {  // [1] int32
   extern __shared__ __align__(16) char fused_smem[];
+  __shared__ SelectScratch s_select[kFusedMaxTokens];  // a token's warp each
   const int E = p.num_experts, topk = p.topk;
   const auto [masks, offsets, warp_total, grouped] = fused_smem_parts(fused_smem, E);
   const int tid = threadIdx.x, warp = tid / kWarpSize, lane = lane_id();
@@ -130,7 +140,8 @@ __global__ void __launch_bounds__(1024) fused_gating_align_kernel(
   }
 
   const int slot = gate_and_store<T, kPerLane>(logits, row_stride, warp < num_tokens, warp, p, warp, lane, grouped,
-                                               expert_map, weights, ids, kPacked);
+                                               expert_map, weights, ids, kPacked,
+                                               kPacked ? nullptr : &s_select[warp % kFusedMaxTokens]);
   if (one_token) {  // each hit expert's run is one block, in slot order: the hit slots below its own
     if (warp > 0) return;
     int below = 0;
@@ -217,6 +228,7 @@ __global__ void __launch_bounds__(1024) fused_gating_align_grid_kernel(
     int32_t* __restrict__ expert_ids,         // [max_padded / block_size] int32
     int32_t* __restrict__ num_post_padded) {  // [1] int32
   extern __shared__ __align__(16) char fused_smem[];
+  __shared__ SelectScratch s_select[kFusedMaxTokens];  // a token's warp each
   const int E = p.num_experts, topk = p.topk, b = blockIdx.x, nb = gridDim.x;
   const auto [masks, base, warp_total, grouped] = fused_smem_parts(fused_smem, E);  // base: the offsets
   const int tid = threadIdx.x, warp = tid / kWarpSize, lane = lane_id();
@@ -232,7 +244,7 @@ __global__ void __launch_bounds__(1024) fused_gating_align_grid_kernel(
 
   const int slot =
       gate_and_store<T, kPerLane>(logits, row_stride, warp < tokens, t, p, warp, lane, grouped, expert_map, weights,
-                                  ids, /*packed_rounds=*/false);
+                                  ids, /*packed_rounds=*/false, &s_select[warp % kFusedMaxTokens]);
   if (slot >= 0) atomicOr(&masks[slot], lane_bit(warp));
   __syncthreads();  // masks complete
   const int count = tid < E ? popcount(masks[tid]) : 0;

@@ -12,9 +12,11 @@
 // its holders; or, in the fused kernel at decode, one over the key's high bits and the index,
 // checked, see select_rounds); only the winning lane moves on, to its second best, or, on every
 // second win, ranks its remaining slots again under a warp-uniform branch. A round is about thirty
-// instructions and no divergence. Measured on the H100 (bench/NOTES.md, topk_gating v7): rescanning every slot each
-// round was 0.4 us slower at E=256/topk=8, a divergent pop 0.2 us, a ballot shortcut for the index
-// 0.3 us, and sorting each lane's slots first 0.1-0.2 us.
+// instructions and no divergence. Measured on the H100 (bench/NOTES.md, topk_gating v7): rescanning
+// every slot each round was 0.4 us slower at E=256/topk=8, a divergent pop 0.2 us, a ballot shortcut
+// for the index 0.3 us, and sorting each lane's slots first 0.1-0.2 us. Where several warps share a
+// multiprocessor and topk is 8 or more, a threshold selection with fewer instructions takes the
+// rounds' place (select_threshold).
 // Grouped top-k: when a group is exactly one slot of every lane (E == 32 * G: DeepSeek-V3's 256
 // experts in 8 groups), it stays in registers: group j's score is the top two of slot j over the
 // lanes (two warp max-reductions and a ballot), lane j ranks group j against the others, and a
@@ -372,12 +374,98 @@ MOE_DEVICE MOE_FORCEINLINE void select_rounds(const uint32_t (&okey)[kPerLane], 
   if (!done) selection_pass<kPerLane, kLookahead, false>(okey, score, topk, lane, my_id, my_score, selected_sum);
 }
 
+// Shared scratch of select_threshold for one token's 32 lanes (a kernel holds one a lane group).
+// The threshold selection pays from topk 8 (below, its fixed cost outweighs the rounds it saves:
+// H200, E=256 top-4 and E=128 top-4 routers 0.06-0.7 us slower at T = 64-16384, bench/NOTES.md v13).
+constexpr int kSelectThresholdMinTopk = 8;
+struct SelectScratch {
+  uint64_t order[kGateLanes];  // candidates: (ordered key << 32) | ~index, larger first as ranks_before
+  float score[kGateLanes];
+};
+
+// Selection of the topk best slots by a threshold instead of topk rounds: the same outputs as
+// select_rounds (lane r < topk: rank r's expert and score; every lane: the winners' scores summed in
+// rank order). If topk lanes each hold a slot at or above a key, at least topk slots are, so the
+// topk-th largest of the lanes' best keys (found by topk rounds of one warp max that drop every holder
+// of it: a lower bound under ties) bounds the topk-th best key from below. Every slot at or above it
+// is a candidate (topk plus ~1 on random logits at E=256 top-8); the candidates go to shared memory in
+// lane order (ballots give each lane's offset), each ranks itself against all of them (key desc, index
+// asc), and rank r's lane takes the output. Returns false, with nothing written, when more than
+// kGateLanes slots pass the bound (many equal keys): the caller then runs the rounds.
+// A round here is three instructions against the rounds' ~30, but the candidates' trip through shared
+// memory costs more than that saves for one warp alone: H200 (bench/NOTES.md topk_gating v13), E=256 top-8
+// T=1 fused 3.32 against 3.15 us, router 2.65 against 2.58 (bench/fused_ab.cu). Where warps share the issue
+// slots, instruction count is the time and it is faster at topk 8: the fused single block from 5 tokens
+// (T=8 3.82 against 4.07 us, T=16 4.78 against 5.24; DeepSeek-V3 grouped T=4 3.97 against 4.22), the router's
+// large grids (E=256 top-8 T=4096 6.70 against 7.83 us). So the callers pass a scratch only there (gate_token
+// also wants topk >= kSelectThresholdMinTopk).
+template <int kPerLane>
+MOE_DEVICE MOE_FORCEINLINE bool select_threshold(const uint32_t (&okey)[kPerLane], const float (&score)[kPerLane],
+                                                 int topk, int lane, SelectScratch& s, int& my_id, float& my_score,
+                                                 float& selected_sum) {
+  uint32_t lane_key = 0u, cut = 0u;
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) lane_key = max(lane_key, okey[j]);
+  for (int r = 0; r < topk; ++r) {
+    cut = group_max_u32(lane_key);
+    lane_key = lane_key == cut ? 0u : lane_key;
+  }
+  const uint32_t bound = cut > 1u ? cut : 1u;  // key 0: not available
+  int count = 0;
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) count += okey[j] >= bound ? 1 : 0;
+  // Candidates in lanes below this one, and in all: ballot i holds the lanes with more than i.
+  const uint32_t below = (1u << lane) - 1u;
+  int pos = 0, n = 0;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    const uint32_t b = group_ballot(count > i);
+    pos += __popc(b & below);
+    n += __popc(b);
+  }
+  if (n > kGateLanes || n < topk) return false;  // warp-uniform; n < topk: fewer slots than topk, the rounds decide
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    if (okey[j] >= bound) {
+      s.order[pos] = (uint64_t(okey[j]) << 32) | ~uint32_t(lane + j * kGateLanes);
+      s.score[pos] = score[j];
+      ++pos;
+    }
+  }
+  sync_warp();
+  const uint64_t me = lane < n ? s.order[lane] : 0u;
+  const float me_score = lane < n ? s.score[lane] : 0.0f;
+  int rank = 0;
+#pragma unroll 4
+  for (int d = 0; d < n; ++d) rank += s.order[d] > me ? 1 : 0;
+  sync_warp();  // every candidate read before rank r's entry is overwritten
+  if (lane < n && rank < topk) s.order[rank] = (uint64_t(__float_as_uint(me_score)) << 32) | ~uint32_t(me);
+  sync_warp();
+  my_id = -1;
+  my_score = 0.0f;
+  selected_sum = 0.0f;
+  for (int r = 0; r < topk; ++r) {
+    const uint64_t o = s.order[r];
+    const float w = __uint_as_float(uint32_t(o >> 32));
+    selected_sum += w;  // rank order, as the rounds and the CPU
+    if (lane == r) {
+      my_id = int(uint32_t(o));
+      my_score = w;
+    }
+  }
+  sync_warp();  // the scratch is free for the group's next token
+  return true;
+}
+
 // Gating of one token by one warp. `row` is the token's logits; `smem` is this token's grouped-top-k
 // scratch, grouped_smem_bytes(E, G) (unused when num_expert_group == 1); `packed_rounds`: see
-// select_rounds. Lane r < topk returns rank r's final weight and expert id.
+// select_rounds; `select`: this lane group's scratch for select_threshold, taken at topk >=
+// kSelectThresholdMinTopk and up to 8 slots a lane (a ballot a slot), or null for the rounds. Lane r <
+// topk returns rank r's final weight and expert id.
 template <typename T, int kPerLane, bool kLookahead = false>
 MOE_DEVICE MOE_FORCEINLINE void gate_token(const T* __restrict__ row, const GatingParams& p, int lane, char* smem,
-                                           bool packed_rounds, float& out_weight, int& out_id) {
+                                           bool packed_rounds, SelectScratch* select, float& out_weight,
+                                           int& out_id) {
   float score[kPerLane], bias[kPerLane], key[kPerLane];
   uint32_t avail;  // bit j: slot j holds an expert that may still be chosen
   load_slots<T, kPerLane>(row, p, lane, score, bias, avail);
@@ -421,7 +509,13 @@ MOE_DEVICE MOE_FORCEINLINE void gate_token(const T* __restrict__ row, const Gati
 #pragma unroll
   for (int j = 0; j < kPerLane; ++j) okey[j] = (avail >> j & 1) ? ordered_key(key[j]) : 0u;
   float my_score, selected_sum;
-  select_rounds<kPerLane, kLookahead>(okey, score, p.topk, lane, packed_rounds, out_id, my_score, selected_sum);
+  bool done = false;
+  if constexpr (kPerLane <= 8) {
+    if (select != nullptr && p.topk >= kSelectThresholdMinTopk)
+      done = select_threshold(okey, score, p.topk, lane, *select, out_id, my_score, selected_sum);
+  }
+  if (!done)
+    select_rounds<kPerLane, kLookahead>(okey, score, p.topk, lane, packed_rounds, out_id, my_score, selected_sum);
   out_weight = finalize_weight(my_score, selected_sum, p.renormalize, p.topk, p.routed_scaling_factor);
 }
 
@@ -434,6 +528,7 @@ __global__ void __launch_bounds__(kGateGroupsPerBlock* kGateLanes)
     topk_gating_kernel(const T* __restrict__ logits, int64_t row_stride, int num_tokens, GatingParams p,
                        float* __restrict__ weights, int32_t* __restrict__ ids) {
   extern __shared__ __align__(16) char gate_smem[];
+  __shared__ SelectScratch s_select[kGateGroupsPerBlock];
   // A kernel queued behind this one with programmatic dependent launch (alignment, the expert
   // GEMVs) may start once every block here has triggered, and waits there for these results;
   // kernels launched without it are unaffected. A small grid (decode) triggers at once, so the next
@@ -450,7 +545,8 @@ __global__ void __launch_bounds__(kGateGroupsPerBlock* kGateLanes)
   char* smem = gate_smem + group * grouped_smem_bytes(p.num_experts, p.num_expert_group);
   float w;
   int id;
-  gate_token<T, kPerLane, kLookahead>(logits + t * row_stride, p, lane, smem, /*packed_rounds=*/false, w, id);
+  gate_token<T, kPerLane, kLookahead>(logits + t * row_stride, p, lane, smem, /*packed_rounds=*/false,
+                                      kLookahead ? nullptr : &s_select[group], w, id);
   if (lane < p.topk) {
     weights[int64_t(t) * p.topk + lane] = w;
     ids[int64_t(t) * p.topk + lane] = id;
