@@ -5,7 +5,9 @@ NaN/Inf policy and the exp flush thresholds match csrc/kernels/gating_math.h:
   * a NaN logit counts as -inf, +inf as the largest finite float;
   * a row whose logits are all -inf/NaN scores every expert equally (softmax);
   * softmax numerators e^(x - max) below e^-86 and sigmoid scores of x < -88 are exactly 0;
-  * selection keys (score + correction bias) are NaN-free, ties go to the lower expert index;
+  * selection keys (score + correction bias) are NaN-free, ties go to the lower expert index; softmax
+    without correction bias or expert groups ranks by the sanitized logit itself (the order of the exact
+    softmax, which fp32 rounding and the e^-86 flush would otherwise turn into index-ordered ties);
   * renormalizing a zero sum gives equal weights 1/topk.
 """
 
@@ -55,7 +57,10 @@ def topk_gating_ref(
     """Router top-k: ([T, topk] fp32 weights, [T, topk] int32 ids), best first."""
     T, E = router_logits.shape
     scores = gating_scores_ref(router_logits, scoring_func)
-    keys = selection_keys_ref(scores, correction_bias)
+    if scoring_func == "softmax" and correction_bias is None and num_expert_group == 1:
+        keys = torch.nan_to_num(router_logits.float(), nan=_NEG_INF, posinf=FLT_MAX, neginf=_NEG_INF)
+    else:
+        keys = selection_keys_ref(scores, correction_bias)
     allowed = torch.ones_like(keys, dtype=torch.bool)
     if num_expert_group > 1:
         group_size = E // num_expert_group

@@ -120,6 +120,24 @@ def test_softmax_renormalize_equals_topk_then_softmax(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_softmax_ranks_by_logit_under_the_flush(device, renormalize):
+    """Softmax without bias or groups ranks by logit: behind one dominant logit every other expert's
+    probability flushes to 0 (e^-86), yet the rest of the top-k still follows the logits (descending),
+    not the expert index; their weights are exactly 0 and the leader's 1."""
+    require_kernel("topk_gating", device)
+    g = torch.Generator().manual_seed(11)
+    T, E, topk = 8, 64, 8
+    logits = torch.randn(T, E, generator=g)  # distinct, far below the leader
+    leader = torch.randint(0, E, (T,), generator=g)
+    logits[torch.arange(T), leader] = 500.0
+    w, ids = moe_ext.topk_gating(logits.to(device), topk, renormalize=renormalize)
+    want = logits.topk(topk, dim=-1).indices
+    assert torch.equal(ids.cpu().long(), want)
+    assert torch.equal(w.cpu()[:, 0], torch.ones(T)) and torch.equal(w.cpu()[:, 1:], torch.zeros(T, topk - 1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("scoring_func", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("renormalize", [False, True])

@@ -11,7 +11,8 @@
 // NaN/Inf policy: a NaN logit counts as -inf and +inf counts as FLT_MAX, so a row that holds +inf
 // puts all its softmax mass on its +inf entries; a row with no finite-or-+inf logit scores every
 // expert equally. Selection keys (score + correction bias) are NaN-free and at most FLT_MAX, so a
-// group score (sum of two keys) is never NaN either.
+// group score (sum of two keys) is never NaN either. Softmax without bias or groups selects on the
+// sanitized logits instead (routing_host.h softmax_by_logit), the order of the exact softmax.
 #pragma once
 
 #include <cfloat>

@@ -42,28 +42,65 @@ struct GatingScratch {
   }
 };
 
+// Softmax without correction bias or expert groups ranks experts by their sanitized logits (softmax_by_logit).
+MOE_HOST_DEVICE MOE_FORCEINLINE bool softmax_by_logit(const GatingParams& p) {
+  return p.scoring == ScoringFunc::kSoftmax && p.bias == nullptr && p.num_expert_group <= 1;
+}
+
+// Softmax's denominator: the numerators summed into kReduceLanes strided partials (element i into
+// partial i % kReduceLanes, in i order), then a butterfly in the order of an xor-shuffle reduction.
+inline float softmax_denominator(const float* numerator, int E) {
+  float lanes[kReduceLanes] = {};
+  for (int i = 0; i < E; ++i) lanes[i % kReduceLanes] += numerator[i];
+  for (int offset = kReduceLanes / 2; offset > 0; offset /= 2) {
+    float next[kReduceLanes];
+    for (int l = 0; l < kReduceLanes; ++l) next[l] = lanes[l] + lanes[l ^ offset];
+    std::copy(next, next + kReduceLanes, lanes);
+  }
+  return lanes[0];
+}
+
 // logits: [E] fp32 (raw; sanitized here). Writes weights [topk] and ids [topk].
 inline void gating_row(const float* logits, const GatingParams& p, GatingScratch& s,
                        float* weights, int32_t* ids) {
   const int E = p.num_experts;
   float* score = s.score.data();
   float* key = s.key.data();
+  int* order = s.order.data();
+
+  if (softmax_by_logit(p)) {
+    // The top-k by logit is the top-k of the exact softmax; only the chosen experts' numerators are
+    // needed when renormalizing (their sum is the denominator), every one otherwise.
+    for (int i = 0; i < E; ++i) {
+      key[i] = sanitize_logit(logits[i]);
+      order[i] = i;
+    }
+    std::partial_sort(order, order + p.topk, order + E,
+                      [key](int a, int b) { return ranks_before(key[a], a, key[b], b); });
+    const float row_max = key[order[0]];
+    float inv_denom = 1.0f;
+    if (!p.renormalize) {
+      for (int i = 0; i < E; ++i) score[i] = softmax_numerator(key[i], row_max);
+      inv_denom = 1.0f / softmax_denominator(score, E);
+    }
+    float selected_sum = 0.0f;
+    for (int j = 0; j < p.topk; ++j) {
+      score[j] = softmax_numerator(key[order[j]], row_max);  // rank j's numerator (slots < topk reused)
+      selected_sum += score[j];
+    }
+    for (int j = 0; j < p.topk; ++j) {
+      ids[j] = order[j];
+      const float w = p.renormalize ? score[j] : score[j] * inv_denom;
+      weights[j] = finalize_weight(w, selected_sum, p.renormalize, p.topk, p.routed_scaling_factor);
+    }
+    return;
+  }
 
   if (p.scoring == ScoringFunc::kSoftmax) {
     float row_max = -INFINITY;
     for (int i = 0; i < E; ++i) row_max = std::max(row_max, sanitize_logit(logits[i]));
-    float lanes[kReduceLanes] = {};
-    for (int i = 0; i < E; ++i) {
-      score[i] = softmax_numerator(sanitize_logit(logits[i]), row_max);
-      lanes[i % kReduceLanes] += score[i];
-    }
-    // Butterfly in the order of an xor-shuffle reduction; every lane ends with the same value.
-    for (int offset = kReduceLanes / 2; offset > 0; offset /= 2) {
-      float next[kReduceLanes];
-      for (int l = 0; l < kReduceLanes; ++l) next[l] = lanes[l] + lanes[l ^ offset];
-      std::copy(next, next + kReduceLanes, lanes);
-    }
-    const float inv_denom = 1.0f / lanes[0];
+    for (int i = 0; i < E; ++i) score[i] = softmax_numerator(sanitize_logit(logits[i]), row_max);
+    const float inv_denom = 1.0f / softmax_denominator(score, E);
     for (int i = 0; i < E; ++i) score[i] = score[i] * inv_denom;
   } else {
     for (int i = 0; i < E; ++i) score[i] = moe_sigmoidf(sanitize_logit(logits[i]));
@@ -71,7 +108,6 @@ inline void gating_row(const float* logits, const GatingParams& p, GatingScratch
   for (int i = 0; i < E; ++i) key[i] = selection_key(score[i], p.bias ? p.bias[i] : 0.0f);
 
   // Candidates: every expert, or only those of the best topk_group groups.
-  int* order = s.order.data();
   int num_candidates = 0;
   const int G = p.num_expert_group;
   if (G > 1) {
