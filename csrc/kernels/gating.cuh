@@ -63,6 +63,14 @@ MOE_DEVICE MOE_FORCEINLINE int group_argmax(uint32_t okey, int idx) {
 // Max of a (non-NaN) float over the 32 lanes, exact.
 MOE_DEVICE MOE_FORCEINLINE float group_max(float x) { return from_ordered_key(group_max_u32(ordered_key(x))); }
 
+// Sum of a float over the 32 lanes by an xor butterfly: routing_host.h softmax_denominator's order, so the
+// softmax denominator is the CPU's bit for bit (every lane gets the same value).
+MOE_DEVICE MOE_FORCEINLINE float group_sum(float x) {
+#pragma unroll
+  for (int offset = kGateLanes / 2; offset > 0; offset /= 2) x = x + shfl_xor(x, offset, kGateLanes);
+  return x;
+}
+
 // Bit l: pred of lane l of this token's 32 lanes.
 MOE_DEVICE MOE_FORCEINLINE uint32_t group_ballot(bool pred) {
   return static_cast<uint32_t>(ballot(pred) >> (lane_id() & (kWarpSize - kGateLanes)));
@@ -501,10 +509,7 @@ MOE_DEVICE MOE_FORCEINLINE void gate_token(const T* __restrict__ row, const Gati
 #pragma unroll
       for (int j = 0; j < kPerLane; ++j)
         partial += (avail >> j & 1) ? softmax_numerator(score[j], row_max) : 0.0f;
-#pragma unroll
-      for (int offset = kGateLanes / 2; offset > 0; offset /= 2)
-        partial = partial + shfl_xor(partial, offset, kGateLanes);
-      inv_denom = 1.0f / partial;
+      inv_denom = 1.0f / group_sum(partial);
     }
     out_weight = finalize_weight(p.renormalize ? e : e * inv_denom, selected_sum, p.renormalize, p.topk,
                                  p.routed_scaling_factor);
@@ -521,9 +526,7 @@ MOE_DEVICE MOE_FORCEINLINE void gate_token(const T* __restrict__ row, const Gati
       score[j] = (avail >> j & 1) ? softmax_numerator(score[j], row_max) : 0.0f;
       partial += score[j];  // + 0 for empty slots: exact
     }
-#pragma unroll
-    for (int offset = kGateLanes / 2; offset > 0; offset /= 2) partial = partial + shfl_xor(partial, offset, kGateLanes);
-    const float inv_denom = 1.0f / partial;
+    const float inv_denom = 1.0f / group_sum(partial);
 #pragma unroll
     for (int j = 0; j < kPerLane; ++j) score[j] = score[j] * inv_denom;
   } else {

@@ -84,13 +84,13 @@ inline void gating_row(const float* logits, const GatingParams& p, GatingScratch
       inv_denom = 1.0f / softmax_denominator(score, E);
     }
     float selected_sum = 0.0f;
-    for (int j = 0; j < p.topk; ++j) {
-      score[j] = softmax_numerator(key[order[j]], row_max);  // rank j's numerator (slots < topk reused)
-      selected_sum += score[j];
+    for (int j = 0; j < p.topk; ++j) {  // rank j's numerator, summed in rank order
+      weights[j] = softmax_numerator(key[order[j]], row_max);
+      selected_sum += weights[j];
     }
     for (int j = 0; j < p.topk; ++j) {
       ids[j] = order[j];
-      const float w = p.renormalize ? score[j] : score[j] * inv_denom;
+      const float w = p.renormalize ? weights[j] : weights[j] * inv_denom;
       weights[j] = finalize_weight(w, selected_sum, p.renormalize, p.topk, p.routed_scaling_factor);
     }
     return;
