@@ -20,6 +20,10 @@
 #include "../csrc/cuda/dispatch.cuh"
 using namespace moe_ext;
 
+#ifndef FUSED_AB_ROUTER_LOOKAHEAD
+#define FUSED_AB_ROUTER_LOOKAHEAD true
+#endif
+
 __global__ void empty_kernel() {
   grid_dependents_launch();
   grid_dependency_wait();
@@ -100,10 +104,11 @@ void run(const char* variant, int E, int k, int T, bool grouped, cudaStream_t s)
   const int gblocks = (T + kGateGroupsPerBlock - 1) / kGateGroupsPerBlock;
   const int gsmem = grouped ? kGateGroupsPerBlock * grouped_smem_bytes(E, G) : 0;
   // The instance the extension launches at these sizes (csrc/cuda/routing.cu: the lookahead rounds up
-  // to kGateLookaheadMaxBlocks = 4 blocks, i.e. every T here).
+  // to kGateLookaheadMaxBlocks = 4 blocks, i.e. every T here); -DFUSED_AB_ROUTER_LOOKAHEAD=false times
+  // the other one.
   const float router = time_graph(s, 100, [&](int) {
-    launch(topk_gating_kernel<__nv_bfloat16, kPerLane, true>, gblocks, kGateGroupsPerBlock * kGateLanes, gsmem, s,
-           (const __nv_bfloat16*)logits, int64_t(E), T, p, w, ids);
+    launch(topk_gating_kernel<__nv_bfloat16, kPerLane, FUSED_AB_ROUTER_LOOKAHEAD>, gblocks,
+           kGateGroupsPerBlock * kGateLanes, gsmem, s, (const __nv_bfloat16*)logits, int64_t(E), T, p, w, ids);
   });
   const int athreads = std::min(1024, std::max(128, (std::max(numel, E) + 31) / 32 * 32));
   const size_t asmem = size_t(align_small_smem_ints(E, numel)) * 4;
@@ -123,9 +128,8 @@ int main() {
     const float empty = time_graph(s, 100, [&](int) { launch(empty_kernel, 1, 32, 0, s); });
     printf("%-12s empty kernel %.3f us\n", VARIANT, empty);
     for (int T : {1, 2, 4, 5, 6, 8, 12, 16}) run<8>(VARIANT, 256, 8, T, false, s);
-    for (int T : {1, 4, 8, 12}) run<4>(VARIANT, 128, 4, T, false, s);
-    run<8>(VARIANT, 256, 8, 1, true, s);
-    run<8>(VARIANT, 256, 8, 4, true, s);
+    for (int T : {1, 4, 8, 12, 16}) run<4>(VARIANT, 128, 4, T, false, s);
+    for (int T : {1, 4, 16}) run<8>(VARIANT, 256, 8, T, true, s);
   }
   return 0;
 }

@@ -6,7 +6,8 @@ revision there and edit it for an ablation). Torch-free; needs nvcc and a GPU.
 
 A variant whose kernels have the fused kernel's kPacked parameter (session 13 on) is built with
 -DFUSED_AB_PACKED (-DFUSED_AB_PACKED_RULE from session 20, where fused_packed_rounds decides), so it
-times the instances the extension launches.
+times the instances the extension launches. A variant folder may also hold a file `ab_flags` of extra
+nvcc flags for the harness (e.g. -DFUSED_AB_ROUTER_LOOKAHEAD=false: the router's other instance).
 """
 
 import os
@@ -18,9 +19,12 @@ variants = dict(arg.split("=", 1) for arg in sys.argv[1:]) or {"csrc": os.path.j
 
 
 def flags(kernels):
+    # A variant folder may hold ab_flags: extra -D flags for the harness (e.g. -DFUSED_AB_ROUTER_LOOKAHEAD=false).
+    extra_file = os.path.join(os.path.dirname(kernels), "ab_flags")
+    extra = open(extra_file).read().split() if os.path.exists(extra_file) else []
     if header_has(kernels, "fused_routing.cuh", "fused_packed_rounds("):
-        return ["-DFUSED_AB_PACKED_RULE"]
-    return ["-DFUSED_AB_PACKED"] if header_has(kernels, "fused_routing.cuh", "bool kPacked") else []
+        return ["-DFUSED_AB_PACKED_RULE", *extra]
+    return (["-DFUSED_AB_PACKED"] if header_has(kernels, "fused_routing.cuh", "bool kPacked") else []) + extra
 
 
 build_and_run("fused_ab.cu", variants, os.environ.get("FUSED_AB_BUILD", "/tmp/fused_ab"), nvcc_flags=["--fmad=false"],

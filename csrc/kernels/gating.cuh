@@ -54,10 +54,15 @@ MOE_DEVICE MOE_FORCEINLINE float from_ordered_key(uint32_t m) {
 MOE_DEVICE MOE_FORCEINLINE uint32_t group_max_u32(uint32_t v) { return warp_max_u32<kGateLanes>(v); }
 
 // Arg-max over the 32 lanes of (key, index) in ranks_before's order: the best ordered key, then the
-// lowest index among its holders. `okey` 0 takes no part. Every lane returns the winner's index.
-MOE_DEVICE MOE_FORCEINLINE int group_argmax(uint32_t okey, int idx) {
-  const uint32_t best = group_max_u32(okey);
+// lowest index among its holders. `okey` 0 takes no part. Every lane returns the winner's index, and
+// in `best` its key.
+MOE_DEVICE MOE_FORCEINLINE int group_argmax(uint32_t okey, int idx, uint32_t& best) {
+  best = group_max_u32(okey);
   return int(~group_max_u32(okey == best ? ~uint32_t(idx) : 0u));
+}
+MOE_DEVICE MOE_FORCEINLINE int group_argmax(uint32_t okey, int idx) {
+  uint32_t best;
+  return group_argmax(okey, idx, best);
 }
 
 // Max of a (non-NaN) float over the 32 lanes, exact.
@@ -201,12 +206,23 @@ struct GroupedScratch {
 };
 
 // Loads slot j = expert lane + 32 * j: the sanitized logit, the correction bias (0 without
-// one) and the avail bit (expert < E). Every load is unconditional (clamped index) so all of them are
-// in flight at once.
+// one) and the avail bit (expert < E). Every load is unconditional so all of them are in flight at
+// once. When every slot holds an expert (E = 32 * kPerLane: the common E, which the dispatch's power of
+// two kPerLane fits exactly) they sit at fixed offsets from one address; otherwise each index is
+// clamped to the row, about seven instructions of 64-bit address arithmetic a slot ahead of its load.
 template <typename T, int kPerLane>
 MOE_DEVICE MOE_FORCEINLINE void load_slots(const T* __restrict__ row, const GatingParams& p, int lane,
                                            float (&logit)[kPerLane], float (&bias)[kPerLane], uint32_t& avail) {
   const int E = p.num_experts;
+  if (E == kGateLanes * kPerLane) {  // warp-uniform
+    const T* __restrict__ mine = row + lane;
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) logit[j] = sanitize_logit(to_float(mine[j * kGateLanes]));
+    avail = kPerLane >= 32 ? ~0u : (1u << (kPerLane % 32)) - 1u;
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) bias[j] = p.bias ? p.bias[lane + j * kGateLanes] : 0.0f;
+    return;
+  }
   avail = 0;
 #pragma unroll
   for (int j = 0; j < kPerLane; ++j) {
@@ -262,21 +278,19 @@ MOE_DEVICE MOE_FORCEINLINE void slot_keys(const float (&score)[kPerLane], const 
   for (int j = 0; j < kPerLane; ++j) key[j] = (avail >> j & 1) ? selection_key(score[j], bias[j]) : -INFINITY;
 }
 
-// One candidate of a lane: ordered key (0: none), slot j (expert lane + 32 * j) and its score.
+// One candidate of a lane: ordered key (0: none) and slot j (expert lane + 32 * j).
 struct LaneCandidate {
   uint32_t key;
   int slot;
-  float score;
 };
 
 // A lane's best two slots among those ranking below slot `below_slot` with ordered key `below_key`
 // (below_key 0xFFFFFFFF: all of them). Slots ascend with the expert index, so a strict comparison
 // keeps the lower index first on equal keys, as ranks_before does.
 template <int kPerLane>
-MOE_DEVICE MOE_FORCEINLINE void lane_best_two(const uint32_t (&okey)[kPerLane], const float (&score)[kPerLane],
-                                              uint32_t below_key, int below_slot, LaneCandidate& first,
-                                              LaneCandidate& second) {
-  LaneCandidate b1{0u, 0, 0.0f}, b2{0u, 0, 0.0f};
+MOE_DEVICE MOE_FORCEINLINE void lane_best_two(const uint32_t (&okey)[kPerLane], uint32_t below_key, int below_slot,
+                                              LaneCandidate& first, LaneCandidate& second) {
+  LaneCandidate b1{0u, 0}, b2{0u, 0};
 #pragma unroll
   for (int j = 0; j < kPerLane; ++j) {
     const bool eligible = (okey[j] < below_key) | ((okey[j] == below_key) & (j > below_slot));  // no branches
@@ -284,10 +298,8 @@ MOE_DEVICE MOE_FORCEINLINE void lane_best_two(const uint32_t (&okey)[kPerLane], 
     const bool over_first = k > b1.key, over_second = k > b2.key;  // selects, no branches
     b2.key = over_first ? b1.key : (over_second ? k : b2.key);
     b2.slot = over_first ? b1.slot : (over_second ? j : b2.slot);
-    b2.score = over_first ? b1.score : (over_second ? score[j] : b2.score);
     b1.key = over_first ? k : b1.key;
     b1.slot = over_first ? j : b1.slot;
-    b1.score = over_first ? score[j] : b1.score;
   }
   first = b1;
   second = b2;
@@ -304,37 +316,33 @@ constexpr int kIndexBits = kPerLane >= 32 ? 10 : kPerLane >= 16 ? 9 : kPerLane >
 // holds the same high bits with a larger full key; each lane checks that against the winner's key
 // (a shuffle off the rounds' chain) and the pass returns false if any lane saw it (warp-uniform).
 template <int kPerLane, bool kLookahead, bool kPacked>
-MOE_DEVICE MOE_FORCEINLINE bool selection_pass(const uint32_t (&okey)[kPerLane], const float (&score)[kPerLane],
-                                               int topk, int lane, int& my_id, float& my_score, float& selected_sum) {
+MOE_DEVICE MOE_FORCEINLINE bool selection_pass(const uint32_t (&okey)[kPerLane], int topk, int lane, int& my_id,
+                                               uint32_t& my_key) {
   constexpr uint32_t kIndexMask = (1u << kIndexBits<kPerLane>) - 1;
   LaneCandidate best, next;  // `next`: unused with the lookahead
-  lane_best_two(okey, score, 0xFFFFFFFFu, -1, best, next);
+  lane_best_two(okey, 0xFFFFFFFFu, -1, best, next);
   int wins = 0;
   bool wrong = false;  // kPacked: a round's winner may not be the arg-max
   my_id = -1;
-  my_score = 0.0f;
-  selected_sum = 0.0f;
+  my_key = 0u;
   for (int r = 0; r < topk; ++r) {
     LaneCandidate after, unused;  // kLookahead: the candidate after this lane's best
-    if constexpr (kLookahead) lane_best_two(okey, score, best.key, best.slot, after, unused);
+    if constexpr (kLookahead) lane_best_two(okey, best.key, best.slot, after, unused);
     const int idx = lane + best.slot * kGateLanes;
     int winner;
+    uint32_t winner_key;
     if constexpr (kPacked) {
       const uint32_t high = best.key & ~kIndexMask;
       const uint32_t top = group_max_u32(best.key ? high | (kIndexMask - uint32_t(idx)) : 0u);
       winner = int(kIndexMask - (top & kIndexMask));
-      const uint32_t winner_key = shfl(best.key, winner & (kGateLanes - 1), kGateLanes);
+      winner_key = shfl(best.key, winner & (kGateLanes - 1), kGateLanes);
       wrong |= high == (top & ~kIndexMask) && best.key > winner_key;
     } else {
-      winner = group_argmax(best.key, idx);
+      winner = group_argmax(best.key, idx, winner_key);
     }
     const int owner = winner & (kGateLanes - 1);  // winner >= 0; kGateLanes is a power of two
-    const float w = shfl(best.score, owner, kGateLanes);
-    selected_sum += w;  // round order, as on the CPU
-    if (lane == r) {
-      my_id = winner;
-      my_score = w;
-    }
+    if (lane == r) my_id = winner;
+    if (lane == r || r == 0) my_key = winner_key;  // lanes past topk keep rank 0's (select_rounds)
     // The owner moves on (every candidate ranking above the winner is already taken). With the
     // lookahead, to the candidate found during this round. Without it, to its second best on an odd
     // win, by ranking its remaining slots again on an even one: selects, and a warp-uniform branch for
@@ -349,7 +357,7 @@ MOE_DEVICE MOE_FORCEINLINE bool selection_pass(const uint32_t (&okey)[kPerLane],
     if (mine && !rerank) best = next;
     if (any_lane(rerank)) {
       LaneCandidate b1, b2;
-      lane_best_two(okey, score, best.key, best.slot, b1, b2);
+      lane_best_two(okey, best.key, best.slot, b1, b2);
       if (rerank) {
         best = b1;
         next = b2;
@@ -361,7 +369,10 @@ MOE_DEVICE MOE_FORCEINLINE bool selection_pass(const uint32_t (&okey)[kPerLane],
 
 // topk rounds of warp arg-max over this warp's available slots (ordered keys `okey`, 0 where not
 // available; at least topk available). Lane r < topk returns round r's winner (expert id) and its
-// score; other lanes -1 and 0. Every lane returns the sum of the winners' scores in round order.
+// ordered key; other lanes -1 and rank 0's key, so the callers' math on them (scores derived from
+// the key, the weight's division) stays in normal range: a NaN there (key 0) sent every token's
+// division down its slow path (H200, bench/fused_ab.cu: 0.3 us at E=256 top-8 T=1). The callers derive
+// the scores (chosen_score), so no score rides along the rounds.
 // Exact rounds take two warp max-reductions each (the best key, then the lowest index among its
 // holders). `packed` runs packed rounds first (one reduction each) and the exact ones only when a
 // packed round may have erred: two lanes' candidates agreeing in all but the key's low kIndexBits
@@ -377,12 +388,10 @@ MOE_DEVICE MOE_FORCEINLINE bool selection_pass(const uint32_t (&okey)[kPerLane],
 // moves on with a select and no round has a vote or a branch. More instructions a round: the router
 // takes it for small grids only, where one warp's chain is the time.
 template <int kPerLane, bool kLookahead = false>
-MOE_DEVICE MOE_FORCEINLINE void select_rounds(const uint32_t (&okey)[kPerLane], const float (&score)[kPerLane],
-                                              int topk, int lane, bool packed, int& my_id, float& my_score,
-                                              float& selected_sum) {
-  const bool done =
-      packed && selection_pass<kPerLane, kLookahead, true>(okey, score, topk, lane, my_id, my_score, selected_sum);
-  if (!done) selection_pass<kPerLane, kLookahead, false>(okey, score, topk, lane, my_id, my_score, selected_sum);
+MOE_DEVICE MOE_FORCEINLINE void select_rounds(const uint32_t (&okey)[kPerLane], int topk, int lane, bool packed,
+                                              int& my_id, uint32_t& my_key) {
+  const bool done = packed && selection_pass<kPerLane, kLookahead, true>(okey, topk, lane, my_id, my_key);
+  if (!done) selection_pass<kPerLane, kLookahead, false>(okey, topk, lane, my_id, my_key);
 }
 
 // Shared scratch of select_threshold for one token's 32 lanes (a kernel holds one a lane group).
@@ -391,17 +400,15 @@ MOE_DEVICE MOE_FORCEINLINE void select_rounds(const uint32_t (&okey)[kPerLane], 
 constexpr int kSelectThresholdMinTopk = 8;
 struct SelectScratch {
   uint64_t order[kGateLanes];  // candidates: (ordered key << 32) | ~index, larger first as ranks_before
-  float score[kGateLanes];
 };
 
 // Selection of the topk best slots by a threshold instead of topk rounds: the same outputs as
-// select_rounds (lane r < topk: rank r's expert and score; every lane: the winners' scores summed in
-// rank order). If topk lanes each hold a slot at or above a key, at least topk slots are, so the
-// topk-th largest of the lanes' best keys (found by topk rounds of one warp max that drop every holder
-// of it: a lower bound under ties) bounds the topk-th best key from below. Every slot at or above it
-// is a candidate (topk plus ~1 on random logits at E=256 top-8); the candidates go to shared memory in
-// lane order (ballots give each lane's offset), each ranks itself against all of them (key desc, index
-// asc), and rank r's lane takes the output. Returns false, with nothing written, when more than
+// select_rounds (lane r < topk: rank r's expert and ordered key). If topk lanes each hold a slot at or
+// above a key, at least topk slots are, so the topk-th largest of the lanes' best keys (found by topk
+// rounds of one warp max that drop every holder of it: a lower bound under ties) bounds the topk-th
+// best key from below. Every slot at or above it is a candidate (topk plus ~1 on random logits at E=256
+// top-8); the candidates go to shared memory in lane order (ballots give each lane's offset), each ranks
+// itself against all of them (key desc, index asc), and rank r's lane takes the output. Returns false, with nothing written, when more than
 // kGateLanes slots pass the bound (many equal keys): the caller then runs the rounds.
 // A round here is three instructions against the rounds' ~30, but the candidates' trip through shared
 // memory costs more than that saves for one warp alone: H200 (bench/NOTES.md topk_gating v13), E=256 top-8
@@ -411,9 +418,8 @@ struct SelectScratch {
 // large grids (E=256 top-8 T=4096 6.70 against 7.83 us). So the callers pass a scratch only there (gate_token
 // also wants topk >= kSelectThresholdMinTopk).
 template <int kPerLane>
-MOE_DEVICE MOE_FORCEINLINE bool select_threshold(const uint32_t (&okey)[kPerLane], const float (&score)[kPerLane],
-                                                 int topk, int lane, SelectScratch& s, int& my_id, float& my_score,
-                                                 float& selected_sum) {
+MOE_DEVICE MOE_FORCEINLINE bool select_threshold(const uint32_t (&okey)[kPerLane], int topk, int lane,
+                                                 SelectScratch& s, int& my_id, uint32_t& my_key) {
   uint32_t lane_key = 0u, cut = 0u;
 #pragma unroll
   for (int j = 0; j < kPerLane; ++j) lane_key = max(lane_key, okey[j]);
@@ -439,31 +445,20 @@ MOE_DEVICE MOE_FORCEINLINE bool select_threshold(const uint32_t (&okey)[kPerLane
   for (int j = 0; j < kPerLane; ++j) {
     if (okey[j] >= bound) {
       s.order[pos] = (uint64_t(okey[j]) << 32) | ~uint32_t(lane + j * kGateLanes);
-      s.score[pos] = score[j];
       ++pos;
     }
   }
   sync_warp();
   const uint64_t me = lane < n ? s.order[lane] : 0u;
-  const float me_score = lane < n ? s.score[lane] : 0.0f;
   int rank = 0;
 #pragma unroll 4
   for (int d = 0; d < n; ++d) rank += s.order[d] > me ? 1 : 0;
   sync_warp();  // every candidate read before rank r's entry is overwritten
-  if (lane < n && rank < topk) s.order[rank] = (uint64_t(__float_as_uint(me_score)) << 32) | ~uint32_t(me);
+  if (lane < n && rank < topk) s.order[rank] = me;
   sync_warp();
-  my_id = -1;
-  my_score = 0.0f;
-  selected_sum = 0.0f;
-  for (int r = 0; r < topk; ++r) {
-    const uint64_t o = s.order[r];
-    const float w = __uint_as_float(uint32_t(o >> 32));
-    selected_sum += w;  // rank order, as the rounds and the CPU
-    if (lane == r) {
-      my_id = int(uint32_t(o));
-      my_score = w;
-    }
-  }
+  const uint64_t o = s.order[lane < topk ? lane : 0];  // lanes past topk: rank 0's key, as select_rounds
+  my_id = lane < topk ? int(~uint32_t(o)) : -1;
+  my_key = uint32_t(o >> 32);
   sync_warp();  // the scratch is free for the group's next token
   return true;
 }
@@ -471,15 +466,36 @@ MOE_DEVICE MOE_FORCEINLINE bool select_threshold(const uint32_t (&okey)[kPerLane
 // The selection of gate_token: the threshold where the caller passed its scratch and topk is large
 // enough (select_threshold), the rounds otherwise or when it declines (select_rounds).
 template <int kPerLane, bool kLookahead = false>
-MOE_DEVICE MOE_FORCEINLINE void select_top(const uint32_t (&okey)[kPerLane], const float (&score)[kPerLane], int topk,
-                                           int lane, bool packed_rounds, SelectScratch* select, int& my_id,
-                                           float& my_score, float& selected_sum) {
+MOE_DEVICE MOE_FORCEINLINE void select_top(const uint32_t (&okey)[kPerLane], int topk, int lane, bool packed_rounds,
+                                           SelectScratch* select, int& my_id, uint32_t& my_key) {
   bool done = false;
   if constexpr (kPerLane <= 8) {
     if (select != nullptr && topk >= kSelectThresholdMinTopk)
-      done = select_threshold(okey, score, topk, lane, *select, my_id, my_score, selected_sum);
+      done = select_threshold(okey, topk, lane, *select, my_id, my_key);
   }
-  if (!done) select_rounds<kPerLane, kLookahead>(okey, score, topk, lane, packed_rounds, my_id, my_score, selected_sum);
+  if (!done) select_rounds<kPerLane, kLookahead>(okey, topk, lane, packed_rounds, my_id, my_key);
+}
+
+// Score of expert `id` (lane id % 32's slot id / 32) from the lane that holds it: every lane of the group
+// takes part (shuffles). id -1 (lanes past topk): lane 31's first slot, unused by the callers.
+template <int kPerLane>
+MOE_DEVICE MOE_FORCEINLINE float chosen_score(const float (&score)[kPerLane], int id) {
+  const int owner = id & (kGateLanes - 1), slot = id / kGateLanes;
+  float v = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    const float s = shfl(score[j], owner, kGateLanes);
+    v = slot == j ? s : v;
+  }
+  return v;
+}
+
+// Sum of lane r's x over r < topk in rank order (the CPU's order), where `needed` (renormalize); 0 otherwise.
+MOE_DEVICE MOE_FORCEINLINE float rank_order_sum(float x, int topk, bool needed) {
+  float sum = 0.0f;
+  if (needed)
+    for (int r = 0; r < topk; ++r) sum += shfl(x, r, kGateLanes);
+  return sum;
 }
 
 // Gating of one token by one warp. `row` is the token's logits; `smem` is this token's grouped-top-k
@@ -498,12 +514,13 @@ MOE_DEVICE MOE_FORCEINLINE void gate_token(const T* __restrict__ row, const Gati
     uint32_t okey[kPerLane];
 #pragma unroll
     for (int j = 0; j < kPerLane; ++j) okey[j] = (avail >> j & 1) ? ordered_key(score[j]) : 0u;
-    float my_logit, unused_sum;
-    select_top<kPerLane, kLookahead>(okey, score, p.topk, lane, packed_rounds, select, out_id, my_logit, unused_sum);
+    uint32_t my_key;
+    select_top<kPerLane, kLookahead>(okey, p.topk, lane, packed_rounds, select, out_id, my_key);
+    const float my_logit = from_ordered_key(my_key);  // lanes past topk: rank 0's, unused
     const float row_max = shfl(my_logit, 0, kGateLanes);  // rank 0's logit is the row's largest
-    const float e = softmax_numerator(my_logit, row_max);  // lanes past topk: unused
-    float selected_sum = 0.0f, inv_denom = 1.0f;
-    for (int r = 0; r < p.topk; ++r) selected_sum += shfl(e, r, kGateLanes);  // rank order, as the CPU
+    const float e = softmax_numerator(my_logit, row_max);
+    float inv_denom = 1.0f;
+    const float selected_sum = rank_order_sum(e, p.topk, p.renormalize);
     if (!p.renormalize) {  // every numerator, summed as softmax_denominator does
       float partial = 0.0f;
 #pragma unroll
@@ -552,9 +569,17 @@ MOE_DEVICE MOE_FORCEINLINE void gate_token(const T* __restrict__ row, const Gati
   uint32_t okey[kPerLane];
 #pragma unroll
   for (int j = 0; j < kPerLane; ++j) okey[j] = (avail >> j & 1) ? ordered_key(key[j]) : 0u;
-  float my_score, selected_sum;
-  select_top<kPerLane, kLookahead>(okey, score, p.topk, lane, packed_rounds, select, out_id, my_score, selected_sum);
-  out_weight = finalize_weight(my_score, selected_sum, p.renormalize, p.topk, p.routed_scaling_factor);
+  uint32_t my_key;
+  select_top<kPerLane, kLookahead>(okey, p.topk, lane, packed_rounds, select, out_id, my_key);
+  // The chosen expert's score: without a correction bias its key is the score itself (score + 0, and a
+  // softmax or sigmoid score is never NaN, -0 or above FLT_MAX); with one, the owner lane's slot.
+  float my_score;
+  if (p.bias == nullptr)
+    my_score = from_ordered_key(my_key);  // lanes past topk: rank 0's, unused
+  else
+    my_score = chosen_score(score, out_id);
+  out_weight = finalize_weight(my_score, rank_order_sum(my_score, p.topk, p.renormalize), p.renormalize, p.topk,
+                               p.routed_scaling_factor);
 }
 
 // One token per 32-lane group, kGroupsPerBlock groups per block.
