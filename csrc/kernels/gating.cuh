@@ -89,17 +89,17 @@ template <int kPerLane>
 MOE_DEVICE MOE_FORCEINLINE uint32_t groups_by_slot(const float (&key)[kPerLane], uint32_t avail, int G, int topk_group,
                                                    int lane) {
   uint32_t score[kPerLane];  // ordered group scores, 0 past G
+  // Every slot is scored and the ones past G masked after, with no branch on G: the groups' chains (two
+  // dependent warp reductions each) then interleave instead of running one basic block after another.
 #pragma unroll
   for (int j = 0; j < kPerLane; ++j) {
-    score[j] = 0u;
-    if (j < G) {  // warp-uniform
-      const uint32_t okey = (avail >> j & 1) ? ordered_key(key[j]) : 0u;
-      const uint32_t top1 = group_max_u32(okey);
-      const bool holds = okey == top1;
-      const uint32_t rest = group_max_u32(holds ? 0u : okey);
-      const uint32_t top2 = popcount(moe_lane_mask_t(group_ballot(holds))) > 1 ? top1 : rest;
-      score[j] = ordered_key(from_ordered_key(top1) + from_ordered_key(top2));
-    }
+    const uint32_t okey = (avail >> j & 1) ? ordered_key(key[j]) : 0u;
+    const uint32_t top1 = group_max_u32(okey);
+    const bool holds = okey == top1;
+    const uint32_t rest = group_max_u32(holds ? 0u : okey);
+    const uint32_t top2 = popcount(moe_lane_mask_t(group_ballot(holds))) > 1 ? top1 : rest;
+    const uint32_t s = ordered_key(from_ordered_key(top1) + from_ordered_key(top2));
+    score[j] = j < G ? s : 0u;
   }
   // Lane j ranks group j: groups with a higher score, or an equal one and a lower index, go first.
   uint32_t mine = 0u;
