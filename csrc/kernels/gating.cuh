@@ -408,8 +408,9 @@ struct SelectScratch {
 // rounds of one warp max that drop every holder of it: a lower bound under ties) bounds the topk-th
 // best key from below. Every slot at or above it is a candidate (topk plus ~1 on random logits at E=256
 // top-8); the candidates go to shared memory in lane order (ballots give each lane's offset), each ranks
-// itself against all of them (key desc, index asc), and rank r's lane takes the output. Returns false, with nothing written, when more than
-// kGateLanes slots pass the bound (many equal keys): the caller then runs the rounds.
+// itself against all of them (key desc, index asc), and rank r's lane takes the output. Returns false,
+// with nothing written, when more than kGateLanes slots pass the bound (many equal keys): the caller then
+// runs the rounds.
 // A round here is three instructions against the rounds' ~30, but the candidates' trip through shared
 // memory costs more than that saves for one warp alone: H200 (bench/NOTES.md topk_gating v13), E=256 top-8
 // T=1 fused 3.32 against 3.15 us, router 2.65 against 2.58 (bench/fused_ab.cu). Where warps share the issue
