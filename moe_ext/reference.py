@@ -25,9 +25,14 @@ def _stable_desc_order(x: torch.Tensor) -> torch.Tensor:
     return torch.sort(x, dim=-1, descending=True, stable=True).indices
 
 
+def _sanitize(x: torch.Tensor) -> torch.Tensor:
+    """fp32 x under the NaN/Inf policy (gating_math.h sanitize_logit): NaN -> -inf, +inf -> FLT_MAX."""
+    return torch.nan_to_num(x.float(), nan=_NEG_INF, posinf=FLT_MAX, neginf=_NEG_INF)
+
+
 def gating_scores_ref(router_logits: torch.Tensor, scoring_func: str = "softmax") -> torch.Tensor:
     """Per-expert scores [T, E] fp32 under the NaN/Inf policy."""
-    x = torch.nan_to_num(router_logits.float(), nan=_NEG_INF, posinf=FLT_MAX, neginf=_NEG_INF)
+    x = _sanitize(router_logits)
     if scoring_func == "softmax":
         row_max = x.amax(dim=-1, keepdim=True)
         shifted = x - row_max
@@ -41,7 +46,7 @@ def gating_scores_ref(router_logits: torch.Tensor, scoring_func: str = "softmax"
 
 def selection_keys_ref(scores: torch.Tensor, correction_bias: torch.Tensor | None) -> torch.Tensor:
     keys = scores if correction_bias is None else scores + correction_bias.float()
-    return torch.nan_to_num(keys, nan=_NEG_INF, posinf=FLT_MAX, neginf=_NEG_INF)
+    return _sanitize(keys)
 
 
 def topk_gating_ref(
@@ -58,7 +63,7 @@ def topk_gating_ref(
     T, E = router_logits.shape
     scores = gating_scores_ref(router_logits, scoring_func)
     if scoring_func == "softmax" and correction_bias is None and num_expert_group == 1:
-        keys = torch.nan_to_num(router_logits.float(), nan=_NEG_INF, posinf=FLT_MAX, neginf=_NEG_INF)
+        keys = _sanitize(router_logits)
     else:
         keys = selection_keys_ref(scores, correction_bias)
     allowed = torch.ones_like(keys, dtype=torch.bool)

@@ -346,6 +346,19 @@ def test_topk_gating_cuda_bit_identical_to_cpu(E, dtype, variant, T):
         assert torch.equal(gpu[0].cpu(), cpu[0]), f"weights differ (E={E}, topk={topk})"
 
 
+def assert_cuda_routing_equals_cpu(logits, topk, kw, kw_cuda, where):
+    """Router and fused op on CUDA against the CPU kernels, bit for bit (kw_cuda: kw with tensors on CUDA;
+    `where` names the case in the messages)."""
+    cpu = moe_ext.topk_gating(logits, topk, **kw)
+    gpu = moe_ext.topk_gating(logits.cuda(), topk, **kw_cuda)
+    assert torch.equal(gpu[1].cpu(), cpu[1]), f"router ids differ ({where})"
+    assert torch.equal(gpu[0].cpu(), cpu[0]), f"router weights differ ({where})"
+    want = moe_ext.fused_topk_align(logits, topk, 16, **kw)
+    fused = moe_ext.fused_topk_align(logits.cuda(), topk, 16, **kw_cuda)
+    for name, a, b in zip(["weights", "ids", "sorted", "expert_ids", "ntpp"], fused, want):
+        assert torch.equal(a.cpu(), b), f"fused {name} differs ({where})"
+
+
 @cuda_only
 @pytest.mark.parametrize("E", [32, 64, 100, 128, 256, 512, 1024])
 @pytest.mark.parametrize("scoring_func", ["softmax", "sigmoid"])
@@ -369,27 +382,9 @@ def test_routing_cuda_keys_equal_but_for_low_bits(E, scoring_func):
             logits[t, experts[0]] = base
             for j in range(1, n):  # base, base + 1 ulp, + 2 ulps, ... in index order
                 logits[t, experts[j]] = torch.nextafter(logits[t, experts[j - 1]], torch.tensor(math.inf))
+        kw = dict(scoring_func=scoring_func, renormalize=True)
         for topk in sorted({1, 2, min(E, 8), min(E, 32)}):
-            cpu = moe_ext.topk_gating(logits, topk, scoring_func=scoring_func, renormalize=True)
-            gpu = moe_ext.topk_gating(logits.cuda(), topk, scoring_func=scoring_func, renormalize=True)
-            assert torch.equal(gpu[1].cpu(), cpu[1]), f"router ids differ (T={T}, topk={topk})"
-            assert torch.equal(gpu[0].cpu(), cpu[0]), f"router weights differ (T={T}, topk={topk})"
-            fused = moe_ext.fused_topk_align(logits.cuda(), topk, 16, scoring_func=scoring_func, renormalize=True)
-            want = moe_ext.fused_topk_align(logits, topk, 16, scoring_func=scoring_func, renormalize=True)
-            for name, a, b in zip(["weights", "ids", "sorted", "expert_ids", "ntpp"], fused, want):
-                assert torch.equal(a.cpu(), b), f"fused {name} differs (T={T}, topk={topk})"
-
-
-def assert_cuda_routing_equals_cpu(logits, topk, kw, kw_cuda, T):
-    """Router and fused op on CUDA against the CPU kernels, bit for bit (kw_cuda: kw with tensors on CUDA)."""
-    cpu = moe_ext.topk_gating(logits, topk, **kw)
-    gpu = moe_ext.topk_gating(logits.cuda(), topk, **kw_cuda)
-    assert torch.equal(gpu[1].cpu(), cpu[1]), f"router ids differ (T={T})"
-    assert torch.equal(gpu[0].cpu(), cpu[0]), f"router weights differ (T={T})"
-    want = moe_ext.fused_topk_align(logits, topk, 16, **kw)
-    fused = moe_ext.fused_topk_align(logits.cuda(), topk, 16, **kw_cuda)
-    for name, a, b in zip(["weights", "ids", "sorted", "expert_ids", "ntpp"], fused, want):
-        assert torch.equal(a.cpu(), b), f"fused {name} differs (T={T})"
+            assert_cuda_routing_equals_cpu(logits, topk, kw, kw, f"T={T}, topk={topk}")
 
 
 # E, topk, grouped (DeepSeek-V3: sigmoid, correction bias, 8 groups, top 4 groups): the decode shapes, up to
@@ -417,7 +412,7 @@ def test_routing_cuda_exact_ties(E, topk, grouped, levels):
     for T in (1, 2, 3, 8):
         values = torch.randn(levels, generator=g)
         logits = values[torch.randint(0, levels, (T, E), generator=g)].to(torch.bfloat16)
-        assert_cuda_routing_equals_cpu(logits, topk, kw, kw_cuda, T)
+        assert_cuda_routing_equals_cpu(logits, topk, kw, kw_cuda, f"T={T}")
 
 
 @cuda_only
@@ -437,7 +432,7 @@ def test_routing_cuda_threshold_capacity(E, topk, tied, scoring_func):
         for t in range(T):
             logits[t, torch.randperm(E, generator=g)[:min(tied, E)]] = 25.0
         kw = dict(scoring_func=scoring_func, renormalize=True)
-        assert_cuda_routing_equals_cpu(logits.to(torch.bfloat16), topk, kw, kw, T)
+        assert_cuda_routing_equals_cpu(logits.to(torch.bfloat16), topk, kw, kw, f"T={T}")
 
 
 @cuda_only
