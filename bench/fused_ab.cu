@@ -71,7 +71,18 @@ void run(const char* variant, int E, int k, int T, bool grouped, cudaStream_t s)
                  grouped ? 8 : 1, grouped ? 4 : 1, grouped ? 2.5f : 1.0f};
   const int G = p.num_expert_group;
   const int fsmem = fused_smem_bytes(E, G, T);
-#if defined(FUSED_AB_PACKED_RULE)  // the instance the extension launches (csrc/cuda/routing.cu fused_launch)
+#if defined(FUSED_AB_ROUNDS_RULE)  // the instance the extension launches (csrc/cuda/routing.cu fused_launch)
+  const auto fused_kernel = [&] {
+    switch (fused_rounds(T, k, G)) {
+      case FusedRounds::kPacked:
+        return fused_gating_align_kernel<__nv_bfloat16, kPerLane, FusedRounds::kPacked>;
+      case FusedRounds::kLookahead:
+        return fused_gating_align_kernel<__nv_bfloat16, kPerLane, FusedRounds::kLookahead>;
+      default:
+        return fused_gating_align_kernel<__nv_bfloat16, kPerLane, FusedRounds::kExact>;
+    }
+  }();
+#elif defined(FUSED_AB_PACKED_RULE)  // sessions 20-21: fused_packed_rounds picks the packed instance
   const auto fused_kernel = fused_packed_rounds(T, k, G)
                                 ? fused_gating_align_kernel<__nv_bfloat16, kPerLane, true>
                                 : fused_gating_align_kernel<__nv_bfloat16, kPerLane, false>;

@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <type_traits>
 
-#include "../core/static_switch.h"
 #include "../kernels/align.cuh"
 #include "../kernels/fused_routing.cuh"
 #include "../kernels/gating.cuh"
@@ -144,15 +143,22 @@ cudaError_t fused_launch(DType dtype, const void* logits, int64_t row_stride, in
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     return dispatch_per_lane(E, [&](auto per_lane) {
-      const bool packed = fused_packed_rounds(num_tokens, p.topk, p.num_expert_group);
-      return BOOL_SWITCH(packed, kPacked, [&] {
-        constexpr auto kernel = fused_gating_align_kernel<T, decltype(per_lane)::value, kPacked>;
+      const auto launch = [&](auto rounds) {
+        constexpr auto kernel = fused_gating_align_kernel<T, decltype(per_lane)::value, decltype(rounds)::value>;
         if (const cudaError_t err = allow_dynamic_smem<kernel>(smem); err != cudaSuccess) return err;
         return launch_kernel(kernel, dim3(1), dim3(fused_threads(E, num_tokens)), smem, stream, pdl,
                              static_cast<const T*>(logits), row_stride, num_tokens, p, block_size, block_shift,
                              expert_map, static_cast<int>(max_padded), weights, ids, sorted, expert_ids,
                              num_post_padded);
-      });
+      };
+      switch (fused_rounds(num_tokens, p.topk, p.num_expert_group)) {
+        case FusedRounds::kPacked:
+          return launch(std::integral_constant<FusedRounds, FusedRounds::kPacked>{});
+        case FusedRounds::kLookahead:
+          return launch(std::integral_constant<FusedRounds, FusedRounds::kLookahead>{});
+        default:
+          return launch(std::integral_constant<FusedRounds, FusedRounds::kExact>{});
+      }
     });
   });
 }

@@ -32,12 +32,20 @@ constexpr int kFusedMinWarps = 4;
 // the grid kernel (8-32 warps a multiprocessor) up to 0.9 us slower. At topk >= kSelectThresholdMinTopk
 // the other instance's threshold selection is faster from 5 tokens (bench/fused_ab.cu, E=256 top-8: T=4
 // 3.50 against 3.40 us, T=5 3.70 / 3.83, T=6 3.73 / 3.75, T=8 3.83 / 4.07), so packed rounds stop at 4.
+// Below topk 8 the router's lookahead rounds beat the packed ones there (H200, bench/fused_ab.cu, session 21:
+// E=128 top-4 T=1 / 4 / 8 1.99 / 2.00 / 2.21 against 2.11 / 2.13 / 2.35 us); at topk 8 they lose (E=256 top-8 T=1
+// 2.66 against 2.38).
 constexpr int kFusedPackedMaxTokens = 8;
 constexpr int kFusedPackedMaxTokensTop8 = 4;
-// Whether the single block runs the packed-rounds instance (fused_gating_align_kernel<..., true>).
-MOE_HOST_DEVICE MOE_FORCEINLINE bool fused_packed_rounds(int num_tokens, int topk, int num_expert_group) {
-  return num_expert_group <= 1 &&
-         num_tokens <= (topk >= kSelectThresholdMinTopk ? kFusedPackedMaxTokensTop8 : kFusedPackedMaxTokens);
+// The selection an instance of the single block runs (its template parameter): kExact passes each warp a
+// threshold scratch (select_threshold at topk >= 8, exact rounds below), kPacked the packed rounds, kLookahead
+// the router's lookahead rounds. A runtime choice inside one instance slowed the others (bench/NOTES.md).
+enum class FusedRounds : int { kExact = 0, kPacked = 1, kLookahead = 2 };
+MOE_HOST_DEVICE MOE_FORCEINLINE FusedRounds fused_rounds(int num_tokens, int topk, int num_expert_group) {
+  if (num_expert_group > 1) return FusedRounds::kExact;
+  if (topk >= kSelectThresholdMinTopk)
+    return num_tokens <= kFusedPackedMaxTokensTop8 ? FusedRounds::kPacked : FusedRounds::kExact;
+  return num_tokens <= kFusedPackedMaxTokens ? FusedRounds::kLookahead : FusedRounds::kExact;
 }
 
 // Alignment scratch: masks [E] lane masks | offsets [E] int | warp totals [kWarpSize] int, rounded
@@ -78,7 +86,7 @@ MOE_HOST_DEVICE MOE_FORCEINLINE int fused_threads(int E, int num_tokens) {
 // with its grouped top-k scratch in `grouped` (a fused_grouped_stride slice a warp), and its first
 // topk lanes store their weight and id (`packed_rounds`: see select_rounds). Returns the lane's
 // expert slot in the alignment's space (-1: no id here, or an expert the map leaves out).
-template <typename T, int kPerLane>
+template <typename T, int kPerLane, bool kLookahead = false>
 MOE_DEVICE MOE_FORCEINLINE int gate_and_store(const T* __restrict__ logits, int64_t row_stride, bool has_token, int t,
                                               const GatingParams& p, int warp, int lane, char* grouped,
                                               const int32_t* __restrict__ expert_map, float* __restrict__ weights,
@@ -87,9 +95,10 @@ MOE_DEVICE MOE_FORCEINLINE int gate_and_store(const T* __restrict__ logits, int6
   float w = 0.0f;
   int id = -1;
   if (has_token)
-    gate_token<T, kPerLane>(logits + int64_t(t) * row_stride, p, lane,
-                            grouped + warp * fused_grouped_stride(p.num_experts, p.num_expert_group), packed_rounds,
-                            select, w, id);
+    gate_token<T, kPerLane, kLookahead>(
+        logits + int64_t(t) * row_stride, p, lane,
+        [&] { return grouped + warp * fused_grouped_stride(p.num_experts, p.num_expert_group); }, packed_rounds,
+        select, w, id);
   const bool holds_id = has_token && lane < p.topk;
   if (holds_id) {
     weights[t * p.topk + lane] = w;
@@ -98,10 +107,9 @@ MOE_DEVICE MOE_FORCEINLINE int gate_and_store(const T* __restrict__ logits, int6
   return holds_id ? align_slot_device(id, p.num_experts, expert_map) : -1;
 }
 
-// kPacked: the gating's packed selection rounds (the launcher's choice, fused_packed_rounds); an
-// instance of its own, since the runtime choice in one instance slowed the exact rounds' path
-// (DeepSeek-V3 grouped T=1 0.12 us, bench/fused_ab.cu).
-template <typename T, int kPerLane, bool kPacked = false>
+// kRounds: the gating's selection (the launcher's choice, fused_rounds); an instance each, since a runtime
+// choice in one instance slowed the exact rounds' path (DeepSeek-V3 grouped T=1 0.12 us, bench/fused_ab.cu).
+template <typename T, int kPerLane, FusedRounds kRounds = FusedRounds::kExact>
 __global__ void __launch_bounds__(1024) fused_gating_align_kernel(
     const T* __restrict__ logits,             // [num_tokens, E], rows row_stride apart
     int64_t row_stride, int num_tokens, GatingParams p,
@@ -139,9 +147,10 @@ __global__ void __launch_bounds__(1024) fused_gating_align_kernel(
     __syncthreads();  // masks zeroed (every warp arrives before its gating work)
   }
 
-  const int slot = gate_and_store<T, kPerLane>(logits, row_stride, warp < num_tokens, warp, p, warp, lane, grouped,
-                                               expert_map, weights, ids, kPacked,
-                                               kPacked ? nullptr : &s_select[warp % kFusedMaxTokens]);
+  constexpr bool kExact = kRounds == FusedRounds::kExact;
+  const int slot = gate_and_store<T, kPerLane, kRounds == FusedRounds::kLookahead>(
+      logits, row_stride, warp < num_tokens, warp, p, warp, lane, grouped, expert_map, weights, ids,
+      /*packed_rounds=*/kRounds == FusedRounds::kPacked, kExact ? &s_select[warp % kFusedMaxTokens] : nullptr);
   if (one_token) {  // each hit expert's run is one block, in slot order: the hit slots below its own
     if (warp > 0) return;
     int below = 0;

@@ -386,7 +386,8 @@ MOE_DEVICE MOE_FORCEINLINE bool selection_pass(const uint32_t (&okey)[kPerLane],
 // kLookahead: every lane finds the candidate after its current best during each round's reductions
 // (its slots are in registers, the warp's issue slots idle while REDUX is in flight), so the winner
 // moves on with a select and no round has a vote or a branch. More instructions a round: the router
-// takes it for small grids only, where one warp's chain is the time.
+// takes it for small grids only, where one warp's chain is the time, and the fused single block below
+// topk 8 (fused_rounds).
 template <int kPerLane, bool kLookahead = false>
 MOE_DEVICE MOE_FORCEINLINE void select_rounds(const uint32_t (&okey)[kPerLane], int topk, int lane, bool packed,
                                               int& my_id, uint32_t& my_key) {
@@ -499,13 +500,15 @@ MOE_DEVICE MOE_FORCEINLINE float rank_order_sum(float x, int topk, bool needed) 
   return sum;
 }
 
-// Gating of one token by one warp. `row` is the token's logits; `smem` is this token's grouped-top-k
-// scratch, grouped_smem_bytes(E, G) (unused when num_expert_group == 1); `packed_rounds`: see
+// Gating of one token by one warp. `row` is the token's logits; `smem_of()` returns this token's grouped-top-k
+// scratch, grouped_smem_bytes(E, G), called only where grouped top-k needs it (not for groups in registers nor
+// without groups): the fused single block computes the address there, off the path to the logits' loads
+// (DeepSeek-V3 fused T=1 0.08 us, bench/fused_ab.cu session 21); `packed_rounds`: see
 // select_rounds; `select`: this lane group's scratch for select_threshold, taken at topk >=
 // kSelectThresholdMinTopk and up to 8 slots a lane (a ballot a slot), or null for the rounds. Lane r <
 // topk returns rank r's final weight and expert id.
-template <typename T, int kPerLane, bool kLookahead = false>
-MOE_DEVICE MOE_FORCEINLINE void gate_token(const T* __restrict__ row, const GatingParams& p, int lane, char* smem,
+template <typename T, int kPerLane, bool kLookahead = false, typename SmemOf>
+MOE_DEVICE MOE_FORCEINLINE void gate_token(const T* __restrict__ row, const GatingParams& p, int lane, SmemOf smem_of,
                                            bool packed_rounds, SelectScratch* select, float& out_weight,
                                            int& out_id) {
   float score[kPerLane], bias[kPerLane], key[kPerLane];
@@ -558,7 +561,7 @@ MOE_DEVICE MOE_FORCEINLINE void gate_token(const T* __restrict__ row, const Gati
       if (in_registers) avail &= groups_by_slot(key, avail, p.num_expert_group, p.topk_group, lane);
     }
     if (!in_registers) {
-      GroupedScratch g(smem, p.num_experts, p.num_expert_group);
+      GroupedScratch g(smem_of(), p.num_experts, p.num_expert_group);
       stage_keys(key, avail, lane, g.key);
       sync_warp();
       pick_groups(p, lane, g.key, g.group, g.allowed);
@@ -606,7 +609,11 @@ __global__ void __launch_bounds__(kGateGroupsPerBlock* kGateLanes)
   const int lane = threadIdx.x % kGateLanes;
   const int t = blockIdx.x * kGateGroupsPerBlock + group;
   if (t >= num_tokens) return;  // a whole group leaves together
-  char* smem = gate_smem + group * grouped_smem_bytes(p.num_experts, p.num_expert_group);
+  // The grouped scratch's address computed up front, as before gate_token took a callable: computed in the grouped
+  // branch instead it measured 0.06 us slower here (DeepSeek-V3 router, bench/fused_ab.cu session 21), where the
+  // fused single block gained 0.05-0.08.
+  char* const group_smem = gate_smem + group * grouped_smem_bytes(p.num_experts, p.num_expert_group);
+  const auto smem = [group_smem] { return group_smem; };
   float w;
   int id;
   gate_token<T, kPerLane, kLookahead>(logits + t * row_stride, p, lane, smem, /*packed_rounds=*/false,
