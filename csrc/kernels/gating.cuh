@@ -478,6 +478,14 @@ MOE_DEVICE MOE_FORCEINLINE void select_top(const uint32_t (&okey)[kPerLane], int
   if (!done) select_rounds<kPerLane, kLookahead>(okey, topk, lane, packed_rounds, my_id, my_key);
 }
 
+// The softmax numerator of slot j, 0 where the slot holds no expert, with no branch: the numerator is finite
+// (at most 1), so multiplying it by the avail bit is exact. Written as a select, the compiler branched around
+// each slot's e^x, one basic block a slot run after another (the softmax with bias or groups, and without
+// renormalize); branch-free, the slots' exps interleave.
+MOE_DEVICE MOE_FORCEINLINE float slot_numerator(float x, float row_max, uint32_t avail, int j) {
+  return softmax_numerator(x, row_max) * static_cast<float>(avail >> j & 1);
+}
+
 // Score of expert `id` (lane id % 32's slot id / 32) from the lane that holds it: every lane of the group
 // takes part (shuffles). id -1 (lanes past topk): lane 31's first slot, unused by the callers.
 template <int kPerLane>
@@ -529,7 +537,7 @@ MOE_DEVICE MOE_FORCEINLINE void gate_token(const T* __restrict__ row, const Gati
       float partial = 0.0f;
 #pragma unroll
       for (int j = 0; j < kPerLane; ++j)
-        partial += (avail >> j & 1) ? softmax_numerator(score[j], row_max) : 0.0f;
+        partial += slot_numerator(score[j], row_max, avail, j);
       inv_denom = 1.0f / group_sum(partial);
     }
     out_weight = finalize_weight(p.renormalize ? e : e * inv_denom, selected_sum, p.renormalize, p.topk,
@@ -544,7 +552,7 @@ MOE_DEVICE MOE_FORCEINLINE void gate_token(const T* __restrict__ row, const Gati
     float partial = 0.0f;
 #pragma unroll
     for (int j = 0; j < kPerLane; ++j) {
-      score[j] = (avail >> j & 1) ? softmax_numerator(score[j], row_max) : 0.0f;
+      score[j] = slot_numerator(score[j], row_max, avail, j);
       partial += score[j];  // + 0 for empty slots: exact
     }
     const float inv_denom = 1.0f / group_sum(partial);

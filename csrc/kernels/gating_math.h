@@ -72,9 +72,11 @@ MOE_HOST_DEVICE MOE_FORCEINLINE float moe_expf(float x) {
 
 MOE_HOST_DEVICE MOE_FORCEINLINE float moe_sigmoidf(float x) { return 1.0f / (1.0f + moe_expf(-x)); }
 
-// Softmax numerator of a sanitized logit, given the sanitized row maximum.
+// Softmax numerator of a sanitized logit, given the sanitized row maximum: e^(x - max), or 1 for every
+// expert of a row with no finite-or-+inf logit (max -inf), as e^0 (moe_expf(0) is exactly 1). A select of
+// the argument rather than of the result, so a GPU warp computing several never branches around an e^x.
 MOE_HOST_DEVICE MOE_FORCEINLINE float softmax_numerator(float x, float row_max) {
-  return row_max == -INFINITY ? 1.0f : moe_expf(x - row_max);
+  return moe_expf(row_max == -INFINITY ? 0.0f : x - row_max);
 }
 
 // Selection key: score plus optional correction bias, clamped to [-inf, FLT_MAX], never NaN.
