@@ -49,8 +49,14 @@ std::vector<T> download(const T* d, size_t n) {
   return h;
 }
 
+// The routing of each case: softmax top-k renormalized (DeepSeek-R1's E=256 top-8 shape, GPT-OSS), DeepSeek-V3's
+// grouped sigmoid with a correction bias, and softmax without renormalizing (Qwen1.5/Qwen2-MoE: every numerator
+// summed).
+enum class Mode { kSoftmax, kGrouped, kNoRenorm };
+
 template <int kPerLane>
-void run(const char* variant, int E, int k, int T, bool grouped, cudaStream_t s) {
+void run(const char* variant, int E, int k, int T, Mode mode, cudaStream_t s) {
+  const bool grouped = mode == Mode::kGrouped;
   const int bs = 16;
   std::vector<__nv_bfloat16> hl(size_t(T) * E);
   srand(1234 + T);
@@ -67,7 +73,11 @@ void run(const char* variant, int E, int k, int T, bool grouped, cudaStream_t s)
   CK(cudaMalloc(&sorted, max_padded * 4));
   CK(cudaMalloc(&eids, nblocks * 4));
   CK(cudaMalloc(&npp, 4));
-  GatingParams p{E,       k, grouped ? ScoringFunc::kSigmoid : ScoringFunc::kSoftmax, true, grouped ? bias : nullptr,
+  GatingParams p{E,
+                 k,
+                 grouped ? ScoringFunc::kSigmoid : ScoringFunc::kSoftmax,
+                 mode != Mode::kNoRenorm,
+                 grouped ? bias : nullptr,
                  grouped ? 8 : 1, grouped ? 4 : 1, grouped ? 2.5f : 1.0f};
   const int G = p.num_expert_group;
   const int fsmem = fused_smem_bytes(E, G, T);
@@ -127,8 +137,8 @@ void run(const char* variant, int E, int k, int T, bool grouped, cudaStream_t s)
     launch(moe_align_small_kernel, 1, athreads, asmem, s, (const int32_t*)ids, numel, E, bs, (const int32_t*)nullptr,
            max_padded, sorted, eids, npp);
   });
-  printf("%-12s E=%4d k=%d T=%2d %-7s | fused %.3f | router %.3f | align %.3f | hash %ld wsum %.6f\n", variant, E, k, T,
-         grouped ? "grouped" : "softmax", fused, router, align, h, ws);
+  printf("%-12s E=%4d k=%d T=%2d %-8s | fused %.3f | router %.3f | align %.3f | hash %ld wsum %.6f\n", variant, E, k, T,
+         grouped ? "grouped" : mode == Mode::kNoRenorm ? "norenorm" : "softmax", fused, router, align, h, ws);
   cudaFree(logits); cudaFree(bias); cudaFree(w); cudaFree(ids); cudaFree(sorted); cudaFree(eids); cudaFree(npp);
 }
 
@@ -138,9 +148,11 @@ int main() {
   for (int rep = 0; rep < 2; ++rep) {
     const float empty = time_graph(s, 100, [&](int) { launch(empty_kernel, 1, 32, 0, s); });
     printf("%-12s empty kernel %.3f us\n", VARIANT, empty);
-    for (int T : {1, 2, 4, 5, 6, 8, 12, 16}) run<8>(VARIANT, 256, 8, T, false, s);
-    for (int T : {1, 4, 8, 12, 16}) run<4>(VARIANT, 128, 4, T, false, s);
-    for (int T : {1, 4, 16}) run<8>(VARIANT, 256, 8, T, true, s);
+    for (int T : {1, 2, 4, 5, 6, 8, 12, 16}) run<8>(VARIANT, 256, 8, T, Mode::kSoftmax, s);
+    for (int T : {1, 4, 8, 12, 16}) run<4>(VARIANT, 128, 4, T, Mode::kSoftmax, s);
+    for (int T : {1, 4, 16}) run<8>(VARIANT, 256, 8, T, Mode::kGrouped, s);
+    for (int T : {1, 4, 16}) run<2>(VARIANT, 60, 4, T, Mode::kNoRenorm, s);  // Qwen1.5-MoE-A2.7B
+    for (int T : {1, 4, 16}) run<2>(VARIANT, 64, 8, T, Mode::kNoRenorm, s);  // Qwen2-57B-A14B
   }
   return 0;
 }

@@ -487,7 +487,7 @@ MOE_DEVICE MOE_FORCEINLINE float slot_numerator(float x, float row_max, uint32_t
 }
 
 // Score of expert `id` (lane id % 32's slot id / 32) from the lane that holds it: every lane of the group
-// takes part (shuffles). id -1 (lanes past topk): lane 31's first slot, unused by the callers.
+// takes part (shuffles).
 template <int kPerLane>
 MOE_DEVICE MOE_FORCEINLINE float chosen_score(const float (&score)[kPerLane], int id) {
   const int owner = id & (kGateLanes - 1), slot = id / kGateLanes;
@@ -586,10 +586,12 @@ MOE_DEVICE MOE_FORCEINLINE void gate_token(const T* __restrict__ row, const Gati
   // The chosen expert's score: without a correction bias its key is the score itself (score + 0, and a
   // softmax or sigmoid score is never NaN, -0 or above FLT_MAX); with one, the owner lane's slot.
   float my_score;
-  if (p.bias == nullptr)
+  if (p.bias == nullptr) {
     my_score = from_ordered_key(my_key);  // lanes past topk: rank 0's, unused
-  else
-    my_score = chosen_score(score, out_id);
+  } else {  // lanes past topk (id -1) take rank 0's score too, never a tiny one for finalize_weight's division
+    const int rank0_id = shfl(out_id, 0, kGateLanes);
+    my_score = chosen_score(score, lane < p.topk ? out_id : rank0_id);
+  }
   out_weight = finalize_weight(my_score, rank_order_sum(my_score, p.topk, p.renormalize), p.renormalize, p.topk,
                                p.routed_scaling_factor);
 }
