@@ -54,8 +54,19 @@ std::vector<T> download(const T* d, size_t n) {
 // summed).
 enum class Mode { kSoftmax, kGrouped, kNoRenorm };
 
-template <int kPerLane>
-void run(const char* variant, int E, int k, int T, Mode mode, cudaStream_t s) {
+// -DFUSED_AB_GATE_PATH (headers from session 22 on): the kernels take the gating's path as a template argument, the
+// logit path for softmax without bias or groups (every mode here but kGrouped).
+#if defined(FUSED_AB_GATE_PATH)
+#define GATE_PATH(by_logit) by_logit,
+#else
+#define GATE_PATH(by_logit)
+#endif
+
+template <int kPerLane, Mode kMode>
+void run(const char* variant, int E, int k, int T, cudaStream_t s) {
+  constexpr Mode mode = kMode;
+  constexpr bool kByLogit = kMode != Mode::kGrouped;
+  (void)kByLogit;
   const bool grouped = mode == Mode::kGrouped;
   const int bs = 16;
   std::vector<__nv_bfloat16> hl(size_t(T) * E);
@@ -85,11 +96,11 @@ void run(const char* variant, int E, int k, int T, Mode mode, cudaStream_t s) {
   const auto fused_kernel = [&] {
     switch (fused_rounds(T, k, G)) {
       case FusedRounds::kPacked:
-        return fused_gating_align_kernel<__nv_bfloat16, kPerLane, FusedRounds::kPacked>;
+        return fused_gating_align_kernel<__nv_bfloat16, kPerLane, GATE_PATH(kByLogit) FusedRounds::kPacked>;
       case FusedRounds::kLookahead:
-        return fused_gating_align_kernel<__nv_bfloat16, kPerLane, FusedRounds::kLookahead>;
+        return fused_gating_align_kernel<__nv_bfloat16, kPerLane, GATE_PATH(kByLogit) FusedRounds::kLookahead>;
       default:
-        return fused_gating_align_kernel<__nv_bfloat16, kPerLane, FusedRounds::kExact>;
+        return fused_gating_align_kernel<__nv_bfloat16, kPerLane, GATE_PATH(kByLogit) FusedRounds::kExact>;
     }
   }();
 #elif defined(FUSED_AB_PACKED_RULE)  // sessions 20-21: fused_packed_rounds picks the packed instance
@@ -128,7 +139,7 @@ void run(const char* variant, int E, int k, int T, Mode mode, cudaStream_t s) {
   // to kGateLookaheadMaxBlocks = 4 blocks, i.e. every T here); -DFUSED_AB_ROUTER_LOOKAHEAD=false times
   // the other one.
   const float router = time_graph(s, 100, [&](int) {
-    launch(topk_gating_kernel<__nv_bfloat16, kPerLane, FUSED_AB_ROUTER_LOOKAHEAD>, gblocks,
+    launch(topk_gating_kernel<__nv_bfloat16, kPerLane, GATE_PATH(kByLogit) FUSED_AB_ROUTER_LOOKAHEAD>, gblocks,
            kGateGroupsPerBlock * kGateLanes, gsmem, s, (const __nv_bfloat16*)logits, int64_t(E), T, p, w, ids);
   });
   const int athreads = std::min(1024, std::max(128, (std::max(numel, E) + 31) / 32 * 32));
@@ -148,11 +159,11 @@ int main() {
   for (int rep = 0; rep < 2; ++rep) {
     const float empty = time_graph(s, 100, [&](int) { launch(empty_kernel, 1, 32, 0, s); });
     printf("%-12s empty kernel %.3f us\n", VARIANT, empty);
-    for (int T : {1, 2, 4, 5, 6, 8, 12, 16}) run<8>(VARIANT, 256, 8, T, Mode::kSoftmax, s);
-    for (int T : {1, 4, 8, 12, 16}) run<4>(VARIANT, 128, 4, T, Mode::kSoftmax, s);
-    for (int T : {1, 4, 16}) run<8>(VARIANT, 256, 8, T, Mode::kGrouped, s);
-    for (int T : {1, 4, 16}) run<2>(VARIANT, 60, 4, T, Mode::kNoRenorm, s);  // Qwen1.5-MoE-A2.7B
-    for (int T : {1, 4, 16}) run<2>(VARIANT, 64, 8, T, Mode::kNoRenorm, s);  // Qwen2-57B-A14B
+    for (int T : {1, 2, 4, 5, 6, 8, 12, 16}) run<8, Mode::kSoftmax>(VARIANT, 256, 8, T, s);
+    for (int T : {1, 4, 8, 12, 16}) run<4, Mode::kSoftmax>(VARIANT, 128, 4, T, s);
+    for (int T : {1, 4, 16}) run<8, Mode::kGrouped>(VARIANT, 256, 8, T, s);
+    for (int T : {1, 4, 16}) run<2, Mode::kNoRenorm>(VARIANT, 60, 4, T, s);  // Qwen1.5-MoE-A2.7B
+    for (int T : {1, 4, 16}) run<2, Mode::kNoRenorm>(VARIANT, 64, 8, T, s);  // Qwen2-57B-A14B
   }
   return 0;
 }

@@ -24,6 +24,14 @@ cudaError_t dispatch_per_lane(int E, F&& f) {
   return cudaErrorInvalidValue;
 }
 
+// The gating's path: an instance holding the logit path only where softmax_by_logit(p) (softmax, no correction
+// bias, no groups), the score path only otherwise (gate_token, csrc/kernels/gating.cuh).
+template <typename F>
+cudaError_t dispatch_gate_path(const GatingParams& p, F&& f) {
+  if (softmax_by_logit(p)) return f(std::true_type{});
+  return f(std::false_type{});
+}
+
 // The paths below the cooperative grid (align_coop_plan, further down) are the automatic choice where it does
 // not take the size: under kAlignCoopAutoMinIds ids, above kAlignCoopAutoMaxExperts experts, or more blocks
 // than multiprocessors. One block (one launch) up to this many ids. The single block ranks each id within its
@@ -140,25 +148,28 @@ cudaError_t fused_launch(DType dtype, const void* logits, int64_t row_stride, in
   const int E = p.num_experts;
   const size_t smem = static_cast<size_t>(fused_smem_bytes(E, p.num_expert_group, num_tokens));
   const int block_shift = log2_if_power_of_two(block_size);
-  return dispatch_dtype(dtype, [&](auto tag) {
+  const auto launch = [&](auto tag, auto per_lane, auto by_logit, auto rounds) {
     using T = decltype(tag);
+    constexpr auto kernel = fused_gating_align_kernel<T, decltype(per_lane)::value, decltype(by_logit)::value,
+                                                      decltype(rounds)::value>;
+    if (const cudaError_t err = allow_dynamic_smem<kernel>(smem); err != cudaSuccess) return err;
+    return launch_kernel(kernel, dim3(1), dim3(fused_threads(E, num_tokens)), smem, stream, pdl,
+                         static_cast<const T*>(logits), row_stride, num_tokens, p, block_size, block_shift, expert_map,
+                         static_cast<int>(max_padded), weights, ids, sorted, expert_ids, num_post_padded);
+  };
+  const FusedRounds rounds = fused_rounds(num_tokens, p.topk, p.num_expert_group);
+  return dispatch_dtype(dtype, [&](auto tag) {
     return dispatch_per_lane(E, [&](auto per_lane) {
-      const auto launch = [&](auto rounds) {
-        constexpr auto kernel = fused_gating_align_kernel<T, decltype(per_lane)::value, decltype(rounds)::value>;
-        if (const cudaError_t err = allow_dynamic_smem<kernel>(smem); err != cudaSuccess) return err;
-        return launch_kernel(kernel, dim3(1), dim3(fused_threads(E, num_tokens)), smem, stream, pdl,
-                             static_cast<const T*>(logits), row_stride, num_tokens, p, block_size, block_shift,
-                             expert_map, static_cast<int>(max_padded), weights, ids, sorted, expert_ids,
-                             num_post_padded);
-      };
-      switch (fused_rounds(num_tokens, p.topk, p.num_expert_group)) {
-        case FusedRounds::kPacked:
-          return launch(std::integral_constant<FusedRounds, FusedRounds::kPacked>{});
-        case FusedRounds::kLookahead:
-          return launch(std::integral_constant<FusedRounds, FusedRounds::kLookahead>{});
-        default:
-          return launch(std::integral_constant<FusedRounds, FusedRounds::kExact>{});
-      }
+      return dispatch_gate_path(p, [&](auto by_logit) {
+        switch (rounds) {
+          case FusedRounds::kPacked:
+            return launch(tag, per_lane, by_logit, std::integral_constant<FusedRounds, FusedRounds::kPacked>{});
+          case FusedRounds::kLookahead:
+            return launch(tag, per_lane, by_logit, std::integral_constant<FusedRounds, FusedRounds::kLookahead>{});
+          default:
+            return launch(tag, per_lane, by_logit, std::integral_constant<FusedRounds, FusedRounds::kExact>{});
+        }
+      });
     });
   });
 }
@@ -191,10 +202,14 @@ cudaError_t topk_gating(DType dtype, const void* logits, int64_t row_stride, int
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     return dispatch_per_lane(p.num_experts, [&](auto per_lane) {
-      constexpr int kPerLane = decltype(per_lane)::value;
-      return launch_kernel(lookahead ? topk_gating_kernel<T, kPerLane, true> : topk_gating_kernel<T, kPerLane, false>,
-                           dim3(blocks), dim3(kGateGroupsPerBlock * kGateLanes), smem, stream, pdl,
-                           static_cast<const T*>(logits), row_stride, num_tokens, p, weights, ids);
+      return dispatch_gate_path(p, [&](auto by_logit) {
+        constexpr int kPerLane = decltype(per_lane)::value;
+        constexpr bool kByLogit = decltype(by_logit)::value;
+        return launch_kernel(lookahead ? topk_gating_kernel<T, kPerLane, kByLogit, true>
+                                       : topk_gating_kernel<T, kPerLane, kByLogit, false>,
+                             dim3(blocks), dim3(kGateGroupsPerBlock * kGateLanes), smem, stream, pdl,
+                             static_cast<const T*>(logits), row_stride, num_tokens, p, weights, ids);
+      });
     });
   });
 }
@@ -320,12 +335,15 @@ cudaError_t fused_topk_align_grid(DType dtype, const void* logits, int64_t row_s
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     return dispatch_per_lane(E, [&](auto per_lane) {
-      constexpr auto kernel = fused_gating_align_grid_kernel<T, decltype(per_lane)::value>;
-      if (const cudaError_t err = allow_dynamic_smem<kernel>(smem); err != cudaSuccess) return err;
-      return launch_kernel_ex(kernel, dim3(g.blocks), dim3(warps * kWarpSize), smem, stream, pdl, /*cooperative=*/true,
-                              static_cast<const T*>(logits), row_stride, num_tokens, g.tokens_per_block, p, block_size,
-                              block_shift, expert_map, static_cast<int>(max_padded), workspace, weights, ids, sorted,
-                              expert_ids, num_post_padded);
+      return dispatch_gate_path(p, [&](auto by_logit) {
+        constexpr auto kernel =
+            fused_gating_align_grid_kernel<T, decltype(per_lane)::value, decltype(by_logit)::value>;
+        if (const cudaError_t err = allow_dynamic_smem<kernel>(smem); err != cudaSuccess) return err;
+        return launch_kernel_ex(kernel, dim3(g.blocks), dim3(warps * kWarpSize), smem, stream, pdl,
+                                /*cooperative=*/true, static_cast<const T*>(logits), row_stride, num_tokens,
+                                g.tokens_per_block, p, block_size, block_shift, expert_map, static_cast<int>(max_padded),
+                                workspace, weights, ids, sorted, expert_ids, num_post_padded);
+      });
     });
   });
 }
