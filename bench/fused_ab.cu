@@ -54,19 +54,23 @@ std::vector<T> download(const T* d, size_t n) {
 // summed).
 enum class Mode { kSoftmax, kGrouped, kNoRenorm };
 
-// -DFUSED_AB_GATE_PATH (headers from session 22 on): the kernels take the gating's path as a template argument, the
-// logit path for softmax without bias or groups (every mode here but kGrouped).
-#if defined(FUSED_AB_GATE_PATH)
-#define GATE_PATH(by_logit) by_logit,
+// Headers from session 22 on take the gating's path as a template argument: -DFUSED_AB_GATE_ENUM (GatePath: the
+// score path, the logit path, the logit path renormalized) or, in a679dbf, -DFUSED_AB_GATE_PATH (bool: the logit
+// path for softmax without bias or groups, every mode here but kGrouped).
+#if defined(FUSED_AB_GATE_ENUM)
+#define GATE_PATH(mode)                                           \
+  (mode == Mode::kGrouped    ? GatePath::kScore                   \
+   : mode == Mode::kNoRenorm ? GatePath::kLogit                   \
+                             : GatePath::kLogitRenorm),
+#elif defined(FUSED_AB_GATE_PATH)
+#define GATE_PATH(mode) (mode != Mode::kGrouped),
 #else
-#define GATE_PATH(by_logit)
+#define GATE_PATH(mode)
 #endif
 
 template <int kPerLane, Mode kMode>
 void run(const char* variant, int E, int k, int T, cudaStream_t s) {
   constexpr Mode mode = kMode;
-  constexpr bool kByLogit = kMode != Mode::kGrouped;
-  (void)kByLogit;
   const bool grouped = mode == Mode::kGrouped;
   const int bs = 16;
   std::vector<__nv_bfloat16> hl(size_t(T) * E);
@@ -96,11 +100,11 @@ void run(const char* variant, int E, int k, int T, cudaStream_t s) {
   const auto fused_kernel = [&] {
     switch (fused_rounds(T, k, G)) {
       case FusedRounds::kPacked:
-        return fused_gating_align_kernel<__nv_bfloat16, kPerLane, GATE_PATH(kByLogit) FusedRounds::kPacked>;
+        return fused_gating_align_kernel<__nv_bfloat16, kPerLane, GATE_PATH(kMode) FusedRounds::kPacked>;
       case FusedRounds::kLookahead:
-        return fused_gating_align_kernel<__nv_bfloat16, kPerLane, GATE_PATH(kByLogit) FusedRounds::kLookahead>;
+        return fused_gating_align_kernel<__nv_bfloat16, kPerLane, GATE_PATH(kMode) FusedRounds::kLookahead>;
       default:
-        return fused_gating_align_kernel<__nv_bfloat16, kPerLane, GATE_PATH(kByLogit) FusedRounds::kExact>;
+        return fused_gating_align_kernel<__nv_bfloat16, kPerLane, GATE_PATH(kMode) FusedRounds::kExact>;
     }
   }();
 #elif defined(FUSED_AB_PACKED_RULE)  // sessions 20-21: fused_packed_rounds picks the packed instance
@@ -139,7 +143,7 @@ void run(const char* variant, int E, int k, int T, cudaStream_t s) {
   // to kGateLookaheadMaxBlocks = 4 blocks, i.e. every T here); -DFUSED_AB_ROUTER_LOOKAHEAD=false times
   // the other one.
   const float router = time_graph(s, 100, [&](int) {
-    launch(topk_gating_kernel<__nv_bfloat16, kPerLane, GATE_PATH(kByLogit) FUSED_AB_ROUTER_LOOKAHEAD>, gblocks,
+    launch(topk_gating_kernel<__nv_bfloat16, kPerLane, GATE_PATH(kMode) FUSED_AB_ROUTER_LOOKAHEAD>, gblocks,
            kGateGroupsPerBlock * kGateLanes, gsmem, s, (const __nv_bfloat16*)logits, int64_t(E), T, p, w, ids);
   });
   const int athreads = std::min(1024, std::max(128, (std::max(numel, E) + 31) / 32 * 32));

@@ -36,8 +36,8 @@ void run(const char* name, int E, int k, int T, bool grouped) {
   cudaGraph_t g; cudaGraphExec_t ge;
   CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
   // The instance the extension launches: the logit path for softmax without bias or groups (session 22 on).
-  const auto kernel = softmax_by_logit(p) ? topk_gating_kernel<__nv_bfloat16, kPerLane, true>
-                                          : topk_gating_kernel<__nv_bfloat16, kPerLane, false>;
+  const auto kernel = softmax_by_logit(p) ? topk_gating_kernel<__nv_bfloat16, kPerLane, GatePath::kLogitRenorm>
+                                          : topk_gating_kernel<__nv_bfloat16, kPerLane, GatePath::kScore>;
   for (int i = 0; i < kLaunches; ++i)
     kernel<<<blocks, kGateGroupsPerBlock * kGateLanes, smem, s>>>(logits, E, T, p, w, ids);
   CK(cudaStreamEndCapture(s, &g));

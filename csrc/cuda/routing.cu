@@ -24,12 +24,14 @@ cudaError_t dispatch_per_lane(int E, F&& f) {
   return cudaErrorInvalidValue;
 }
 
-// The gating's path: an instance holding the logit path only where softmax_by_logit(p) (softmax, no correction
-// bias, no groups), the score path only otherwise (gate_token, csrc/kernels/gating.cuh).
+// The gating's path (gate_path, csrc/kernels/gating.cuh): each kernel instance holds one.
 template <typename F>
 cudaError_t dispatch_gate_path(const GatingParams& p, F&& f) {
-  if (softmax_by_logit(p)) return f(std::true_type{});
-  return f(std::false_type{});
+  switch (gate_path(p)) {
+    case GatePath::kLogitRenorm: return f(std::integral_constant<GatePath, GatePath::kLogitRenorm>{});
+    case GatePath::kLogit: return f(std::integral_constant<GatePath, GatePath::kLogit>{});
+    default: return f(std::integral_constant<GatePath, GatePath::kScore>{});
+  }
 }
 
 // The paths below the cooperative grid (align_coop_plan, further down) are the automatic choice where it does
@@ -148,9 +150,9 @@ cudaError_t fused_launch(DType dtype, const void* logits, int64_t row_stride, in
   const int E = p.num_experts;
   const size_t smem = static_cast<size_t>(fused_smem_bytes(E, p.num_expert_group, num_tokens));
   const int block_shift = log2_if_power_of_two(block_size);
-  const auto launch = [&](auto tag, auto per_lane, auto by_logit, auto rounds) {
+  const auto launch = [&](auto tag, auto per_lane, auto path, auto rounds) {
     using T = decltype(tag);
-    constexpr auto kernel = fused_gating_align_kernel<T, decltype(per_lane)::value, decltype(by_logit)::value,
+    constexpr auto kernel = fused_gating_align_kernel<T, decltype(per_lane)::value, decltype(path)::value,
                                                       decltype(rounds)::value>;
     if (const cudaError_t err = allow_dynamic_smem<kernel>(smem); err != cudaSuccess) return err;
     return launch_kernel(kernel, dim3(1), dim3(fused_threads(E, num_tokens)), smem, stream, pdl,
@@ -160,14 +162,14 @@ cudaError_t fused_launch(DType dtype, const void* logits, int64_t row_stride, in
   const FusedRounds rounds = fused_rounds(num_tokens, p.topk, p.num_expert_group);
   return dispatch_dtype(dtype, [&](auto tag) {
     return dispatch_per_lane(E, [&](auto per_lane) {
-      return dispatch_gate_path(p, [&](auto by_logit) {
+      return dispatch_gate_path(p, [&](auto path) {
         switch (rounds) {
           case FusedRounds::kPacked:
-            return launch(tag, per_lane, by_logit, std::integral_constant<FusedRounds, FusedRounds::kPacked>{});
+            return launch(tag, per_lane, path, std::integral_constant<FusedRounds, FusedRounds::kPacked>{});
           case FusedRounds::kLookahead:
-            return launch(tag, per_lane, by_logit, std::integral_constant<FusedRounds, FusedRounds::kLookahead>{});
+            return launch(tag, per_lane, path, std::integral_constant<FusedRounds, FusedRounds::kLookahead>{});
           default:
-            return launch(tag, per_lane, by_logit, std::integral_constant<FusedRounds, FusedRounds::kExact>{});
+            return launch(tag, per_lane, path, std::integral_constant<FusedRounds, FusedRounds::kExact>{});
         }
       });
     });
@@ -202,11 +204,11 @@ cudaError_t topk_gating(DType dtype, const void* logits, int64_t row_stride, int
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     return dispatch_per_lane(p.num_experts, [&](auto per_lane) {
-      return dispatch_gate_path(p, [&](auto by_logit) {
+      return dispatch_gate_path(p, [&](auto path) {
         constexpr int kPerLane = decltype(per_lane)::value;
-        constexpr bool kByLogit = decltype(by_logit)::value;
-        return launch_kernel(lookahead ? topk_gating_kernel<T, kPerLane, kByLogit, true>
-                                       : topk_gating_kernel<T, kPerLane, kByLogit, false>,
+        constexpr GatePath kPath = decltype(path)::value;
+        return launch_kernel(lookahead ? topk_gating_kernel<T, kPerLane, kPath, true>
+                                       : topk_gating_kernel<T, kPerLane, kPath, false>,
                              dim3(blocks), dim3(kGateGroupsPerBlock * kGateLanes), smem, stream, pdl,
                              static_cast<const T*>(logits), row_stride, num_tokens, p, weights, ids);
       });
@@ -335,9 +337,9 @@ cudaError_t fused_topk_align_grid(DType dtype, const void* logits, int64_t row_s
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     return dispatch_per_lane(E, [&](auto per_lane) {
-      return dispatch_gate_path(p, [&](auto by_logit) {
+      return dispatch_gate_path(p, [&](auto path) {
         constexpr auto kernel =
-            fused_gating_align_grid_kernel<T, decltype(per_lane)::value, decltype(by_logit)::value>;
+            fused_gating_align_grid_kernel<T, decltype(per_lane)::value, decltype(path)::value>;
         if (const cudaError_t err = allow_dynamic_smem<kernel>(smem); err != cudaSuccess) return err;
         return launch_kernel_ex(kernel, dim3(g.blocks), dim3(warps * kWarpSize), smem, stream, pdl,
                                 /*cooperative=*/true, static_cast<const T*>(logits), row_stride, num_tokens,

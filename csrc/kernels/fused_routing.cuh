@@ -86,7 +86,7 @@ MOE_HOST_DEVICE MOE_FORCEINLINE int fused_threads(int E, int num_tokens) {
 // with its grouped top-k scratch in `grouped` (a fused_grouped_stride slice a warp), and its first
 // topk lanes store their weight and id (`packed_rounds`: see select_rounds). Returns the lane's
 // expert slot in the alignment's space (-1: no id here, or an expert the map leaves out).
-template <typename T, int kPerLane, bool kByLogit, bool kLookahead = false>
+template <typename T, int kPerLane, GatePath kPath, bool kLookahead = false>
 MOE_DEVICE MOE_FORCEINLINE int gate_and_store(const T* __restrict__ logits, int64_t row_stride, bool has_token, int t,
                                               const GatingParams& p, int warp, int lane, char* grouped,
                                               const int32_t* __restrict__ expert_map, float* __restrict__ weights,
@@ -95,7 +95,7 @@ MOE_DEVICE MOE_FORCEINLINE int gate_and_store(const T* __restrict__ logits, int6
   float w = 0.0f;
   int id = -1;
   if (has_token)
-    gate_token<T, kPerLane, kByLogit, kLookahead>(
+    gate_token<T, kPerLane, kPath, kLookahead>(
         logits + int64_t(t) * row_stride, p, lane,
         [&] { return grouped + warp * fused_grouped_stride(p.num_experts, p.num_expert_group); }, packed_rounds,
         select, w, id);
@@ -109,7 +109,7 @@ MOE_DEVICE MOE_FORCEINLINE int gate_and_store(const T* __restrict__ logits, int6
 
 // kRounds: the gating's selection (the launcher's choice, fused_rounds); an instance each, since a runtime
 // choice in one instance slowed the exact rounds' path (DeepSeek-V3 grouped T=1 0.12 us, bench/fused_ab.cu).
-template <typename T, int kPerLane, bool kByLogit, FusedRounds kRounds = FusedRounds::kExact>
+template <typename T, int kPerLane, GatePath kPath, FusedRounds kRounds = FusedRounds::kExact>
 __global__ void __launch_bounds__(1024) fused_gating_align_kernel(
     const T* __restrict__ logits,             // [num_tokens, E], rows row_stride apart
     int64_t row_stride, int num_tokens, GatingParams p,
@@ -148,7 +148,7 @@ __global__ void __launch_bounds__(1024) fused_gating_align_kernel(
   }
 
   constexpr bool kExact = kRounds == FusedRounds::kExact;
-  const int slot = gate_and_store<T, kPerLane, kByLogit, kRounds == FusedRounds::kLookahead>(
+  const int slot = gate_and_store<T, kPerLane, kPath, kRounds == FusedRounds::kLookahead>(
       logits, row_stride, warp < num_tokens, warp, p, warp, lane, grouped, expert_map, weights, ids,
       /*packed_rounds=*/kRounds == FusedRounds::kPacked, kExact ? &s_select[warp % kFusedMaxTokens] : nullptr);
   if (one_token) {  // each hit expert's run is one block, in slot order: the hit slots below its own
@@ -225,7 +225,7 @@ __global__ void __launch_bounds__(1024) fused_gating_align_kernel(
 // gridDim.x blocks all resident (the launcher caps it at the multiprocessor count: one block of at
 // most 1024 threads, 64 registers a thread, fits each), blockDim.x >= E (a thread an expert) and >=
 // a warp a token.
-template <typename T, int kPerLane, bool kByLogit>
+template <typename T, int kPerLane, GatePath kPath>
 __global__ void __launch_bounds__(1024) fused_gating_align_grid_kernel(
     const T* __restrict__ logits,             // [num_tokens, E], rows row_stride apart
     int64_t row_stride, int num_tokens, int tokens_per_block, GatingParams p,
@@ -254,8 +254,8 @@ __global__ void __launch_bounds__(1024) fused_gating_align_grid_kernel(
   __syncthreads();  // masks zeroed
 
   const int slot =
-      gate_and_store<T, kPerLane, kByLogit>(logits, row_stride, warp < tokens, t, p, warp, lane, grouped, expert_map,
-                                            weights, ids, /*packed_rounds=*/false, &s_select[warp % kFusedMaxTokens]);
+      gate_and_store<T, kPerLane, kPath>(logits, row_stride, warp < tokens, t, p, warp, lane, grouped, expert_map,
+                                         weights, ids, /*packed_rounds=*/false, &s_select[warp % kFusedMaxTokens]);
   if (slot >= 0) atomicOr(&masks[slot], lane_bit(warp));
   __syncthreads();  // masks complete
   const int count = tid < E ? popcount(masks[tid]) : 0;

@@ -508,9 +508,19 @@ MOE_DEVICE MOE_FORCEINLINE float rank_order_sum(float x, int topk, bool needed) 
   return sum;
 }
 
+// The gating path an instance is compiled for (gate_token): the logit path of softmax without bias or groups
+// (softmax_by_logit), renormalized (DeepSeek-R1, Qwen3, GPT-OSS, Mixtral) or over every numerator (Qwen1.5 and
+// Qwen2-MoE), or the score path (sigmoid, a correction bias, expert groups).
+enum class GatePath : int { kScore = 0, kLogit = 1, kLogitRenorm = 2 };
+MOE_HOST_DEVICE MOE_FORCEINLINE GatePath gate_path(const GatingParams& p) {
+  if (!softmax_by_logit(p)) return GatePath::kScore;
+  return p.renormalize ? GatePath::kLogitRenorm : GatePath::kLogit;
+}
+
 // The logit path of gate_token (softmax_by_logit: softmax with no correction bias and no groups): the sanitized
-// logits are the keys (routing_host.h), and only the numerators the weights need are computed.
-template <typename T, int kPerLane, bool kLookahead>
+// logits are the keys (routing_host.h), and only the numerators the weights need are computed. kRenormalize is
+// p.renormalize, fixed by the instance.
+template <typename T, int kPerLane, bool kLookahead, bool kRenormalize>
 MOE_DEVICE MOE_FORCEINLINE void gate_by_logit(const T* __restrict__ row, const GatingParams& p, int lane,
                                               bool packed_rounds, SelectScratch* select, float& out_weight,
                                               int& out_id) {
@@ -528,15 +538,15 @@ MOE_DEVICE MOE_FORCEINLINE void gate_by_logit(const T* __restrict__ row, const G
   const float row_max = shfl(my_logit, 0, kGateLanes);  // rank 0's logit is the row's largest
   const float e = softmax_numerator(my_logit, row_max);
   float inv_denom = 1.0f;
-  const float selected_sum = rank_order_sum(e, p.topk, p.renormalize);
-  if (!p.renormalize) {  // every numerator, summed as softmax_denominator does
+  const float selected_sum = rank_order_sum(e, p.topk, kRenormalize);
+  if constexpr (!kRenormalize) {  // every numerator, summed as softmax_denominator does
     float partial = 0.0f;
 #pragma unroll
     for (int j = 0; j < kPerLane; ++j)
       partial += slot_numerator(score[j], row_max, avail, j);
     inv_denom = 1.0f / group_sum(partial);
   }
-  out_weight = finalize_weight(p.renormalize ? e : e * inv_denom, selected_sum, p.renormalize, p.topk,
+  out_weight = finalize_weight(kRenormalize ? e : e * inv_denom, selected_sum, kRenormalize, p.topk,
                                p.routed_scaling_factor);
 }
 
@@ -601,22 +611,22 @@ MOE_DEVICE MOE_FORCEINLINE void gate_by_score(const T* __restrict__ row, const G
                                p.routed_scaling_factor);
 }
 
-// Gating of one token by one warp. `row` is the token's logits; `kByLogit`: the instance holds the logit path
-// only, launched where softmax_by_logit(p) (dispatch_gate_path, csrc/cuda/routing.cu), or the score path only. One
-// path is about half the code of both, and measured faster: the softmax routers 0.11-0.15 us, the fused single
-// block 0.03-0.16 (H200, bench/fused_ab.cu, session 22: the first version of the split, a kernel with the other
-// path's parameters fixed). `smem_of()` returns this token's grouped-top-k scratch, grouped_smem_bytes(E, G),
+// Gating of one token by one warp. `row` is the token's logits; `kPath`: the one path the instance holds, launched
+// where gate_path(p) is kPath (dispatch_gate_path, csrc/cuda/routing.cu). One path is about half the code of all:
+// the routers 0.03-0.09 us faster, the fused single block up to 0.16 (H200, bench/fused_ab.cu, session 22, with
+// renormalize still a runtime flag of the logit path). `smem_of()` returns this token's grouped-top-k scratch, grouped_smem_bytes(E, G),
 // called only where grouped top-k needs it (not for groups in registers nor without groups): the fused single
 // block computes the address there, off the path to the logits' loads (DeepSeek-V3 fused T=1 0.08 us,
 // bench/fused_ab.cu session 21); `packed_rounds`: see select_rounds; `select`: this lane group's scratch for
 // select_threshold, taken at topk >= kSelectThresholdMinTopk and up to 8 slots a lane (a ballot a slot), or null
 // for the rounds. Lane r < topk returns rank r's final weight and expert id.
-template <typename T, int kPerLane, bool kByLogit, bool kLookahead = false, typename SmemOf>
+template <typename T, int kPerLane, GatePath kPath, bool kLookahead = false, typename SmemOf>
 MOE_DEVICE MOE_FORCEINLINE void gate_token(const T* __restrict__ row, const GatingParams& p, int lane, SmemOf smem_of,
                                            bool packed_rounds, SelectScratch* select, float& out_weight,
                                            int& out_id) {
-  if constexpr (kByLogit)
-    gate_by_logit<T, kPerLane, kLookahead>(row, p, lane, packed_rounds, select, out_weight, out_id);
+  if constexpr (kPath != GatePath::kScore)
+    gate_by_logit<T, kPerLane, kLookahead, kPath == GatePath::kLogitRenorm>(row, p, lane, packed_rounds, select,
+                                                                            out_weight, out_id);
   else
     gate_by_score<T, kPerLane, kLookahead>(row, p, lane, smem_of, packed_rounds, select, out_weight, out_id);
 }
@@ -625,7 +635,7 @@ MOE_DEVICE MOE_FORCEINLINE void gate_token(const T* __restrict__ row, const Gati
 constexpr int kGateGroupsPerBlock = 4;
 constexpr int kGateEarlyTriggerBlocks = 32;  // up to 128 tokens
 
-template <typename T, int kPerLane, bool kByLogit, bool kLookahead = false>
+template <typename T, int kPerLane, GatePath kPath, bool kLookahead = false>
 __global__ void __launch_bounds__(kGateGroupsPerBlock* kGateLanes)
     topk_gating_kernel(const T* __restrict__ logits, int64_t row_stride, int num_tokens, GatingParams p,
                        float* __restrict__ weights, int32_t* __restrict__ ids) {
@@ -651,8 +661,8 @@ __global__ void __launch_bounds__(kGateGroupsPerBlock* kGateLanes)
   const auto smem = [group_smem] { return group_smem; };
   float w;
   int id;
-  gate_token<T, kPerLane, kByLogit, kLookahead>(logits + t * row_stride, p, lane, smem, /*packed_rounds=*/false,
-                                                kLookahead ? nullptr : &s_select[group], w, id);
+  gate_token<T, kPerLane, kPath, kLookahead>(logits + t * row_stride, p, lane, smem, /*packed_rounds=*/false,
+                                             kLookahead ? nullptr : &s_select[group], w, id);
   if (lane < p.topk) {
     weights[int64_t(t) * p.topk + lane] = w;
     ids[int64_t(t) * p.topk + lane] = id;
