@@ -96,8 +96,8 @@ cuda::FusedGridShape fused_grid_shape_for(int64_t T, int sms) {
 // token, the grid's barrier costs ~0.8 us. H200, graph replay, session 22 (bench/results/h200-fr-single-s22.md
 // and -grid-s22.md, MOE_EXT_FUSED_PATH forcing each): E=256 top-8 at 16 tokens 3.51 against 4.51 us, at 20 4.44
 // against 4.53, at 24 4.91 against 4.55; E=128 top-4 at 20 3.51 against 3.93, at 24 3.90 against 3.94;
-// DeepSeek-V3's grouped routing at 16 4.92 against 5.08, at 20 6.30 against 5.13 (past 16 tokens a block's
-// block_size the single block ranks by a scan, not by hit bits).
+// DeepSeek-V3's grouped routing at 16 4.92 against 5.08, at 20 6.30 against 5.13. (Past block_size tokens, 16
+// here, the single block places the ids by a scan over the experts instead of by its hit bits.)
 int fused_single_max_tokens(int64_t /*E*/, int64_t G) { return G > 1 ? 16 : 20; }
 
 // The path for T tokens, and the grid's shape when it is the grid (computed only when the grid is
