@@ -35,9 +35,12 @@ void run(const char* name, int E, int k, int T, bool grouped) {
   const int kLaunches = 100;
   cudaGraph_t g; cudaGraphExec_t ge;
   CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
-  // The instance the extension launches: the logit path for softmax without bias or groups (session 22 on).
-  const auto kernel = softmax_by_logit(p) ? topk_gating_kernel<__nv_bfloat16, kPerLane, GatePath::kLogitRenorm>
-                                          : topk_gating_kernel<__nv_bfloat16, kPerLane, GatePath::kScore>;
+  // The instance the extension launches: one a gating path (gate_path, session 22 on).
+  const GatePath path = gate_path(p);
+  using bf16 = __nv_bfloat16;
+  const auto kernel = path == GatePath::kLogitRenorm ? topk_gating_kernel<bf16, kPerLane, GatePath::kLogitRenorm>
+                      : path == GatePath::kLogit     ? topk_gating_kernel<bf16, kPerLane, GatePath::kLogit>
+                                                     : topk_gating_kernel<bf16, kPerLane, GatePath::kScore>;
   for (int i = 0; i < kLaunches; ++i)
     kernel<<<blocks, kGateGroupsPerBlock * kGateLanes, smem, s>>>(logits, E, T, p, w, ids);
   CK(cudaStreamEndCapture(s, &g));
