@@ -343,8 +343,9 @@ cudaError_t fused_topk_align_grid(DType dtype, const void* logits, int64_t row_s
         if (const cudaError_t err = allow_dynamic_smem<kernel>(smem); err != cudaSuccess) return err;
         return launch_kernel_ex(kernel, dim3(g.blocks), dim3(warps * kWarpSize), smem, stream, pdl,
                                 /*cooperative=*/true, static_cast<const T*>(logits), row_stride, num_tokens,
-                                g.tokens_per_block, p, block_size, block_shift, expert_map, static_cast<int>(max_padded),
-                                workspace, weights, ids, sorted, expert_ids, num_post_padded);
+                                g.tokens_per_block, p, block_size, block_shift, expert_map,
+                                static_cast<int>(max_padded), workspace, weights, ids, sorted, expert_ids,
+                                num_post_padded);
       });
     });
   });

@@ -1,5 +1,5 @@
 // CUDA adapters for router top-k gating, block alignment and the fused pair (one block up to
-// fused_single_max_tokens(E, G), a cooperative grid up to fused_routing_max_tokens() tokens a
+// fused_single_max_tokens(G), a cooperative grid up to fused_routing_max_tokens() tokens a
 // multiprocessor, the two kernels in turn above): validate, allocate through PyTorch, launch on the
 // current stream under a device guard. Nothing here synchronizes with the host.
 // Environment, read on every call (for A/B timing in one process):
@@ -80,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> align_launch(const at::Tensor& to
 }
 
 // How fused_topk_align runs: one block (takes up to fused_routing_max_tokens() tokens, chosen up to
-// fused_single_max_tokens(E, G)), a cooperative grid with one barrier (up to that many tokens a
+// fused_single_max_tokens(G)), a cooperative grid with one barrier (up to that many tokens a
 // multiprocessor), or the router and alignment kernels in turn.
 enum class FusedPath : int { kSingle = 0, kGrid = 1, kPair = 2 };
 constexpr int kFusedPaths = 3;
@@ -98,15 +98,15 @@ cuda::FusedGridShape fused_grid_shape_for(int64_t T, int sms) {
 // against 4.53, at 24 4.91 against 4.55; E=128 top-4 at 20 3.51 against 3.93, at 24 3.90 against 3.94;
 // DeepSeek-V3's grouped routing at 16 4.92 against 5.08, at 20 6.30 against 5.13. (Past block_size tokens, 16
 // here, the single block places the ids by a scan over the experts instead of by its hit bits.)
-int fused_single_max_tokens(int64_t /*E*/, int64_t G) { return G > 1 ? 16 : 20; }
+int fused_single_max_tokens(int64_t G) { return G > 1 ? 16 : 20; }
 
 // The path for T tokens, and the grid's shape when it is the grid (computed only when the grid is
 // a candidate: not at decode sizes). A forced path that cannot take T gives the automatic one.
-std::pair<FusedPath, cuda::FusedGridShape> fused_path(int64_t T, int64_t E, int64_t G, int sms) {
+std::pair<FusedPath, cuda::FusedGridShape> fused_path(int64_t T, int64_t G, int sms) {
   const auto forced = static_cast<FusedPath>(config_override("fused_topk_align", "MOE_EXT_FUSED_PATH", kFusedPaths));
   const bool single = T <= cuda::fused_routing_max_tokens();
   if (forced == FusedPath::kPair) return {FusedPath::kPair, {}};
-  if (single && (forced == FusedPath::kSingle || (forced != FusedPath::kGrid && T <= fused_single_max_tokens(E, G))))
+  if (single && (forced == FusedPath::kSingle || (forced != FusedPath::kGrid && T <= fused_single_max_tokens(G))))
     return {FusedPath::kSingle, {}};
   const cuda::FusedGridShape shape =
       T <= int64_t(sms) * cuda::fused_routing_max_tokens() ? fused_grid_shape_for(T, sms) : cuda::FusedGridShape{};
@@ -146,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_top
   const c10::cuda::CUDAGuard guard(router_logits.device());
   const int64_t T = router_logits.size(0), E = router_logits.size(1);
   const c10::DeviceIndex dev = router_logits.device().index();
-  const auto [path, g] = fused_path(T, E, checked.num_expert_group, num_sms(dev));
+  const auto [path, g] = fused_path(T, checked.num_expert_group, num_sms(dev));
   if (path == FusedPath::kGrid) {
     auto [weights, ids] = gating_outputs(router_logits, topk);
     AlignOutputs out = align_outputs(router_logits, T * topk, E, block_size);

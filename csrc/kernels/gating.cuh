@@ -205,22 +205,22 @@ struct GroupedScratch {
       : key(reinterpret_cast<float*>(smem)), group(key + E), allowed(reinterpret_cast<unsigned char*>(group + G)) {}
 };
 
-// Loads slot j = expert lane + 32 * j: the sanitized logit, the correction bias (0 without
-// one) and the avail bit (expert < E). Every load is unconditional so all of them are in flight at
-// once. When every slot holds an expert (E = 32 * kPerLane: the common E, which the dispatch's power of
+// Loads slot j = expert lane + 32 * j of a row of E logits: the sanitized logit, the correction bias from
+// `bias_row` (0 where it is null) and the avail bit (expert < E). Every load is unconditional so all of them are
+// in flight at once. When every slot holds an expert (E = 32 * kPerLane: the common E, which the dispatch's power of
 // two kPerLane fits exactly) they sit at fixed offsets from one address; otherwise each index is
 // clamped to the row, about seven instructions of 64-bit address arithmetic a slot ahead of its load.
 template <typename T, int kPerLane>
-MOE_DEVICE MOE_FORCEINLINE void load_slots(const T* __restrict__ row, const GatingParams& p, int lane,
-                                           float (&logit)[kPerLane], float (&bias)[kPerLane], uint32_t& avail) {
-  const int E = p.num_experts;
+MOE_DEVICE MOE_FORCEINLINE void load_slots(const T* __restrict__ row, int E, const float* __restrict__ bias_row,
+                                           int lane, float (&logit)[kPerLane], float (&bias)[kPerLane],
+                                           uint32_t& avail) {
   if (E == kGateLanes * kPerLane) {  // warp-uniform
     const T* __restrict__ mine = row + lane;
 #pragma unroll
     for (int j = 0; j < kPerLane; ++j) logit[j] = sanitize_logit(to_float(mine[j * kGateLanes]));
     avail = kPerLane >= 32 ? ~0u : (1u << (kPerLane % 32)) - 1u;
 #pragma unroll
-    for (int j = 0; j < kPerLane; ++j) bias[j] = p.bias ? p.bias[lane + j * kGateLanes] : 0.0f;
+    for (int j = 0; j < kPerLane; ++j) bias[j] = bias_row ? bias_row[lane + j * kGateLanes] : 0.0f;
     return;
   }
   avail = 0;
@@ -234,7 +234,7 @@ MOE_DEVICE MOE_FORCEINLINE void load_slots(const T* __restrict__ row, const Gati
 #pragma unroll
   for (int j = 0; j < kPerLane; ++j) {
     const int i = lane + j * kGateLanes;
-    bias[j] = p.bias ? p.bias[i < E ? i : E - 1] : 0.0f;
+    bias[j] = bias_row ? bias_row[i < E ? i : E - 1] : 0.0f;
   }
 }
 
@@ -524,11 +524,9 @@ template <typename T, int kPerLane, bool kLookahead, bool kRenormalize>
 MOE_DEVICE MOE_FORCEINLINE void gate_by_logit(const T* __restrict__ row, const GatingParams& p, int lane,
                                               bool packed_rounds, SelectScratch* select, float& out_weight,
                                               int& out_id) {
-  GatingParams q = p;  // no bias by the launchers' contract: no bias loads
-  q.bias = nullptr;
   float score[kPerLane], unused_bias[kPerLane];
   uint32_t avail;  // bit j: slot j holds an expert
-  load_slots<T, kPerLane>(row, q, lane, score, unused_bias, avail);
+  load_slots<T, kPerLane>(row, p.num_experts, /*bias_row=*/nullptr, lane, score, unused_bias, avail);  // no bias here
   uint32_t okey[kPerLane];
 #pragma unroll
   for (int j = 0; j < kPerLane; ++j) okey[j] = (avail >> j & 1) ? ordered_key(score[j]) : 0u;
@@ -558,7 +556,7 @@ MOE_DEVICE MOE_FORCEINLINE void gate_by_score(const T* __restrict__ row, const G
                                               float& out_weight, int& out_id) {
   float score[kPerLane], bias[kPerLane], key[kPerLane];
   uint32_t avail;  // bit j: slot j holds an expert that may still be chosen
-  load_slots<T, kPerLane>(row, p, lane, score, bias, avail);
+  load_slots<T, kPerLane>(row, p.num_experts, p.bias, lane, score, bias, avail);
   if (p.scoring == ScoringFunc::kSoftmax) {
     float lane_max = -INFINITY;
 #pragma unroll
@@ -612,10 +610,11 @@ MOE_DEVICE MOE_FORCEINLINE void gate_by_score(const T* __restrict__ row, const G
 }
 
 // Gating of one token by one warp. `row` is the token's logits; `kPath`: the one path the instance holds, launched
-// where gate_path(p) is kPath (dispatch_gate_path, csrc/cuda/routing.cu). One path is about half the code of all:
-// the routers 0.03-0.09 us faster, the fused single block up to 0.16 (H200, bench/fused_ab.cu, session 22, with
-// renormalize still a runtime flag of the logit path). `smem_of()` returns this token's grouped-top-k scratch, grouped_smem_bytes(E, G),
-// called only where grouped top-k needs it (not for groups in registers nor without groups): the fused single
+// where gate_path(p) is kPath (dispatch_gate_path, csrc/cuda/routing.cu). One path, renormalize fixed on the logit
+// path, is about half the code of all of them (the fused single block's logit instance at E=256: 2776 SASS
+// instructions against 6608) and measured faster: routers 0.07-0.2 us, the fused single block up to 0.23 (H200,
+// bench/fused_ab.cu, session 22). `smem_of()` returns this token's grouped-top-k scratch, grouped_smem_bytes(E,
+// G), called only where grouped top-k needs it (not for groups in registers nor without groups): the fused single
 // block computes the address there, off the path to the logits' loads (DeepSeek-V3 fused T=1 0.08 us,
 // bench/fused_ab.cu session 21); `packed_rounds`: see select_rounds; `select`: this lane group's scratch for
 // select_threshold, taken at topk >= kSelectThresholdMinTopk and up to 8 slots a lane (a ballot a slot), or null
