@@ -8,7 +8,7 @@ Paths, each on the same inputs:
   moe_ext_unfused  decode_gemv=False and fuse_silu=False: moe_grouped_gemm + silu_and_mul for the
                first GEMM (moe_ext fuses them through moe_grouped_gemm_silu for bf16 on CUDA).
   moe_ext_fused_silu  decode_gemv=False and fuse_silu=True: moe_grouped_gemm_silu at every T (the
-               default fuses only from block_size 32).
+               default fuses only from block_size 32, and not on Hopper).
   moe_ext_bs128  block_size=128 wherever the default takes 192 (Hopper prefill where an expert expects
                96 rows or more; session 15), else the default: the previous prefill blocks, for A/B.
   moe_ext_block16, _block32, _block64, _block128, _block192  the grouped GEMMs (decode_gemv=False) at

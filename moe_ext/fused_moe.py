@@ -105,17 +105,20 @@ def use_decode_gemv(hidden_states: torch.Tensor, topk: int, num_experts: int, nu
 def use_fused_silu(hidden_states: torch.Tensor, block_size: int, topk: int = 1, num_experts: int = 1,
                    hopper: bool = False) -> bool:
     """fused_moe's default for fuse_silu: the fused first GEMM where it is a tensor-core kernel of its
-    own (bf16/fp16 on CUDA) and the blocks are prefill-sized (block_size >= 32). On an H100 it was
-    1-6% faster from T = 1024 (Qwen3 T=4096 1428 against 1491 µs, Mixtral 10.13 against 10.81 ms)
-    and 0.5-2% slower with the 16-row decode blocks (its grid has half the CTAs of the plain GEMM's:
-    Mixtral T=16 1026 against 1005 µs; bench/results/h100-80gb-hbm3-moe-silu-epilogue.md). Elsewhere
-    the op would compose the same two ops, or (CPU) run slower. hopper (hopper_tiles): only above 64
-    rows per expert. With the wgmma tiles the two ops were 1.5-6% faster at T = 1024 (Qwen3 560
-    against 597 µs, GPT-OSS 2.42 against 2.50 ms) and 1-3% slower at T = 4096
-    (bench/results/h100-80gb-hbm3-moe-silu-epilogue-wgmma.md)."""
+    own (bf16/fp16 on CUDA) and the blocks are prefill-sized (block_size >= 32), except on Hopper. On an
+    H100 with the mma.sync tiles it was 1-6% faster from T = 1024 (Qwen3 T=4096 1428 against 1491 µs,
+    Mixtral 10.13 against 10.81 ms) and 0.5-2% slower with the 16-row decode blocks (its grid has half
+    the CTAs of the plain GEMM's: Mixtral T=16 1026 against 1005 µs;
+    bench/results/h100-80gb-hbm3-moe-silu-epilogue.md). Elsewhere the op would compose the same two
+    ops, or (CPU) run slower. hopper (hopper_tiles): never. Against the plain wgmma tiles with weights
+    by TMA (128- and 192-row blocks) and silu_and_mul, the fused tiles were slower at 17 of the 18 layer
+    rows measured on an H200 (session 23, bench/results/h200-moe-fuse-s23*.md: two runs at T = 512-4096
+    and one where a hit expert expects 75 rows): by 2-10% where the two ops run on 192-row tiles
+    (GPT-OSS T=4096 2339 against 2205 µs, Qwen3 T=4096 916 against 830), 3-8% on 128-row ones (Qwen3
+    T=1200 453 against 418); DeepSeek-V3 T=2400 0.7% faster."""
     if not (hidden_states.is_cuda and hidden_states.dtype in (torch.bfloat16, torch.float16) and block_size >= 32):
         return False
-    return not hopper or hidden_states.shape[0] * topk > 64 * num_experts
+    return not hopper
 
 
 def route(
@@ -181,8 +184,8 @@ def fused_moe(
         block_size: grouped-GEMM block rows; default from choose_block_size.
         fuse_silu: the first grouped GEMM and SiLU-and-mul as one op (moe_grouped_gemm_silu: no
             [T*k, 2I] intermediate, which is then not rounded to the dtype either) or as two.
-            None: fused for bf16/fp16 on CUDA with block_size >= 32 (on cc 9.0 above 64 rows per
-            expert; use_fused_silu), two ops otherwise.
+            None: fused for bf16/fp16 on CUDA with block_size >= 32 except on Hopper, where the
+            plain wgmma tiles and silu_and_mul measured faster (use_fused_silu); two ops otherwise.
         decode_gemv: run the experts as GEMVs straight from the router's ids (moe_gemv_silu, then
             moe_gemv_combine with the weighted sum fused in; no alignment) instead of the grouped
             GEMMs. None: on CUDA while T * topk <= E / 4 (use_decode_gemv; for grouped top-k, E

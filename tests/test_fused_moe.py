@@ -198,6 +198,22 @@ def test_choose_block_size(T, topk, E, expert_bytes, plain, hopper):
     assert moe_ext.choose_block_size(T, topk, E, hopper=True, expert_bytes=expert_bytes) == hopper
 
 
+@pytest.mark.parametrize("block_size", [16, 32, 128, 192])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_use_fused_silu(block_size, dtype):
+    """fuse_silu's default: the fused first GEMM for 16-bit CUDA activations at prefill-sized blocks, never on
+    Hopper (the plain wgmma tiles and silu_and_mul measured faster) nor on the CPU. Only the attributes the rule
+    reads, so it runs without a GPU."""
+    from types import SimpleNamespace
+
+    from moe_ext.fused_moe import use_fused_silu
+    x = SimpleNamespace(is_cuda=True, dtype=dtype, shape=(4096, 7168))
+    expect = dtype != torch.float32 and block_size >= 32
+    assert use_fused_silu(x, block_size, 8, 256) == expect
+    assert not use_fused_silu(x, block_size, 8, 256, hopper=True)
+    assert not use_fused_silu(SimpleNamespace(is_cuda=False, dtype=dtype, shape=(4096, 7168)), block_size, 8, 256)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_compile_fullgraph(device):
     """torch.compile(fullgraph=True) of fused_moe with a dynamic token count: no graph break, the
