@@ -111,11 +111,12 @@ def use_fused_silu(hidden_states: torch.Tensor, block_size: int, topk: int = 1, 
     the CTAs of the plain GEMM's: Mixtral T=16 1026 against 1005 µs;
     bench/results/h100-80gb-hbm3-moe-silu-epilogue.md). Elsewhere the op would compose the same two
     ops, or (CPU) run slower. hopper (hopper_tiles): never. Against the plain wgmma tiles with weights
-    by TMA (128- and 192-row blocks) and silu_and_mul, the fused tiles were slower at 17 of the 18 layer
+    by TMA (128- and 192-row blocks) and silu_and_mul, the fused tiles were slower at 17 of the 19 layer
     rows measured on an H200 (session 23, bench/results/h200-moe-fuse-s23*.md: two runs at T = 512-4096
     and one where a hit expert expects 75 rows): by 2-10% where the two ops run on 192-row tiles
     (GPT-OSS T=4096 2339 against 2205 µs, Qwen3 T=4096 916 against 830), 3-8% on 128-row ones (Qwen3
-    T=1200 453 against 418); DeepSeek-V3 T=2400 0.7% faster."""
+    T=1200 453 against 418); DeepSeek-V3 T=2400 0.7% faster. topk and num_experts are no longer read (the
+    rule before session 23 fused above 64 rows an expert on Hopper); they stay for callers."""
     if not (hidden_states.is_cuda and hidden_states.dtype in (torch.bfloat16, torch.float16) and block_size >= 32):
         return False
     return not hopper
