@@ -102,8 +102,7 @@ def use_decode_gemv(hidden_states: torch.Tensor, topk: int, num_experts: int, nu
     return hidden_states.is_cuda and hidden_states.shape[0] * topk * GEMV_EXPERTS_PER_SLOT <= reach
 
 
-def use_fused_silu(hidden_states: torch.Tensor, block_size: int, topk: int = 1, num_experts: int = 1,
-                   hopper: bool = False) -> bool:
+def use_fused_silu(hidden_states: torch.Tensor, block_size: int, hopper: bool = False) -> bool:
     """fused_moe's default for fuse_silu: the fused first GEMM where it is a tensor-core kernel of its
     own (bf16/fp16 on CUDA) and the blocks are prefill-sized (block_size >= 32), except on Hopper. On an
     H100 with the mma.sync tiles it was 1-6% faster from T = 1024 (Qwen3 T=4096 1428 against 1491 µs,
@@ -115,8 +114,8 @@ def use_fused_silu(hidden_states: torch.Tensor, block_size: int, topk: int = 1, 
     rows measured on an H200 (session 23, bench/results/h200-moe-fuse-s23*.md: two runs at T = 512-4096
     and one where a hit expert expects 75 rows): by 2-10% where the two ops run on 192-row tiles
     (GPT-OSS T=4096 2339 against 2205 µs, Qwen3 T=4096 916 against 830), 3-8% on 128-row ones (Qwen3
-    T=1200 453 against 418); DeepSeek-V3 T=2400 0.7% faster. topk and num_experts are no longer read (the
-    rule before session 23 fused above 64 rows an expert on Hopper); they stay for callers."""
+    T=1200 453 against 418); DeepSeek-V3 T=2400 0.7% faster. (Before session 23 it fused above 64 rows an
+    expert on Hopper.)"""
     if not (hidden_states.is_cuda and hidden_states.dtype in (torch.bfloat16, torch.float16) and block_size >= 32):
         return False
     return not hopper
@@ -232,7 +231,7 @@ def fused_moe(
         correction_bias=correction_bias, num_expert_group=num_expert_group, topk_group=topk_group,
         routed_scaling_factor=routed_scaling_factor, expert_map=expert_map)
     if fuse_silu is None:
-        fuse_silu = use_fused_silu(hidden_states, block_size, topk, E, hopper)
+        fuse_silu = use_fused_silu(hidden_states, block_size, hopper)
     if fuse_silu:
         h = ops.moe_grouped_gemm_silu(hidden_states, w13, sorted_ids, expert_ids, num_post_padded, topk)  # [T*k, I]
     else:
