@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <cstddef>
+#include <type_traits>
 #include <utility>
 
 #include "../kernels/dtype.h"
@@ -33,6 +34,16 @@ cudaError_t dispatch_config(int index, F&& f) {
   cudaError_t err = cudaErrorInvalidValue;
   int i = 0;
   (void)((i++ == index ? (err = f(Cfgs{}), true) : false) || ...);
+  return err;
+}
+
+// Calls f(std::integral_constant<decltype(kV), kV>{}) for the kV of kValues equal to the runtime `value` (an enum
+// or flag to the template instance that holds it), as dispatch_config does for an index into a table of types.
+// cudaErrorInvalidValue where none matches.
+template <auto... kValues, typename V, typename F>
+cudaError_t dispatch_value(V value, F&& f) {
+  cudaError_t err = cudaErrorInvalidValue;
+  (void)((value == kValues ? (err = f(std::integral_constant<decltype(kValues), kValues>{}), true) : false) || ...);
   return err;
 }
 

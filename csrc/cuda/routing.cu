@@ -27,11 +27,7 @@ cudaError_t dispatch_per_lane(int E, F&& f) {
 // The gating's path (gate_path, csrc/kernels/gating.cuh): each kernel instance holds one.
 template <typename F>
 cudaError_t dispatch_gate_path(const GatingParams& p, F&& f) {
-  switch (gate_path(p)) {
-    case GatePath::kLogitRenorm: return f(std::integral_constant<GatePath, GatePath::kLogitRenorm>{});
-    case GatePath::kLogit: return f(std::integral_constant<GatePath, GatePath::kLogit>{});
-    default: return f(std::integral_constant<GatePath, GatePath::kScore>{});
-  }
+  return dispatch_value<GatePath::kScore, GatePath::kLogit, GatePath::kLogitRenorm>(gate_path(p), f);
 }
 
 // The paths below the cooperative grid (align_coop_plan, further down) are the automatic choice where it does
@@ -163,14 +159,8 @@ cudaError_t fused_launch(DType dtype, const void* logits, int64_t row_stride, in
   return dispatch_dtype(dtype, [&](auto tag) {
     return dispatch_per_lane(E, [&](auto per_lane) {
       return dispatch_gate_path(p, [&](auto path) {
-        switch (rounds) {
-          case FusedRounds::kPacked:
-            return launch(tag, per_lane, path, std::integral_constant<FusedRounds, FusedRounds::kPacked>{});
-          case FusedRounds::kLookahead:
-            return launch(tag, per_lane, path, std::integral_constant<FusedRounds, FusedRounds::kLookahead>{});
-          default:
-            return launch(tag, per_lane, path, std::integral_constant<FusedRounds, FusedRounds::kExact>{});
-        }
+        return dispatch_value<FusedRounds::kExact, FusedRounds::kPacked, FusedRounds::kLookahead>(
+            rounds, [&](auto r) { return launch(tag, per_lane, path, r); });
       });
     });
   });
@@ -205,12 +195,11 @@ cudaError_t topk_gating(DType dtype, const void* logits, int64_t row_stride, int
     using T = decltype(tag);
     return dispatch_per_lane(p.num_experts, [&](auto per_lane) {
       return dispatch_gate_path(p, [&](auto path) {
-        constexpr int kPerLane = decltype(per_lane)::value;
-        constexpr GatePath kPath = decltype(path)::value;
-        return launch_kernel(lookahead ? topk_gating_kernel<T, kPerLane, kPath, true>
-                                       : topk_gating_kernel<T, kPerLane, kPath, false>,
-                             dim3(blocks), dim3(kGateGroupsPerBlock * kGateLanes), smem, stream, pdl,
-                             static_cast<const T*>(logits), row_stride, num_tokens, p, weights, ids);
+        return dispatch_value<false, true>(lookahead, [&](auto la) {
+          return launch_kernel(topk_gating_kernel<T, decltype(per_lane)::value, decltype(path)::value, la>,
+                               dim3(blocks), dim3(kGateGroupsPerBlock * kGateLanes), smem, stream, pdl,
+                               static_cast<const T*>(logits), row_stride, num_tokens, p, weights, ids);
+        });
       });
     });
   });
