@@ -49,7 +49,8 @@ def make_layer(style, T, dtype, device, seed=0, expert_map=None):
 
 def check_against_reference(out, x, w13, w2, logits, topk, routing, expert_map=None):
     """fp32: within 1e-5 of the fp32 reference. bf16 / fp16: within 1e-2 and at most twice PyTorch's own error in
-    that dtype on the same data, with no slack (session 24: the 230 CUDA cases pass on an H200; CPU cases reach 1.23x)."""
+    that dtype on the same data, with no slack (session 24: the 230 CUDA cases pass on an H200; CPU cases reach
+    1.23x)."""
     kw = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in dict(routing, expert_map=expert_map).items()}
     want = ref.fused_moe_ref(x.cpu(), w13.cpu(), w2.cpu(), logits.cpu(), topk, **kw)
     assert out.shape == x.shape and out.dtype == x.dtype
