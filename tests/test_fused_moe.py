@@ -270,6 +270,28 @@ def test_compile_fullgraph(device):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("style", ["deepseek", "qwen3"])
+def test_route_compiles_once(device, style):
+    """Issue 4's dispatch under torch.compile with a dynamic token count: route() takes the fused op at every T
+    (the op picks its kernels inside), so one graph serves T = 2 ... 1024, across the single block, the grid and
+    the pair on CUDA, with no graph break and no recompile (T = 0 and 1 are specialized by dynamo, as any size)."""
+    require_kernel("fused_topk_align", device)
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(moe_ext.route, backend=counter, fullgraph=True, dynamic=True)
+    for T in (2, 5, 16, 17, 33, 200, 1024):
+        _, _, _, logits, topk, routing = make_layer(style, T, torch.bfloat16, device, seed=T)
+        logits = logits.to(torch.bfloat16)
+        got = compiled(logits, topk, 16, **routing)
+        want = moe_ext.route(logits, topk, 16, **routing)
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+    assert counter.frame_count == 1, counter.frame_count
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
 @pytest.mark.parametrize("T", [1, 8])
 def test_cuda_graph_capture(T):
