@@ -38,8 +38,8 @@ cudaError_t dispatch_config(int index, F&& f) {
 }
 
 // Calls f(std::integral_constant<decltype(kV), kV>{}) for the kV of kValues equal to the runtime `value` (an enum
-// or flag to the template instance that holds it), as dispatch_config does for an index into a table of types.
-// cudaErrorInvalidValue where none matches.
+// to the template instance that holds it), as dispatch_config does for an index into a table of types; a bool
+// flag takes BOOL_SWITCH (csrc/core/static_switch.h). cudaErrorInvalidValue where none matches.
 template <auto... kValues, typename V, typename F>
 cudaError_t dispatch_value(V value, F&& f) {
   cudaError_t err = cudaErrorInvalidValue;

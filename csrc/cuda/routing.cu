@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "../core/static_switch.h"
 #include "../kernels/align.cuh"
 #include "../kernels/fused_routing.cuh"
 #include "../kernels/gating.cuh"
@@ -195,8 +196,8 @@ cudaError_t topk_gating(DType dtype, const void* logits, int64_t row_stride, int
     using T = decltype(tag);
     return dispatch_per_lane(p.num_experts, [&](auto per_lane) {
       return dispatch_gate_path(p, [&](auto path) {
-        return dispatch_value<false, true>(lookahead, [&](auto la) {
-          return launch_kernel(topk_gating_kernel<T, decltype(per_lane)::value, decltype(path)::value, la>,
+        return BOOL_SWITCH(lookahead, kLookahead, [&] {
+          return launch_kernel(topk_gating_kernel<T, decltype(per_lane)::value, decltype(path)::value, kLookahead>,
                                dim3(blocks), dim3(kGateGroupsPerBlock * kGateLanes), smem, stream, pdl,
                                static_cast<const T*>(logits), row_stride, num_tokens, p, weights, ids);
         });
