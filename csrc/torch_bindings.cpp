@@ -29,16 +29,17 @@ TORCH_LIBRARY(moe_ext, m) {
   m.def("silu_and_mul(Tensor x) -> Tensor");
 
   // Grouped expert GEMM with gather/scatter: out[id] = a[id // topk] @ w[e]^T (* topk_weights[id])
-  // for each id of a block of expert e; [M * topk, N] in a's dtype, zero where no block writes.
+  // for each id of a block of expert e; [M * topk, N] in a's dtype, zero where no block writes
+  // (left unwritten with zero_unwritten=False, for callers that never read those rows).
   m.def(
       "moe_grouped_gemm(Tensor a, Tensor w, Tensor sorted_token_ids, Tensor expert_ids, "
-      "Tensor num_tokens_post_padded, int topk, Tensor? topk_weights=None) -> Tensor");
+      "Tensor num_tokens_post_padded, int topk, Tensor? topk_weights=None, bool zero_unwritten=True) -> Tensor");
 
   // moe_grouped_gemm with w13 [E, 2I, K] fused with silu_and_mul: out[id] = silu(gate) * up, [M * topk, I],
   // the gate and up products in fp32 and rounded once (no [M * topk, 2I] intermediate).
   m.def(
       "moe_grouped_gemm_silu(Tensor a, Tensor w13, Tensor sorted_token_ids, Tensor expert_ids, "
-      "Tensor num_tokens_post_padded, int topk) -> Tensor");
+      "Tensor num_tokens_post_padded, int topk, bool zero_unwritten=True) -> Tensor");
 
   // Decode expert GEMV with SiLU-and-mul, straight from topk_ids (no alignment): out[t * topk + j] =
   // silu(a[t] @ w13[e][:I]^T) * (a[t] @ w13[e][I:]^T), e = expert_map[id] (or id), zeros where the

@@ -232,10 +232,17 @@ def fused_moe(
         routed_scaling_factor=routed_scaling_factor, expert_map=expert_map)
     if fuse_silu is None:
         fuse_silu = use_fused_silu(hidden_states, block_size, hopper)
+    # Rows the alignment leaves out (ids off this rank by expert_map) are never gathered by the second
+    # GEMM, so the first leaves them unwritten; the second zeroes them for the combine only where some
+    # can exist: without expert_map every id is named (the router's ids are always in [0, E)). Each
+    # zeroing saved is a memset or a zero pass, one launch (about 1.5 us a call at decode on an H200).
     if fuse_silu:
-        h = ops.moe_grouped_gemm_silu(hidden_states, w13, sorted_ids, expert_ids, num_post_padded, topk)  # [T*k, I]
+        h = ops.moe_grouped_gemm_silu(hidden_states, w13, sorted_ids, expert_ids, num_post_padded, topk,
+                                      zero_unwritten=False)  # [T*k, I]
     else:
-        h = ops.moe_grouped_gemm(hidden_states, w13, sorted_ids, expert_ids, num_post_padded, topk)  # [T*k, 2I]
-        h = ops.silu_and_mul(h)                                                                       # [T*k, I]
-    h = ops.moe_grouped_gemm(h, w2, sorted_ids, expert_ids, num_post_padded, 1, weights)         # [T*k, H]
-    return ops.moe_combine(h.view(T, topk, H))                                                    # [T, H]
+        h = ops.moe_grouped_gemm(hidden_states, w13, sorted_ids, expert_ids, num_post_padded, topk,
+                                 zero_unwritten=False)  # [T*k, 2I]
+        h = ops.silu_and_mul(h)  # [T*k, I]
+    h = ops.moe_grouped_gemm(h, w2, sorted_ids, expert_ids, num_post_padded, 1, weights,
+                             zero_unwritten=expert_map is not None)  # [T*k, H]
+    return ops.moe_combine(h.view(T, topk, H))  # [T, H]

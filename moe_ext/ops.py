@@ -175,6 +175,7 @@ def moe_grouped_gemm(
     num_tokens_post_padded: torch.Tensor,
     topk: int,
     topk_weights: torch.Tensor | None = None,
+    zero_unwritten: bool = True,
 ) -> torch.Tensor:
     """Grouped expert GEMM with gather and scatter.
 
@@ -186,18 +187,25 @@ def moe_grouped_gemm(
         topk: rows of the output per row of a. The first GEMM passes hidden states [T, H] with
             topk = k; the second passes activations [T*k, I] with topk = 1.
         topk_weights: optional fp32 with M*topk elements (e.g. [T, k]), multiplied into row id.
+        zero_unwritten: False leaves the rows that no block of a valid expert names unwritten
+            (whatever the allocator held) instead of zeroing them, which on CUDA saves a memset or
+            a zero pass (one launch). For callers that never read those rows, or that know every
+            row is named: fused_moe's first GEMM (the second gathers only named rows), and its second
+            when every id is a valid local expert (no expert_map: the router's ids are in [0, E)).
 
     Returns:
         [M * topk, N] in a's dtype: row id = a[id // topk] @ w[e]^T (* topk_weights.flatten()[id])
         for each id < M*topk in the first num_tokens_post_padded slots, e its block's expert.
-        Rows that no block of a valid expert (0 <= e < E_local) names are zero.
+        Rows that no block of a valid expert (0 <= e < E_local) names are zero (zero_unwritten,
+        the default) or unspecified.
     """
     return torch.ops.moe_ext.moe_grouped_gemm.default(
-        a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, topk, topk_weights)
+        a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, topk, topk_weights, zero_unwritten)
 
 
 @torch.library.register_fake("moe_ext::moe_grouped_gemm")
-def _moe_grouped_gemm_fake(a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, topk, topk_weights=None):
+def _moe_grouped_gemm_fake(a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, topk, topk_weights=None,
+                           zero_unwritten=True):
     return a.new_empty((a.shape[0] * topk, w.shape[1]))
 
 
@@ -208,28 +216,31 @@ def moe_grouped_gemm_silu(
     expert_ids: torch.Tensor,
     num_tokens_post_padded: torch.Tensor,
     topk: int,
+    zero_unwritten: bool = True,
 ) -> torch.Tensor:
     """The first grouped GEMM of an MoE layer fused with SiLU-and-mul.
 
     Args:
         a: [M, K] activations (fp32, bf16 or fp16).
         w13: [E_local, 2I, K] expert weights, a's dtype: gate rows [0, I), then up rows [I, 2I).
-        sorted_token_ids, expert_ids, num_tokens_post_padded, topk: as moe_grouped_gemm.
+        sorted_token_ids, expert_ids, num_tokens_post_padded, topk, zero_unwritten: as
+            moe_grouped_gemm.
 
     Returns:
         [M * topk, I] in a's dtype: row id = silu(a[id // topk] @ w13[e, :I]^T) * (a[id // topk] @
-        w13[e, I:]^T), e its block's expert; rows no block of a valid expert names are zero (same row
-        semantics as moe_grouped_gemm). This is silu_and_mul(moe_grouped_gemm(a, w13, ...)) except
+        w13[e, I:]^T), e its block's expert; rows no block of a valid expert names are zero, or
+        unspecified with zero_unwritten=False (same row semantics as moe_grouped_gemm). This is silu_and_mul(moe_grouped_gemm(a, w13, ...)) except
         that the gate and up products stay fp32 until the single final rounding, where the two ops
         round the [M * topk, 2I] product to a's dtype first: the fused op is at least as accurate.
         (On CUDA fp32, and bf16/fp16 before sm_80, the op composes the two ops.)
     """
     return torch.ops.moe_ext.moe_grouped_gemm_silu.default(
-        a, w13, sorted_token_ids, expert_ids, num_tokens_post_padded, topk)
+        a, w13, sorted_token_ids, expert_ids, num_tokens_post_padded, topk, zero_unwritten)
 
 
 @torch.library.register_fake("moe_ext::moe_grouped_gemm_silu")
-def _moe_grouped_gemm_silu_fake(a, w13, sorted_token_ids, expert_ids, num_tokens_post_padded, topk):
+def _moe_grouped_gemm_silu_fake(a, w13, sorted_token_ids, expert_ids, num_tokens_post_padded, topk,
+                                zero_unwritten=True):
     return a.new_empty((a.shape[0] * topk, w13.shape[1] // 2))
 
 

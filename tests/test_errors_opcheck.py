@@ -238,6 +238,9 @@ def opcheck_cases(device):
         ("moe_grouped_gemm", (a, w, sorted_ids, expert_ids, ntpp, topk, torch.rand(4, 2, device=device))),
         ("moe_grouped_gemm_silu", (a, w, sorted_ids, expert_ids, ntpp, topk)),
         ("moe_grouped_gemm_silu", (a.bfloat16(), w.bfloat16(), sorted_ids, expert_ids, ntpp, topk)),
+        # Every id valid, so every row is named and zero_unwritten=False still gives a defined output.
+        ("moe_grouped_gemm", (a, w, sorted_ids, expert_ids, ntpp, topk, torch.rand(4, 2, device=device), False)),
+        ("moe_grouped_gemm_silu", (a.bfloat16(), w.bfloat16(), sorted_ids, expert_ids, ntpp, topk, False)),
         ("moe_combine", (torch.randn(4, 2, 24, generator=g).to(device), None)),
         ("moe_combine", (torch.randn(4, 2, 24, generator=g).to(device), torch.rand(4, 2, generator=g).to(device))),
         ("moe_gemv_silu", tuple(gemv_args(device)[:3]) + (None,)),
@@ -247,7 +250,7 @@ def opcheck_cases(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", range(15))
+@pytest.mark.parametrize("case", range(17))
 def test_opcheck(device, case):
     name, args = opcheck_cases(device)[case]
     require_kernel(name, device)

@@ -8,7 +8,7 @@ import torch
 import moe_ext
 from moe_ext import reference as ref
 
-from conftest import DEVICES, check_silu_gemm, nbytes, poison_allocator, rel_l2, require_kernel
+from conftest import DEVICES, POISON_BYTE, check_silu_gemm, nbytes, poison_allocator, rel_l2, require_kernel
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Output rounding of one fp32 result into the dtype, plus fp32 accumulation-order slack.
@@ -139,6 +139,39 @@ def test_grouped_gemm(device, dtype, T, topk, E, N, K, mode, weighted):
     assert_close_lowp(out, want, dtype)
     if mode == "one_expert" and T:
         assert (out.view(T, topk, N)[:, 1:] == 0).all(), "padding rows must be zero"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("T,N", [(37, 136), (1024, 1040)])  # on CUDA a memset-sized and a flags-sized output
+def test_grouped_gemm_zero_unwritten_false(device, silu, T, N):
+    """zero_unwritten=False: the rows a block names are bit-identical to the default call's; the rows
+    none names (here the padding slots) stay as the allocator held them on CUDA (the poison: no memset
+    and no zero pass ran) and zero on the CPU, which always zeroes."""
+    name = "moe_grouped_gemm_silu" if silu else "moe_grouped_gemm"
+    require_kernel(name, device)
+    topk, E, K, dtype = 4, 8, 64, torch.bfloat16
+    g = torch.Generator().manual_seed(T + N)
+    _, (sorted_ids, expert_ids, ntpp) = make_routing(T, topk, E, 16, g, "one_expert")
+    a = torch.randn(T, K, generator=g).to(dtype)
+    w = (torch.randn(E, N, K, generator=g) / K**0.5).to(dtype)
+    args = [t.to(device) for t in (a, w, sorted_ids, expert_ids, ntpp)]
+    op = getattr(moe_ext, name)
+    extra = () if silu else (torch.rand(T, topk, generator=g).to(device),)
+    want = op(*args, topk, *extra)
+    rows, cols = T * topk, N // 2 if silu else N
+    poison_allocator(device, [nbytes((rows, cols), dtype)])
+    got = op(*args, topk, *extra, zero_unwritten=False)
+    assert got.shape == want.shape == (rows, cols)
+    named = torch.zeros(T, topk, dtype=torch.bool)
+    named[:, 0] = True  # "one_expert": slot 0 of each token on expert E - 1, the other slots -1
+    named = named.flatten().to(device)
+    assert torch.equal(got[named], want[named])
+    unnamed = got[~named]
+    if device == "cpu":
+        assert (unnamed == 0).all()
+    else:
+        assert (unnamed.view(torch.int16) == POISON_BYTE * 0x0101).all(), "rows no block names were written"
 
 
 def upper_half_on_rank(T, k, E, g):

@@ -97,11 +97,12 @@ void for_each_expert_run(const at::Tensor& sorted_token_ids, const at::Tensor& e
 // a: [M, K]; w: [E, N, K]; sorted_token_ids: [num_blocks * block_size] int32;
 // expert_ids: [num_blocks] int32; num_tokens_post_padded: [1] int32; topk_weights: optional fp32
 // with M * topk elements. Returns [M * topk, N] in a's dtype. Each run of blocks of one expert is
-// gathered and multiplied with one ATen matmul; rows no valid block names stay zero.
+// gathered and multiplied with one ATen matmul; rows no valid block names stay zero (also with
+// zero_unwritten=False, which only permits leaving them unwritten: zeroing costs little here).
 at::Tensor moe_grouped_gemm_cpu(const at::Tensor& a, const at::Tensor& w,
                                 const at::Tensor& sorted_token_ids, const at::Tensor& expert_ids,
                                 const at::Tensor& num_tokens_post_padded, int64_t topk,
-                                const std::optional<at::Tensor>& topk_weights) {
+                                const std::optional<at::Tensor>& topk_weights, bool /*zero_unwritten*/) {
   check_grouped_gemm_args(a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, topk,
                           topk_weights);
   const int64_t rows = a.size(0) * topk;
@@ -126,7 +127,8 @@ at::Tensor moe_grouped_gemm_cpu(const at::Tensor& a, const at::Tensor& w,
 // the [n, 2I] product to a's dtype).
 at::Tensor moe_grouped_gemm_silu_cpu(const at::Tensor& a, const at::Tensor& w13,
                                      const at::Tensor& sorted_token_ids, const at::Tensor& expert_ids,
-                                     const at::Tensor& num_tokens_post_padded, int64_t topk) {
+                                     const at::Tensor& num_tokens_post_padded, int64_t topk,
+                                     bool /*zero_unwritten*/) {
   check_grouped_gemm_silu_args(a, w13, sorted_token_ids, expert_ids, num_tokens_post_padded, topk);
   const int64_t rows = a.size(0) * topk, I = w13.size(1) / 2;
   auto out = at::zeros({rows, I}, a.options());

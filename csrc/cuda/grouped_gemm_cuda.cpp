@@ -54,8 +54,11 @@ void check_launch_limits(const char* op, const at::Tensor& sorted_token_ids, int
 }
 
 // The output [rows, N] in a's dtype, zero-filled, or with `covered` [rows] uint8 zeroed for the
-// launcher's flags path (then covered is defined and out is left uninitialized).
-at::Tensor alloc_output(const char* op, const at::Tensor& a, int64_t rows, int64_t N, at::Tensor& covered) {
+// launcher's flags path (then covered is defined and out is left uninitialized). zero_unwritten false:
+// neither (the caller never reads the rows no block writes), so no memset and no zero pass runs.
+at::Tensor alloc_output(const char* op, const at::Tensor& a, int64_t rows, int64_t N, bool zero_unwritten,
+                        at::Tensor& covered) {
+  if (!zero_unwritten) return at::empty({rows, N}, a.options());
   const bool zero_fill = zero_fill_output(op, rows * N * static_cast<int64_t>(a.element_size()));
   if (!zero_fill && rows > 0 && N > 0) covered = at::zeros({rows}, a.options().dtype(at::kByte));
   return zero_fill ? at::zeros({rows, N}, a.options()) : at::empty({rows, N}, a.options());
@@ -71,7 +74,7 @@ bool has_tensor_cores(c10::DeviceIndex device) { return compute_capability(devic
 // elements. Returns [M * topk, N] in a's dtype.
 at::Tensor moe_grouped_gemm_cuda(const at::Tensor& a, const at::Tensor& w, const at::Tensor& sorted_token_ids,
                                  const at::Tensor& expert_ids, const at::Tensor& num_tokens_post_padded,
-                                 int64_t topk, const std::optional<at::Tensor>& topk_weights) {
+                                 int64_t topk, const std::optional<at::Tensor>& topk_weights, bool zero_unwritten) {
   constexpr const char* op = "moe_grouped_gemm";
   check_grouped_gemm_args(a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, topk, topk_weights);
   const int64_t M = a.size(0), K = a.size(1), E = w.size(0), N = w.size(1);
@@ -82,7 +85,7 @@ at::Tensor moe_grouped_gemm_cuda(const at::Tensor& a, const at::Tensor& w, const
   const c10::cuda::CUDAGuard guard(a.device());
 
   at::Tensor covered;  // [rows] uint8, set for each row a valid block writes (flags path only)
-  auto out = alloc_output(op, a, rows, N, covered);
+  auto out = alloc_output(op, a, rows, N, zero_unwritten, covered);
   if (rows == 0 || N == 0) return out;
   const float* tw = topk_weights.has_value() ? topk_weights->const_data_ptr<float>() : nullptr;
   C10_CUDA_CHECK(cuda::moe_grouped_gemm(
@@ -100,7 +103,7 @@ at::Tensor silu_and_mul_cuda(const at::Tensor& x);  // csrc/cuda/activation_cuda
 // [M * topk, I] in a's dtype.
 at::Tensor moe_grouped_gemm_silu_cuda(const at::Tensor& a, const at::Tensor& w13, const at::Tensor& sorted_token_ids,
                                       const at::Tensor& expert_ids, const at::Tensor& num_tokens_post_padded,
-                                      int64_t topk) {
+                                      int64_t topk, bool zero_unwritten) {
   constexpr const char* op = "moe_grouped_gemm_silu";
   check_grouped_gemm_silu_args(a, w13, sorted_token_ids, expert_ids, num_tokens_post_padded, topk);
   const int64_t M = a.size(0), K = a.size(1), E = w13.size(0), I = w13.size(1) / 2;
@@ -113,11 +116,12 @@ at::Tensor moe_grouped_gemm_silu_cuda(const at::Tensor& a, const at::Tensor& w13
     // No fused kernel off the tensor-core path: compose the two ops. fp32 loses nothing by it; bf16
     // and fp16 before sm_80 round the [M * topk, 2I] intermediate as the unfused layer does.
     return silu_and_mul_cuda(
-        moe_grouped_gemm_cuda(a, w13, sorted_token_ids, expert_ids, num_tokens_post_padded, topk, std::nullopt));
+        moe_grouped_gemm_cuda(a, w13, sorted_token_ids, expert_ids, num_tokens_post_padded, topk, std::nullopt,
+                              zero_unwritten));
   }
 
   at::Tensor covered;  // [rows] uint8, set for each row a valid block writes (flags path only)
-  auto out = alloc_output(op, a, rows, I, covered);
+  auto out = alloc_output(op, a, rows, I, zero_unwritten, covered);
   if (rows == 0 || I == 0) return out;
   C10_CUDA_CHECK(cuda::moe_grouped_gemm_silu(
       to_dtype(a.scalar_type()), a.const_data_ptr(), w13.const_data_ptr(), sorted_token_ids.const_data_ptr<int32_t>(),
