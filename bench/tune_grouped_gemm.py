@@ -53,6 +53,9 @@ def main():
     p.add_argument("--shape", action="append", default=[], help="T,topk,E,N,K (repeatable); replaces --models")
     p.add_argument("--block-size", type=int, nargs="+", default=None,
                    help="default: moe_ext.choose_block_size for each shape")
+    p.add_argument("--generic-blocks", action="store_true",
+                   help="the default block sizes as fused_moe picks them off Hopper (hopper=False), to time the "
+                        "mma.sync table's rows on a Hopper GPU")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--max-weight-gib", type=float, default=24.0, help="skip shapes whose weights exceed this")
     p.add_argument("--silu", action="store_true", help="tune moe_grouped_gemm_silu (first GEMMs; N = 2I)")
@@ -82,6 +85,7 @@ def main():
         shapes = [sh for sh in shapes if not sh[6]]
 
     rows, best = [], []
+    stem = args.stem or ("tune-grouped-gemm-silu" if args.silu else "tune-grouped-gemm")
     for name, T, k, E, N, K, second, expert_bytes in shapes:
         if E * N * K * esize > args.max_weight_gib * 2**30:
             print(f"skip {name} T={T}: weights over --max-weight-gib")
@@ -98,7 +102,7 @@ def main():
         hit = int(ids.unique().numel())
         flops = 2 * T * k * N * K
         nbytes = (hit * N * K + a.numel() + T * k * (N // 2 if args.silu else N)) * esize
-        hopper = moe_ext.hopper_tiles(a.device.index)
+        hopper = moe_ext.hopper_tiles(a.device.index) and not args.generic_blocks
         for bs in args.block_size or [moe_ext.choose_block_size(T, k, E, hopper, expert_bytes)]:
             s, e, n = moe_ext.moe_align_block_size(ids, E, bs)
             times = {}
@@ -136,8 +140,8 @@ def main():
                     rows[:] = [r for r in rows if not (r["shape"] == name and r["T"] == T
                                                        and r["block_size"] == bs and r["config"] == cfg)]
                 times[cfg] = us
-                rows.append(dict(shape=name, T=T, topk=k, E=E, N=N, K=K, block_size=bs, config=cfg, us=us,
-                                 tflops=flops / us / 1e6, gbs=nbytes / us / 1e3))
+                rows.append(dict(shape=name, T=T, topk=k, E=E, N=N, K=K, block_size=bs, num_blocks=e.numel(),
+                                 rows=T * k, config=cfg, us=us, tflops=flops / us / 1e6, gbs=nbytes / us / 1e3))
                 print(f"{name} T={T} bs={bs} config {cfg:2d}: {us:9.2f} us  {flops / us / 1e6:7.1f} TFLOP/s  "
                       f"{nbytes / us / 1e3:7.0f} GB/s")
             tuned = {c: t for c, t in times.items() if c >= 0}
@@ -148,6 +152,7 @@ def main():
                                  speedup=times.get(-1, float("nan")) / tuned[c_best]))
         del ws, a  # the next shape's weights (up to --max-weight-gib) must not coexist with these
         torch.cuda.empty_cache()
+        write_results(stem, dict(silu=args.silu, dtype=args.dtype, configs=n_cfg, partial=True), rows, "(partial)")
     table = markdown_table(best, [("shape", "shape", ""), ("T", "T", "d"), ("block_size", "block", "d"),
                                   ("best", "best config", "d"), ("best_us", "best µs", ".2f"),
                                   ("heuristic_us", "heuristic µs", ".2f"), ("speedup", "heuristic µs / best µs", ".2f")])
@@ -168,7 +173,6 @@ def main():
     table += "\n\nLeast total time per block size: " + ", ".join(f"{b}: config {c}" for b, c in suggested.items())
     print(table)
     meta = dict(silu=args.silu, dtype=args.dtype, configs=n_cfg, best=best, suggested=suggested)
-    stem = args.stem or ("tune-grouped-gemm-silu" if args.silu else "tune-grouped-gemm")
     path = write_results(stem, meta, rows, table)
     print(f"wrote {path}.json / .md")
 
