@@ -1,14 +1,18 @@
 """Times every config of the grouped-GEMM launcher's table (csrc/cuda/grouped_gemm.cu) on given
-shapes and reports the fastest, to refill the table's heuristic by hand.
+shapes and reports the fastest; --emit-table writes the plain GEMM's tuned table,
+csrc/cuda/grouped_gemm_table.h, from such results (bench/tile_table.py: the rule and the buckets).
 
 Each config is forced through MOE_EXT_GROUPED_GEMM_CONFIG (read by the adapter on every call);
-config -1 is the current heuristic. Routing is random top-k, aligned by moe_ext's own op. Times are
+config -1 is the current heuristic. Model shapes are routed as the layer benchmark routes them (the
+model's own routing of random logits, DeepSeek-V3's correction bias N(0, 0.1)), --shape ones by
+uniform random top-k (so is everything with --uniform-routing); aligned by moe_ext's own op. Times are
 CUDA-graph replays (median µs per call) with weights rotated over more than L2 holds where they
 fit in memory; TFLOP/s counts 2 * (T*k) * N * K, GB/s the weights of the experts hit plus A and out.
 
     python bench/tune_grouped_gemm.py                       # both GEMMs of each model in models.py
     python bench/tune_grouped_gemm.py --shape 512,8,64,1536,2048 --tokens 1 16 --block-size 16 64
     python bench/tune_grouped_gemm.py --silu                # moe_grouped_gemm_silu's table, w13 GEMMs only
+    python bench/tune_grouped_gemm.py --emit-table results/<device>-<stem>.json ...  # no GPU needed
 
 Writes results/<device>-tune-grouped-gemm[-silu].{json,md}: every timing, and per shape the best config.
 With --silu, N is w13's 2I rows and the op writes [T*k, I] (MOE_EXT_GROUPED_GEMM_SILU_CONFIG).
@@ -27,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import moe_ext  # noqa: E402
 from common import markdown_table, time_graph, write_results  # noqa: E402
 from moe_ext.models import MODELS  # noqa: E402
+from tile_table import HEADER, ROOT, emit_table, op_bucket_of  # noqa: E402
 
 ENV = "MOE_EXT_GROUPED_GEMM_CONFIG"
 SILU_ENV = "MOE_EXT_GROUPED_GEMM_SILU_CONFIG"
@@ -64,7 +69,19 @@ def main():
                    help="time every config this many times, in interleaved rounds, and keep each one's least "
                         "(clock drift between configs averages out)")
     p.add_argument("--stem", default=None, help="results/<device>-<stem>.json/.md (default tune-grouped-gemm[-silu])")
+    p.add_argument("--uniform-routing", action="store_true", help="route model shapes by uniform random top-k too")
+    p.add_argument("--emit-table", nargs="+", metavar="JSON", default=None,
+                   help="write csrc/cuda/grouped_gemm_table.h from these results of the plain GEMM (paths from the "
+                        "current directory) and exit; no tuning, no GPU")
     args = p.parse_args()
+    if args.emit_table:
+        sources = []
+        for src in args.emit_table:
+            path = Path(src) if Path(src).is_absolute() else (Path.cwd() / src)
+            sources.append(str(path.resolve().relative_to(ROOT)))
+        HEADER.write_text(emit_table(sources, HEADER.read_text(), op_bucket_of()))
+        print(f"wrote {HEADER} from {' '.join(sources)}")
+        return
     dtype = getattr(torch, args.dtype)
     esize = torch.empty((), dtype=dtype).element_size()
     env = SILU_ENV if args.silu else ENV
@@ -86,6 +103,10 @@ def main():
 
     rows, best = [], []
     stem = args.stem or ("tune-grouped-gemm-silu" if args.silu else "tune-grouped-gemm")
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    run_meta = dict(compute_capability=props.major * 10 + props.minor, num_sms=props.multi_processor_count,
+                    generic_blocks=args.generic_blocks,
+                    routing="uniform" if args.uniform_routing else "model (uniform for --shape)")
     for name, T, k, E, N, K, second, expert_bytes in shapes:
         if E * N * K * esize > args.max_weight_gib * 2**30:
             print(f"skip {name} T={T}: weights over --max-weight-gib")
@@ -97,7 +118,15 @@ def main():
         w_bytes = E * N * K * esize
         copies = max(1, min(4, int((args.max_weight_gib * 2**30) // max(w_bytes, 1)), -(-(256 << 20) // w_bytes)))
         ws = [torch.randn(E, N, K, device="cuda", dtype=dtype, generator=g) / K**0.5 for _ in range(copies)]
-        ids = torch.rand(T, E, device="cuda", generator=g).topk(k, dim=1).indices.to(torch.int32)
+        model = MODELS.get(name.split()[0])
+        if model is None or args.uniform_routing:
+            ids = torch.rand(T, E, device="cuda", generator=g).topk(k, dim=1).indices.to(torch.int32)
+        else:  # as bench_moe.py routes the layer
+            routing = dict(model.routing)
+            if model.correction_bias:
+                routing["correction_bias"] = torch.randn(E, device="cuda", generator=g) * 0.1
+            logits = torch.randn(T, E, device="cuda", generator=g)
+            ids = moe_ext.topk_gating(logits, k, **routing)[1]
         tw = torch.rand(T, k, device="cuda", generator=g)
         hit = int(ids.unique().numel())
         flops = 2 * T * k * N * K
@@ -152,12 +181,14 @@ def main():
                                  speedup=times.get(-1, float("nan")) / tuned[c_best]))
         del ws, a  # the next shape's weights (up to --max-weight-gib) must not coexist with these
         torch.cuda.empty_cache()
-        write_results(stem, dict(silu=args.silu, dtype=args.dtype, configs=n_cfg, partial=True), rows, "(partial)")
+        write_results(stem, dict(silu=args.silu, dtype=args.dtype, configs=n_cfg, partial=True, **run_meta), rows,
+                      "(partial)")
     table = markdown_table(best, [("shape", "shape", ""), ("T", "T", "d"), ("block_size", "block", "d"),
                                   ("best", "best config", "d"), ("best_us", "best µs", ".2f"),
                                   ("heuristic_us", "heuristic µs", ".2f"), ("speedup", "heuristic µs / best µs", ".2f")])
     # Per block size, the config with the least total time over all shapes that ran every config:
-    # a starting point for kHeuristic's `many` column (its `few` column wants the decode shapes alone).
+    # a starting point for the SiLU table's rows (kSiluHeuristic, filled by hand; the plain GEMM's table is written by
+    # --emit-table, by bucket).
     suggested = {}
     for bs in sorted({r["block_size"] for r in rows}):
         totals, count = {}, {}
@@ -172,7 +203,7 @@ def main():
                   f"({full[suggested[bs]]:.1f} µs over {count[suggested[bs]]} shapes)")
     table += "\n\nLeast total time per block size: " + ", ".join(f"{b}: config {c}" for b, c in suggested.items())
     print(table)
-    meta = dict(silu=args.silu, dtype=args.dtype, configs=n_cfg, best=best, suggested=suggested)
+    meta = dict(silu=args.silu, dtype=args.dtype, configs=n_cfg, best=best, suggested=suggested, **run_meta)
     path = write_results(stem, meta, rows, table)
     print(f"wrote {path}.json / .md")
 

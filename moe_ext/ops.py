@@ -229,9 +229,10 @@ def moe_grouped_gemm_silu(
     Returns:
         [M * topk, I] in a's dtype: row id = silu(a[id // topk] @ w13[e, :I]^T) * (a[id // topk] @
         w13[e, I:]^T), e its block's expert; rows no block of a valid expert names are zero, or
-        unspecified with zero_unwritten=False (same row semantics as moe_grouped_gemm). This is silu_and_mul(moe_grouped_gemm(a, w13, ...)) except
-        that the gate and up products stay fp32 until the single final rounding, where the two ops
-        round the [M * topk, 2I] product to a's dtype first: the fused op is at least as accurate.
+        unspecified with zero_unwritten=False (same row semantics as moe_grouped_gemm). This is
+        silu_and_mul(moe_grouped_gemm(a, w13, ...)) except that the gate and up products stay fp32
+        until the single final rounding, where the two ops round the [M * topk, 2I] product to a's
+        dtype first: the fused op is at least as accurate.
         (On CUDA fp32, and bf16/fp16 before sm_80, the op composes the two ops.)
     """
     return torch.ops.moe_ext.moe_grouped_gemm_silu.default(
@@ -334,4 +335,14 @@ def grouped_gemm_tile_config(op: str, rows: int, N: int, K: int, num_experts: in
         compute_capability = props.major * 10 + props.minor if compute_capability is None else compute_capability
         num_sms = props.multi_processor_count if num_sms is None else num_sms
     return torch.ops.moe_ext.grouped_gemm_tile_config.default(op, rows, N, K, num_experts, num_blocks, block_size,
+                                                              compute_capability, num_sms)
+
+
+def grouped_gemm_tile_bucket(rows: int, N: int, K: int, num_experts: int, num_blocks: int, block_size: int,
+                             compute_capability: int, num_sms: int) -> int:
+    """The bucket of csrc/cuda/grouped_gemm_table.h (its GemmBucket order) whose tuned config moe_grouped_gemm's
+    heuristic takes for these shapes (arguments as grouped_gemm_tile_config's), or -1 where the heuristic gives -1
+    or the unaligned config (K % 8 != 0). For bench/tile_table.py, which fills that table by bucket from the
+    tuner's timings. CUDA builds only; needs no GPU."""
+    return torch.ops.moe_ext.grouped_gemm_tile_bucket.default(rows, N, K, num_experts, num_blocks, block_size,
                                                               compute_capability, num_sms)

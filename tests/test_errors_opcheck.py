@@ -274,28 +274,18 @@ def _tile_config(op, T, topk, E, N, K, block_size, cc=90, sms=132):
 
 
 def test_grouped_gemm_tile_config():
-    """The grouped-GEMM heuristics' picks, host arithmetic only (no GPU): the choices bench/NOTES.md
-    records as measured on the H200 (session 17) and an A100's table."""
+    """The grouped-GEMM heuristics' picks, host arithmetic only (no GPU). The plain GEMM's come from its tuned table
+    by bucket (tests/test_tile_table.py checks the buckets); here what holds whatever the table: no tensor-core table
+    before sm_80, the unaligned instance for K % 8 != 0. The SiLU table's picks (filled by hand): the choices
+    bench/NOTES.md records as measured on the H200 (session 17) and an A100's table."""
     require_kernel("moe_gemv_silu", "cuda")  # the tables exist in CUDA builds only
     g, s = "moe_grouped_gemm", "moe_grouped_gemm_silu"
-    # Off Hopper (cc 8.0, 108 multiprocessors): the mma.sync table by block size.
-    assert _tile_config(g, 16, 8, 128, 1536, 2048, 16, cc=80, sms=108) == 11
-    assert _tile_config(g, 1024, 8, 128, 1536, 2048, 128, cc=80, sms=108) == 9
     assert _tile_config(s, 1024, 8, 128, 768, 2048, 128, cc=80, sms=108) == 3
     assert _tile_config(g, 4, 2, 8, 4096, 14336, 16, cc=75, sms=40) == -1  # no tensor-core table before sm_80
     assert _tile_config(g, 3, 2, 8, 77, 111, 16) == 1  # K % 8 != 0: the unaligned instance
-    if _tile_config(g, 4096, 8, 128, 1536, 2048, 192) != 17:
+    if _tile_config(s, 4096, 8, 256, 2048, 7168, 192) != 6:
         pytest.skip("a build without sm_90a code: no Hopper tiles")
     # Hopper (cc 9.0, 132 multiprocessors).
-    assert _tile_config(g, 2, 2, 8, 4096, 14336, 16) == 11   # Mixtral w2 T=2: 18's grid would be under 2 a SM
-    assert _tile_config(g, 2, 2, 8, 28672, 4096, 16) == 18   # Mixtral w13 T=2
-    assert _tile_config(g, 16, 8, 256, 4096, 7168, 16) == 18  # DeepSeek-V3 w13 T=16
-    assert _tile_config(g, 4, 2, 8, 4096, 14336, 64) == 18   # Mixtral w2 T=4 (64-row blocks)
-    assert _tile_config(g, 256, 8, 128, 2048, 768, 128) == 18  # Qwen3 w2 T=256: 16 rows an expert
-    assert _tile_config(g, 512, 8, 128, 2048, 768, 128) == 15  # 32 rows an expert: 128 x 256
-    assert _tile_config(g, 1024, 8, 256, 4096, 7168, 128) == 15  # DeepSeek-V3 w13 T=1024
-    assert _tile_config(g, 4096, 8, 256, 7168, 2048, 192) == 17
-    assert _tile_config(s, 4096, 8, 256, 2048, 7168, 192) == 6
     assert _tile_config(s, 1024, 8, 128, 768, 2048, 128) == 5
     assert _tile_config(s, 16, 8, 128, 768, 2048, 16) == 1
     assert _tile_config(g, 4, 2, 8, 4096, 14336, 16) in range(moe_ext.ops.num_tile_configs(g))

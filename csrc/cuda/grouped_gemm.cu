@@ -7,6 +7,7 @@
 #include "../kernels/grouped_gemm_wgmma.cuh"
 #include "dispatch.cuh"
 #include "grouped_gemm.h"
+#include "grouped_gemm_table.h"
 
 namespace moe_ext::cuda {
 namespace {
@@ -64,7 +65,7 @@ using Cfg15 = gg::WgmmaConfig<128, 256, 2, 1, 4, false, true>;
 using Cfg16 = gg::WgmmaConfig<64, 256, 1, 2, 4, false, true>;
 using Cfg17 = gg::WgmmaConfig<192, 256, 3, 1, 4, false, true>;
 using Cfg18 = gg::WgmmaConfig<64, 128, 1, 1, 4, false, true>;
-constexpr int kNumMmaConfigs = 12;  // indices below are mma.sync, from here on wgmma
+constexpr int kNumMmaConfigs = 12;  // below: mma.sync, from here on wgmma (= bench/tile_table.py's FIRST_WGMMA_CONFIG)
 constexpr int kNumConfigs = 19;
 constexpr int kWgmmaFallback[kNumConfigs - kNumMmaConfigs] = {9, 9, 3, 9, 3, 9, 3};
 constexpr int kConfigBM[kNumConfigs] = {Cfg0::BM,  Cfg1::BM,  Cfg2::BM,  Cfg3::BM,  Cfg4::BM,  Cfg5::BM,  Cfg6::BM,
@@ -78,29 +79,11 @@ constexpr int kConfigBN[kNumConfigs] = {Cfg0::BN,  Cfg1::BN,  Cfg2::BN,  Cfg3::B
 // no production model has.
 constexpr int kUnalignedConfig = 1;
 
-// The heuristic: the first row whose max_block_size >= block_size gives two candidates; `many`
-// is taken when its estimated CTA count fills the GPU (>= two per multiprocessor), else `few`
-// (smaller tiles, more CTAs: decode with few experts hit and small N, e.g. Mixtral's w2 at T=1).
+// The SiLU heuristic's rows (kSiluHeuristic below): the first row whose max_block_size >= block_size gives
+// two candidates; `many` is taken when its estimated CTA count fills the GPU (>= two per multiprocessor),
+// else `few` (smaller tiles, more CTAs: decode with few experts hit and small N).
 struct HeuristicRow {
   int max_block_size, many, few;
-};
-// From bench/tune_grouped_gemm.py on one H100 (results/h100-80gb-hbm3-tune-grouped-gemm.md, the
-// four models' two GEMMs at T = 1, 16, 1024, and Qwen3 / GPT-OSS at T = 4096 with blocks of 64 and
-// 128): config 0 is fastest or within 6% at block size 16 (decode), 8 has the least total time at
-// 32, 3 at 64, 9 at 128. Config 11 (a quarter of config 0's columns, 2 warps) is for decode shapes
-// whose config-0 grid leaves multiprocessors with one CTA and others with two (e.g. Qwen3's w13 at
-// T=1: 8 blocks x 24 N-tiles = 192 CTAs on 132 multiprocessors). On an H200 (session 8,
-// results/h200-tune-stream.md, the four models' two GEMMs at T = 1, 4, 16) config 11 was fastest or
-// within 2% of the fastest at 20 of the 24 decode GEMMs (7% at worst: Qwen3's w2 at T=1, 13.1 against
-// 12.2 us) and config 0 up to 14% slower than it (DeepSeek-V3 w13 T=16: 1662 against 1468 us), so
-// block size 16 takes config 11 whatever the CTA count (on Hopper, from session 17, the wgmma config 18
-// where its grid fills the GPU: choose_wgmma_config).
-constexpr HeuristicRow kHeuristic[] = {
-    {16, 11, 11},
-    {32, 8, 10},
-    {64, 3, 4},
-    {128, 9, 6},
-    {INT_MAX, 6, 3},
 };
 
 // CTAs that do work, estimated from shapes alone (num_tokens_post_padded stays on the device): at
@@ -133,7 +116,7 @@ int choose_config(const HeuristicRow (&heuristic)[kRows], const int (&bm)[kConfi
 //   3  128   64   64   2x4     3     110,592     block size 128 (prefill); 8 warps of 64 x 16 (x2 sets)
 //   4  128  128   64   2x1     4     197,632     wgmma (Hopper), block size 128; falls back to config 3 off Hopper
 //   5  128  128   64   2x1     4     197,632     4 with the weight tile by TMA; config 3 off Hopper
-//   6  192  128   64   3x1     4     230,400     5 with three warpgroups: block size 192 (see kWgmma192)
+//   6  192  128   64   3x1     4     230,400     5 with three warpgroups: block size 192 (see kSiluWgmma192)
 // On an H200 (results/h200-tune-tma-silu2.md, three interleaved rounds) config 5 was the fastest or
 // within 1% at the four models' first GEMMs at T = 1024 and 4096 (GPT-OSS T=4096: 1795 against 1845
 // us for config 4), so block size 128 on Hopper takes it.
@@ -143,8 +126,8 @@ int choose_config(const HeuristicRow (&heuristic)[kRows], const int (&bm)[kConfi
 // (GPT-OSS T=1: 55.7 against 52.0); re-timed in session 9 with two rounds (h200-tune-silu-decode-s9.md),
 // 3.7% less time than config 0 over the 12 (DeepSeek-V3 T=1 13% less, GPT-OSS T=1 9% more).
 // fused_moe fuses only from block size 32, so this row serves
-// callers of moe_grouped_gemm_silu and fuse_silu=True. The rows above 16 mirror the plain heuristic,
-// halving BN where the fused tile would otherwise double the stage.
+// callers of moe_grouped_gemm_silu and fuse_silu=True. The rows above 16 mirror the plain GEMM's mma table of
+// session 24, halving BN where the fused tile would otherwise double the stage.
 using SiluCfg0 = MmaConfig<16, 64, 64, 1, 4, 4, true>;
 using SiluCfg1 = MmaConfig<16, 32, 128, 1, 2, 4, true>;
 using SiluCfg2 = MmaConfig<64, 64, 64, 2, 2, 4, true>;
@@ -181,59 +164,62 @@ bool wgmma_available(int cc) {
 #endif
 }
 
-// The heuristic's Hopper choice, or -1 to use the mma.sync table: 128-row blocks take 128 x 256 tiles,
-// 64-row blocks 64 x 256, both with the weight tile by TMA; the 64 x 128 tile (config 18) where a hit expert
-// expects few rows, decode blocks included (below). On an H200 (session 9, results/h200-tune-tma2.md: the
-// four models' GEMMs at T = 128, 1024, 4096, blocks of 64 and 128; configs 12-17 of that run, 17 there is 16
-// here) config 15 was the fastest or within 4% of it at every 128-row shape, 3-18% faster than the cp.async
-// config 13 (DeepSeek-V3 w13 T=4096: 5813 against 6039 us, Mixtral w13 T=1024: 996 against 1148), and
-// faster than 128 x 128 tiles at every CTA count, so the count no longer matters here; config 16 at 64-row
-// blocks was within 5% of the best.
-// Blocks of a multiple of 192 rows (fused_moe's choice where an expert's expected rows are 96 or more on
-// Hopper) take config 17: three warpgroups of 64 rows under one 256-column weight tile, so each weight tile
-// pulled through L2 serves 192 rows instead of 128 (session 15's ncu: the prefill tiles are bound by the
-// link between the two L2 partitions), and an expert of 129-192 rows takes one tile, not two. H200, layer
-// at T=4096 against 128-row blocks in the same run (results/h200-moe-prefill-bs192.md): DeepSeek-V3 8691 ->
-// 8428 us, GPT-OSS 2617 -> 2437, Mixtral 5861 -> 5445, Qwen3 915 -> 843.
-// 64-row blocks whose config-16 grid (estimated from shapes) is under two CTAs a multiprocessor take config 18:
-// half the columns a CTA, so twice the CTAs, two a multiprocessor (99 KB of shared memory each). Session 16:
-// fused_moe takes 64-row blocks from a few rows an expert, where Mixtral's w2 (16 N-tiles an expert) with 4
-// experts hit made 64 CTAs for 132 multiprocessors.
-// Session 17: config 18 also takes every block below 192 rows wherever a hit expert expects at most
-// kNarrowRowsPerExpert rows (rows <= 16 E): one 64-row m-tile then mostly holds an expert's rows, so the weights
-// are read about once either way, and two CTAs a multiprocessor keep one CTA's prologue and epilogue under the
-// other's stream. Decode blocks (below 64 rows, where the mma.sync table's config 11 ran) take it only when its
-// grid fills the GPU twice over (Mixtral's w2 with 3 experts hit would make 96 CTAs; config 11 streamed it at
-// T=2 in 82.6 us against 109.5 for 18, results/h200-tune-s17-splitk.md). H200, session 17:
-// - tuner, two interleaved rounds, balanced random routing (results/h200-tune-s17-mid.md, -dec16.md): 18 the
-//   fastest of 15-19 at all 18 GEMMs with r = rows / E = 2-32 (Qwen3 w2 T=256: 118.9 against 129.7 us for 15),
-//   slower at r = 64 (Qwen3 w13 T=1024 12%, Mixtral w2 T=256 20%: experts of more than 64 rows read their
-//   weights once per m-tile); at 16-row blocks 1-11% faster than 11 at DeepSeek-V3, GPT-OSS and Mixtral, T =
-//   8-32, and 1.3% faster to 3.5% slower at Qwen3.
-// - the layer (results/h200-s17-*.md, graph replay at T <= 16, events above): with 18 forced at 16-row
-//   blocks, DeepSeek-V3 T=8-16 2-3% faster, GPT-OSS T=12-32 1-7%, Qwen3 T=12-32 1-3% (T=8 +0.2%). At 128-row
-//   blocks Qwen3 T=128-512 4.2-4.7% faster, GPT-OSS T=256-1024 1.4-2.3%, but DeepSeek-V3 T=512 0.8-2.2% and
-//   T=1024 5.5-7.7% slower: its routing (correction bias) is skewed, 39 rows a hit expert on average at
-//   T=1024 (208 hit), so many experts exceed 64 rows; hence r <= 16, not 32.
-// A 128 x 128 TMA tile of 3 stages (two CTAs a multiprocessor; config 19 of that run, removed since) was slower
-// than 15 at every GEMM (4-16%).
-constexpr int kWgmma128 = 15, kWgmma64 = 16, kWgmma192 = 17, kWgmma64Narrow = 18;
+// The plain GEMM's heuristic: gemm_bucket sorts a call's shapes into the buckets of grouped_gemm_table.h, whose
+// config per bucket bench/tune_grouped_gemm.py --emit-table fills from timings (bench/tile_table.py: the least
+// total time over the tuned shapes that fall in the bucket, with a 2% margin for the incumbent). The buckets are the
+// structure, written here from measurements
+// (bench/NOTES.md, sessions 9-17):
+// - off Hopper (or where no Hopper bucket applies), rows by block size (<= 16, 32, 64, 128, larger), each split by
+//   whether a reference tile's grid fills the GPU (>= two CTAs a multiprocessor): the tile of the row's "many"
+//   config in session 24's hand-filled table, fixed so that the buckets do not move with the tuned configs;
+// - on Hopper (a cc 9.0 device and sm_90a code: the wgmma tiles), blocks of a multiple of 192 rows (three
+//   warpgroups under one weight tile: a third less weight traffic a row through L2, whose partition link bounds
+//   the prefill tiles, session 15), then "narrow" shapes where a hit expert expects at most kNarrowRowsPerExpert
+//   rows (one 64-row m-tile then mostly holds an expert's rows, so two CTAs a multiprocessor of the 64 x 128 tile
+//   keep a prologue under another CTA's stream, session 17; 16 and not 32 because DeepSeek-V3's skewed routing puts
+//   many experts over 64 rows at 32 on average), decode blocks (< 64 rows) only where that tile's grid fills the
+//   GPU twice over (else the mma rows: Mixtral's w2 at T=2, 96 CTAs, streamed faster on mma.sync), and the
+//   64-row blocks split by whether the 64 x 256 tile's grid fills the GPU.
 constexpr int64_t kNarrowRowsPerExpert = 16;
-static_assert(Cfg15::kTma && Cfg15::BM == 128 && Cfg16::kTma && Cfg16::BM == 64 && Cfg17::kTma && Cfg17::BM == 192 &&
-                  Cfg18::kTma && Cfg18::BM == 64,
-              "the heuristic's Hopper picks");
-int choose_wgmma_config(int64_t rows, int64_t E, int64_t N, int64_t num_blocks, int64_t block_size, int num_sms) {
-  if (block_size % Cfg17::BM == 0) return kWgmma192;
+constexpr int kMmaRowMaxBlock[] = {16, 32, 64, 128};  // then larger: kMmaLargeMany / kMmaLargeFew
+constexpr int kMmaRowSplitConfig[5] = {11, 8, 3, 9, 6};  // session 24's "many" configs, whose tiles split the rows
+static_assert(kMmaLargeMany == kMma16Many + 2 * 4 && kMmaLargeFew == kMmaLargeMany + 1 && kMma16Few == kMma16Many + 1,
+              "grouped_gemm_table.h: the mma buckets come in (many, few) pairs by kMmaRowMaxBlock");
+
+GemmBucket mma_bucket(int64_t rows, int64_t E, int64_t N, int64_t num_blocks, int64_t block_size, int num_sms) {
+  int row = 0;
+  while (row < 4 && block_size > kMmaRowMaxBlock[row]) ++row;
+  const auto many = static_cast<GemmBucket>(kMma16Many + 2 * row);
+  const int split = kMmaRowSplitConfig[row];
+  const int64_t ctas = estimated_ctas(kConfigBM[split], kConfigBN[split], rows, E, N, num_blocks, block_size);
+  return ctas >= 2 * num_sms ? many : static_cast<GemmBucket>(many + 1);
+}
+
+// wgmma: the Hopper tiles may run (a cc 9.0 device, a build with sm_90a code).
+GemmBucket gemm_bucket(bool wgmma, int64_t rows, int64_t E, int64_t N, int64_t num_blocks, int64_t block_size,
+                       int num_sms) {
+  if (!wgmma) return mma_bucket(rows, E, N, num_blocks, block_size, num_sms);
+  if (block_size % Cfg17::BM == 0) return kHopper192;
   const bool narrow = rows <= kNarrowRowsPerExpert * E;
   if (block_size < 64) {
     const int64_t ctas = estimated_ctas(Cfg18::BM, Cfg18::BN, rows, E, N, num_blocks, block_size);
-    return narrow && ctas >= 2 * num_sms ? kWgmma64Narrow : -1;
+    return narrow && ctas >= 2 * num_sms ? kHopperDecode : mma_bucket(rows, E, N, num_blocks, block_size, num_sms);
   }
-  if (narrow) return kWgmma64Narrow;
-  if (block_size >= 128) return kWgmma128;
+  if (narrow) return kHopperNarrow;
+  if (block_size >= 128) return kHopper128;
   const int64_t ctas = estimated_ctas(Cfg16::BM, Cfg16::BN, rows, E, N, num_blocks, block_size);
-  return ctas >= 2 * num_sms ? kWgmma64 : kWgmma64Narrow;
+  return ctas >= 2 * num_sms ? kHopper64Many : kHopper64Few;
 }
+static_assert(Cfg16::BM == 64 && Cfg16::BN == 256 && Cfg17::BM == 192 && Cfg18::BM == 64 && Cfg18::BN == 128,
+              "gemm_bucket's tile shapes");
+constexpr bool tuned_table_valid() {
+  for (int b = 0; b < kNumGemmBuckets; ++b) {
+    const int cfg = kTunedGemmConfig[b];
+    if (cfg < 0 || cfg >= kNumConfigs || (b <= kMmaLargeFew && cfg >= kNumMmaConfigs)) return false;
+  }
+  return true;
+}
+static_assert(tuned_table_valid(), "grouped_gemm_table.h: a config outside the table, or a wgmma one in an mma bucket");
 
 // cuTensorMapEncodeTiled, taken from the driver through the runtime (no link against libcuda).
 using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
@@ -338,9 +324,7 @@ cudaError_t launch_silu_config(int cfg, bool aligned, bool wgmma, const GroupedG
 // build with sm_90a code). Operands that are not 16-byte aligned run the unaligned instance whatever the pick.
 int plain_heuristic(bool wgmma, int64_t rows, int64_t E, int64_t N, int64_t num_blocks, int64_t block_size,
                     int num_sms) {
-  const int cfg = wgmma ? choose_wgmma_config(rows, E, N, num_blocks, block_size, num_sms) : -1;
-  return cfg >= 0 ? cfg
-                  : choose_config(kHeuristic, kConfigBM, kConfigBN, 1, rows, E, N, num_blocks, block_size, num_sms);
+  return kTunedGemmConfig[gemm_bucket(wgmma, rows, E, N, num_blocks, block_size, num_sms)];
 }
 int silu_heuristic(bool wgmma, int64_t rows, int64_t E, int64_t I, int64_t num_blocks, int64_t block_size,
                    int num_sms) {
@@ -383,7 +367,23 @@ cudaError_t zero_uncovered_rows(const uint8_t* covered, void* out, int64_t rows,
 }  // namespace
 
 int grouped_gemm_num_configs() { return kNumConfigs; }
+#if MOE_GG_HAS_MMA
+int grouped_gemm_num_buckets() { return kNumGemmBuckets; }
+#else
+int grouped_gemm_num_buckets() { return 0; }
+#endif
 int grouped_gemm_silu_num_configs() { return kNumSiluConfigs; }
+
+int grouped_gemm_heuristic_bucket(int64_t rows, int64_t K, int64_t E, int64_t N, int64_t num_blocks, int64_t block_size,
+                                  int compute_capability, int num_sms) {
+#if MOE_GG_HAS_MMA
+  if (compute_capability < 80 || rows <= 0 || N <= 0 || num_blocks <= 0 || block_size <= 0 || K % 8 != 0) return -1;
+  return gemm_bucket(wgmma_available(compute_capability), rows, E, N, num_blocks, block_size, num_sms);
+#else
+  (void)rows, (void)K, (void)E, (void)N, (void)num_blocks, (void)block_size, (void)compute_capability, (void)num_sms;
+  return -1;
+#endif
+}
 
 int grouped_gemm_heuristic_config(bool silu, int64_t rows, int64_t N, int64_t K, int64_t E, int64_t num_blocks,
                                   int64_t block_size, int compute_capability, int num_sms) {

@@ -6,6 +6,9 @@
 //   MOE_EXT_GROUPED_GEMM_CONFIG  index into the launcher's config table (csrc/cuda/grouped_gemm.cu),
 //                                -1 or unset for its heuristic.
 //   MOE_EXT_GROUPED_GEMM_SILU_CONFIG  the same for moe_grouped_gemm_silu's table.
+//   MOE_EXT_GROUPED_GEMM_TABLE   comma-separated configs, one per bucket of csrc/cuda/grouped_gemm_table.h, that
+//                                moe_grouped_gemm's heuristic takes instead of the compiled table's (a table the
+//                                tuner emitted, timed and tested before it is compiled in); unset: the compiled one.
 //   MOE_EXT_GROUPED_GEMM_ZERO    "memset" (zeroed output) or "flags" (covered-row flags and a zero
 //                                pass); unset: memset up to kZeroFillMaxBytes of output, flags above.
 #include <ATen/core/Tensor.h>
@@ -44,6 +47,39 @@ bool zero_fill_output(const char* op, int64_t out_bytes) {
   return std::strcmp(s, "memset") == 0;
 }
 
+}  // namespace
+
+// moe_grouped_gemm's config by MOE_EXT_GROUPED_GEMM_TABLE for these shapes (as grouped_gemm_heuristic_config takes
+// them), or -1 when the variable is unset or the shapes have no bucket (the launcher's heuristic decides then).
+int table_override_config(int64_t rows, int64_t N, int64_t K, int64_t E, int64_t num_blocks, int64_t block_size,
+                          int compute_capability, int num_sms) {
+  constexpr const char* env = "MOE_EXT_GROUPED_GEMM_TABLE";
+  const char* s = std::getenv(env);
+  if (s == nullptr || *s == '\0') return -1;
+  const int buckets = cuda::grouped_gemm_num_buckets(), n = cuda::grouped_gemm_num_configs();
+  int table[64];
+  int count = 0;
+  const char* p = s;
+  while (true) {
+    char* end = nullptr;
+    const long v = std::strtol(p, &end, 10);
+    MOE_CHECK_VALUE(end != p && v >= 0 && v < n && count < buckets, "moe_ext.moe_grouped_gemm: ", env, " must be ",
+                    buckets, " comma-separated configs in [0, ", n, "), got \"", s, "\"");
+    table[count++] = static_cast<int>(v);
+    if (*end == '\0') break;
+    MOE_CHECK_VALUE(*end == ',', "moe_ext.moe_grouped_gemm: ", env, " must be ", buckets,
+                    " comma-separated configs, got \"", s, "\"");
+    p = end + 1;
+  }
+  MOE_CHECK_VALUE(count == buckets, "moe_ext.moe_grouped_gemm: ", env, " must be ", buckets,
+                  " comma-separated configs, got ", count);
+  const int bucket =
+      cuda::grouped_gemm_heuristic_bucket(rows, K, E, N, num_blocks, block_size, compute_capability, num_sms);
+  return bucket < 0 ? -1 : table[bucket];
+}
+
+namespace {
+
 // Limits of the launcher's int32 indexing and grid (N: output columns).
 void check_launch_limits(const char* op, const at::Tensor& sorted_token_ids, int64_t N, int64_t max_n, int64_t K) {
   const int64_t P = sorted_token_ids.numel();
@@ -81,8 +117,12 @@ at::Tensor moe_grouped_gemm_cuda(const at::Tensor& a, const at::Tensor& w, const
   const int64_t rows = M * topk;
   const int64_t num_blocks = expert_ids.numel();
   check_launch_limits(op, sorted_token_ids, N, kMaxN, K);
-  const int config = config_override(op, "MOE_EXT_GROUPED_GEMM_CONFIG", cuda::grouped_gemm_num_configs());
+  int config = config_override(op, "MOE_EXT_GROUPED_GEMM_CONFIG", cuda::grouped_gemm_num_configs());
   const c10::cuda::CUDAGuard guard(a.device());
+  const c10::DeviceIndex device = a.device().index();
+  if (config < 0 && rows > 0 && N > 0 && num_blocks > 0)
+    config = table_override_config(rows, N, K, E, num_blocks, sorted_token_ids.numel() / num_blocks,
+                                   compute_capability(device), num_sms(device));
 
   at::Tensor covered;  // [rows] uint8, set for each row a valid block writes (flags path only)
   auto out = alloc_output(op, a, rows, N, zero_unwritten, covered);
