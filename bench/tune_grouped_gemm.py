@@ -1,6 +1,7 @@
 """Times every config of the grouped-GEMM launcher's table (csrc/cuda/grouped_gemm.cu) on given
-shapes and reports the fastest; --emit-table writes the plain GEMM's tuned table,
-csrc/cuda/grouped_gemm_table.h, from such results (bench/tile_table.py: the rule and the buckets).
+shapes and reports the fastest; --emit-table writes the tuned tables, csrc/cuda/grouped_gemm_table.h
+(moe_grouped_gemm's, and moe_grouped_gemm_silu's from --silu results), from such results
+(bench/tile_table.py: the rule and the buckets).
 
 Each config is forced through MOE_EXT_GROUPED_GEMM_CONFIG (read by the adapter on every call);
 config -1 is the current heuristic. Model shapes are routed as the layer benchmark routes them (the
@@ -11,7 +12,7 @@ fit in memory; TFLOP/s counts 2 * (T*k) * N * K, GB/s the weights of the experts
 
     python bench/tune_grouped_gemm.py                       # both GEMMs of each model in models.py
     python bench/tune_grouped_gemm.py --shape 512,8,64,1536,2048 --tokens 1 16 --block-size 16 64
-    python bench/tune_grouped_gemm.py --silu                # moe_grouped_gemm_silu's table, w13 GEMMs only
+    python bench/tune_grouped_gemm.py --silu --rounds 3     # moe_grouped_gemm_silu's table, w13 GEMMs only
     python bench/tune_grouped_gemm.py --emit-table results/<device>-<stem>.json ...  # no GPU needed
 
 Writes results/<device>-tune-grouped-gemm[-silu].{json,md}: every timing, and per shape the best config.
@@ -71,8 +72,8 @@ def main():
     p.add_argument("--stem", default=None, help="results/<device>-<stem>.json/.md (default tune-grouped-gemm[-silu])")
     p.add_argument("--uniform-routing", action="store_true", help="route model shapes by uniform random top-k too")
     p.add_argument("--emit-table", nargs="+", metavar="JSON", default=None,
-                   help="write csrc/cuda/grouped_gemm_table.h from these results of the plain GEMM (paths from the "
-                        "current directory) and exit; no tuning, no GPU")
+                   help="write csrc/cuda/grouped_gemm_table.h from these results (paths from the current directory; "
+                        "--silu ones fill the SiLU table, the others the plain GEMM's) and exit; no tuning, no GPU")
     args = p.parse_args()
     if args.emit_table:
         sources = []
@@ -186,9 +187,8 @@ def main():
     table = markdown_table(best, [("shape", "shape", ""), ("T", "T", "d"), ("block_size", "block", "d"),
                                   ("best", "best config", "d"), ("best_us", "best µs", ".2f"),
                                   ("heuristic_us", "heuristic µs", ".2f"), ("speedup", "heuristic µs / best µs", ".2f")])
-    # Per block size, the config with the least total time over all shapes that ran every config:
-    # a starting point for the SiLU table's rows (kSiluHeuristic, filled by hand; the plain GEMM's table is written by
-    # --emit-table, by bucket).
+    # Per block size, the config with the least total time over all shapes that ran every config (a summary; the
+    # tables are written by --emit-table, by bucket).
     suggested = {}
     for bs in sorted({r["block_size"] for r in rows}):
         totals, count = {}, {}

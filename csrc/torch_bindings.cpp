@@ -65,11 +65,11 @@ TORCH_LIBRARY(moe_ext, m) {
       "grouped_gemm_tile_config(str op, int rows, int N, int K, int num_experts, int num_blocks, int block_size, "
       "int compute_capability, int num_sms) -> int");
 
-  // The bucket of csrc/cuda/grouped_gemm_table.h whose tuned config moe_grouped_gemm's heuristic runs for these
-  // shapes (same arguments as grouped_gemm_tile_config), or -1 where no bucket applies: for the tuner, which
-  // fills that table by bucket. Registered by CUDA builds only; needs no GPU.
+  // The bucket of csrc/cuda/grouped_gemm_table.h whose tuned config op's heuristic runs for these shapes (same
+  // arguments as grouped_gemm_tile_config), or -1 where no bucket applies: for the tuner, which fills that table by
+  // bucket. Registered by CUDA builds only; needs no GPU.
   m.def(
-      "grouped_gemm_tile_bucket(int rows, int N, int K, int num_experts, int num_blocks, int block_size, "
+      "grouped_gemm_tile_bucket(str op, int rows, int N, int K, int num_experts, int num_blocks, int block_size, "
       "int compute_capability, int num_sms) -> int");
 
   // Top-k combine: [T, topk, H] -> [T, H], optionally weighted by topk_weights [T, topk], fp32 sum.

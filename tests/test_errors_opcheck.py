@@ -274,20 +274,22 @@ def _tile_config(op, T, topk, E, N, K, block_size, cc=90, sms=132):
 
 
 def test_grouped_gemm_tile_config():
-    """The grouped-GEMM heuristics' picks, host arithmetic only (no GPU). The plain GEMM's come from its tuned table
-    by bucket (tests/test_tile_table.py checks the buckets); here what holds whatever the table: no tensor-core table
-    before sm_80, the unaligned instance for K % 8 != 0. The SiLU table's picks (filled by hand): the choices
-    bench/NOTES.md records as measured on the H200 (session 17) and an A100's table."""
+    """The grouped-GEMM heuristics' picks, host arithmetic only (no GPU). Both ops' picks come from their tuned tables
+    by bucket (tests/test_tile_table.py checks the buckets); here what holds whatever the tables: no tensor-core table
+    before sm_80, the unaligned instance for K % 8 != 0, mma.sync configs off Hopper and in the mma buckets."""
     require_kernel("moe_gemv_silu", "cuda")  # the tables exist in CUDA builds only
     g, s = "moe_grouped_gemm", "moe_grouped_gemm_silu"
-    assert _tile_config(s, 1024, 8, 128, 768, 2048, 128, cc=80, sms=108) == 3
-    assert _tile_config(g, 4, 2, 8, 4096, 14336, 16, cc=75, sms=40) == -1  # no tensor-core table before sm_80
+    for op in (g, s):
+        assert _tile_config(op, 4, 2, 8, 4096, 14336, 16, cc=75, sms=40) == -1  # no tensor-core table before sm_80
     assert _tile_config(g, 3, 2, 8, 77, 111, 16) == 1  # K % 8 != 0: the unaligned instance
-    if _tile_config(s, 4096, 8, 256, 2048, 7168, 192) != 6:
+    assert _tile_config(s, 3, 2, 8, 77, 111, 16) == 0
+    first_wgmma = {g: 12, s: 4}  # the launchers' mma.sync configs come first
+    for op in (g, s):
+        assert 0 <= _tile_config(op, 1024, 8, 128, 768, 2048, 128, cc=80, sms=108) < first_wgmma[op]
+    if _tile_config(s, 4096, 8, 256, 2048, 7168, 192) < first_wgmma[s]:
         pytest.skip("a build without sm_90a code: no Hopper tiles")
-    # Hopper (cc 9.0, 132 multiprocessors).
-    assert _tile_config(s, 1024, 8, 128, 768, 2048, 128) == 5
-    assert _tile_config(s, 16, 8, 128, 768, 2048, 16) == 1
+    # Hopper (cc 9.0, 132 multiprocessors): 16-row SiLU blocks take an mma bucket (no 16-row wgmma SiLU tile).
+    assert 0 <= _tile_config(s, 16, 8, 128, 768, 2048, 16) < first_wgmma[s]
     assert _tile_config(g, 4, 2, 8, 4096, 14336, 16) in range(moe_ext.ops.num_tile_configs(g))
     with pytest.raises(ValueError, match='op must be moe_grouped_gemm or moe_grouped_gemm_silu, got "moe_combine"'):
         moe_ext.ops.grouped_gemm_tile_config("moe_combine", 8, 64, 64, 2, 1, 16, 90, 132)

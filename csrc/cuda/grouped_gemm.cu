@@ -79,32 +79,11 @@ constexpr int kConfigBN[kNumConfigs] = {Cfg0::BN,  Cfg1::BN,  Cfg2::BN,  Cfg3::B
 // no production model has.
 constexpr int kUnalignedConfig = 1;
 
-// The SiLU heuristic's rows (kSiluHeuristic below): the first row whose max_block_size >= block_size gives
-// two candidates; `many` is taken when its estimated CTA count fills the GPU (>= two per multiprocessor),
-// else `few` (smaller tiles, more CTAs: decode with few experts hit and small N).
-struct HeuristicRow {
-  int max_block_size, many, few;
-};
-
 // CTAs that do work, estimated from shapes alone (num_tokens_post_padded stays on the device): at
 // most one partial block per expert hit on top of the full blocks.
 int64_t estimated_ctas(int bm, int bn, int64_t rows, int64_t E, int64_t N, int64_t num_blocks, int64_t block_size) {
   const int64_t blocks = std::min(num_blocks, ceil_div64(rows, block_size) + std::min(E, rows));
   return blocks * ceil_div64(block_size, bm) * ceil_div64(N, bn);
-}
-
-// The first heuristic row that holds block_size, its `many` or `few` config (bm, bn: the table's
-// tile shapes); `fallback` past the last row.
-template <size_t kRows, size_t kConfigs>
-int choose_config(const HeuristicRow (&heuristic)[kRows], const int (&bm)[kConfigs], const int (&bn)[kConfigs],
-                  int fallback, int64_t rows, int64_t E, int64_t N, int64_t num_blocks, int64_t block_size,
-                  int num_sms) {
-  for (const auto& row : heuristic) {
-    if (block_size > row.max_block_size) continue;
-    const int64_t ctas = estimated_ctas(bm[row.many], bn[row.many], rows, E, N, num_blocks, block_size);
-    return ctas >= 2 * num_sms ? row.many : row.few;
-  }
-  return fallback;
 }
 
 // The SiLU-and-mul configs (moe_grouped_gemm_silu): BN output columns of [*, I] from 2 * BN rows of
@@ -116,18 +95,10 @@ int choose_config(const HeuristicRow (&heuristic)[kRows], const int (&bm)[kConfi
 //   3  128   64   64   2x4     3     110,592     block size 128 (prefill); 8 warps of 64 x 16 (x2 sets)
 //   4  128  128   64   2x1     4     197,632     wgmma (Hopper), block size 128; falls back to config 3 off Hopper
 //   5  128  128   64   2x1     4     197,632     4 with the weight tile by TMA; config 3 off Hopper
-//   6  192  128   64   3x1     4     230,400     5 with three warpgroups: block size 192 (see kSiluWgmma192)
-// On an H200 (results/h200-tune-tma-silu2.md, three interleaved rounds) config 5 was the fastest or
-// within 1% at the four models' first GEMMs at T = 1024 and 4096 (GPT-OSS T=4096: 1795 against 1845
-// us for config 4), so block size 128 on Hopper takes it.
-// Decode blocks (16 rows) take config 1 whatever the CTA count: on an H200 (session 8,
-// results/h200-tune-silu-decode.md, the four models' first GEMMs at T = 1, 4, 16) it was the faster
-// of 0 and 1 at 10 of 12, by up to 17% (DeepSeek-V3 T=4: 429 against 516 us), and 7% slower at worst
-// (GPT-OSS T=1: 55.7 against 52.0); re-timed in session 9 with two rounds (h200-tune-silu-decode-s9.md),
-// 3.7% less time than config 0 over the 12 (DeepSeek-V3 T=1 13% less, GPT-OSS T=1 9% more).
-// fused_moe fuses only from block size 32, so this row serves
-// callers of moe_grouped_gemm_silu and fuse_silu=True. The rows above 16 mirror the plain GEMM's mma table of
-// session 24, halving BN where the fused tile would otherwise double the stage.
+//   6  192  128   64   3x1     4     230,400     5 with three warpgroups: block size 192
+// Which config serves which shapes is the tuned table's (kTunedSiluConfig in grouped_gemm_table.h, by silu_bucket
+// below). fused_moe fuses only off Hopper and from block size 32, so the table serves those layers and callers of
+// moe_grouped_gemm_silu and fuse_silu=True.
 using SiluCfg0 = MmaConfig<16, 64, 64, 1, 4, 4, true>;
 using SiluCfg1 = MmaConfig<16, 32, 128, 1, 2, 4, true>;
 using SiluCfg2 = MmaConfig<64, 64, 64, 2, 2, 4, true>;
@@ -143,15 +114,6 @@ constexpr int kSiluConfigBM[kNumSiluConfigs] = {SiluCfg0::BM, SiluCfg1::BM, Silu
 constexpr int kSiluConfigBN[kNumSiluConfigs] = {SiluCfg0::BN, SiluCfg1::BN, SiluCfg2::BN, SiluCfg3::BN,
                                                 SiluCfg4::BN, SiluCfg5::BN, SiluCfg6::BN};
 constexpr int kSiluUnalignedConfig = 0;
-// The heuristic's picks on Hopper (above): 128-row blocks, and blocks of a multiple of 192 rows.
-constexpr int kSiluWgmma128 = 5, kSiluWgmma192 = 6;
-static_assert(SiluCfg5::kTma && SiluCfg5::BM == 128 && SiluCfg6::kTma && SiluCfg6::BM == 192,
-              "kSiluWgmma128 and kSiluWgmma192 are the 128- and 192-row TMA tiles");
-constexpr HeuristicRow kSiluHeuristic[] = {
-    {16, 1, 1},
-    {64, 2, 0},
-    {INT_MAX, 3, 2},
-};
 
 // Whether a device of compute capability cc runs this build's wgmma kernels: sm_90a code built
 // (MOE_EXT_WGMMA) and a cc 9.0 device (sm_90a code runs on no other).
@@ -186,24 +148,32 @@ constexpr int kMmaRowSplitConfig[5] = {11, 8, 3, 9, 6};  // session 24's "many" 
 static_assert(kMmaLargeMany == kMma16Many + 2 * 4 && kMmaLargeFew == kMmaLargeMany + 1 && kMma16Few == kMma16Many + 1,
               "grouped_gemm_table.h: the mma buckets come in (many, few) pairs by kMmaRowMaxBlock");
 
-GemmBucket mma_bucket(int64_t rows, int64_t E, int64_t N, int64_t num_blocks, int64_t block_size, int num_sms) {
+// The mma.sync bucket (an index shared by GemmBucket and SiluBucket, whose mma buckets come first in the same
+// order): the row by block size, many or few by the CTA count of the row's reference tile split[row] (BM, BN:
+// the op's tile shapes).
+template <size_t kConfigs>
+int mma_bucket(const int (&split)[5], const int (&bm)[kConfigs], const int (&bn)[kConfigs], int64_t rows, int64_t E,
+               int64_t N, int64_t num_blocks, int64_t block_size, int num_sms) {
   int row = 0;
   while (row < 4 && block_size > kMmaRowMaxBlock[row]) ++row;
-  const auto many = static_cast<GemmBucket>(kMma16Many + 2 * row);
-  const int split = kMmaRowSplitConfig[row];
-  const int64_t ctas = estimated_ctas(kConfigBM[split], kConfigBN[split], rows, E, N, num_blocks, block_size);
-  return ctas >= 2 * num_sms ? many : static_cast<GemmBucket>(many + 1);
+  const int ref = split[row];
+  const int64_t ctas = estimated_ctas(bm[ref], bn[ref], rows, E, N, num_blocks, block_size);
+  return kMma16Many + 2 * row + (ctas >= 2 * num_sms ? 0 : 1);
+}
+GemmBucket mma_gemm_bucket(int64_t rows, int64_t E, int64_t N, int64_t num_blocks, int64_t block_size, int num_sms) {
+  return static_cast<GemmBucket>(
+      mma_bucket(kMmaRowSplitConfig, kConfigBM, kConfigBN, rows, E, N, num_blocks, block_size, num_sms));
 }
 
 // wgmma: the Hopper tiles may run (a cc 9.0 device, a build with sm_90a code).
 GemmBucket gemm_bucket(bool wgmma, int64_t rows, int64_t E, int64_t N, int64_t num_blocks, int64_t block_size,
                        int num_sms) {
-  if (!wgmma) return mma_bucket(rows, E, N, num_blocks, block_size, num_sms);
+  if (!wgmma) return mma_gemm_bucket(rows, E, N, num_blocks, block_size, num_sms);
   if (block_size % Cfg17::BM == 0) return kHopper192;
   const bool narrow = rows <= kNarrowRowsPerExpert * E;
   if (block_size < 64) {
     const int64_t ctas = estimated_ctas(Cfg18::BM, Cfg18::BN, rows, E, N, num_blocks, block_size);
-    return narrow && ctas >= 2 * num_sms ? kHopperDecode : mma_bucket(rows, E, N, num_blocks, block_size, num_sms);
+    return narrow && ctas >= 2 * num_sms ? kHopperDecode : mma_gemm_bucket(rows, E, N, num_blocks, block_size, num_sms);
   }
   if (narrow) return kHopperNarrow;
   if (block_size >= 128) return kHopper128;
@@ -212,14 +182,44 @@ GemmBucket gemm_bucket(bool wgmma, int64_t rows, int64_t E, int64_t N, int64_t n
 }
 static_assert(Cfg16::BM == 64 && Cfg16::BN == 256 && Cfg17::BM == 192 && Cfg18::BM == 64 && Cfg18::BN == 128,
               "gemm_bucket's tile shapes");
-constexpr bool tuned_table_valid() {
-  for (int b = 0; b < kNumGemmBuckets; ++b) {
-    const int cfg = kTunedGemmConfig[b];
-    if (cfg < 0 || cfg >= kNumConfigs || (b <= kMmaLargeFew && cfg >= kNumMmaConfigs)) return false;
+
+// The SiLU-and-mul variant's buckets (SiluBucket in grouped_gemm_table.h): the mma.sync rows as the plain GEMM's,
+// split by the SiLU configs' own reference tiles (the "many" configs of its session-24 hand table), and on Hopper
+// blocks of a multiple of 192 rows, then blocks of 128 or more split by narrow (as gemm_bucket), then the mma row of
+// 33-64-row blocks as Hopper buckets of their own (there the decode and wgmma tiles beat that row's 64 x 64 mma.sync
+// tile: session 26's tuner, bench/results/h200-tune-silu-table-s26b-hopper.md); smaller blocks take the mma rows on
+// Hopper too.
+constexpr int kSiluRowSplitConfig[5] = {1, 2, 2, 3, 3};
+static_assert(kSiluMma16Many == kMma16Many && kSiluMmaLargeFew == kMmaLargeFew,
+              "grouped_gemm_table.h: SiluBucket's mma buckets are GemmBucket's");
+
+SiluBucket silu_bucket(bool wgmma, int64_t rows, int64_t E, int64_t I, int64_t num_blocks, int64_t block_size,
+                       int num_sms) {
+  if (wgmma && block_size % SiluCfg6::BM == 0) return kSiluHopper192;
+  if (wgmma && block_size >= SiluCfg5::BM)
+    return rows <= kNarrowRowsPerExpert * E ? kSiluHopperNarrow : kSiluHopper128;
+  const auto mma = static_cast<SiluBucket>(
+      mma_bucket(kSiluRowSplitConfig, kSiluConfigBM, kSiluConfigBN, rows, E, I, num_blocks, block_size, num_sms));
+  if (wgmma && mma == kSiluMma64Many) return kSiluHopper64Many;
+  if (wgmma && mma == kSiluMma64Few) return kSiluHopper64Few;
+  return mma;
+}
+static_assert(SiluCfg5::BM == 128 && SiluCfg6::BM == 192, "silu_bucket's tile shapes");
+
+// A tuned table names configs of its op's table, mma.sync ones only in the mma buckets (they also serve GPUs
+// without the Hopper tiles).
+template <size_t kBuckets>
+constexpr bool tuned_table_valid(const int (&table)[kBuckets], int num_configs, int num_mma_configs) {
+  for (size_t b = 0; b < kBuckets; ++b) {
+    const int cfg = table[b];
+    if (cfg < 0 || cfg >= num_configs || (b <= kMmaLargeFew && cfg >= num_mma_configs)) return false;
   }
   return true;
 }
-static_assert(tuned_table_valid(), "grouped_gemm_table.h: a config outside the table, or a wgmma one in an mma bucket");
+static_assert(tuned_table_valid(kTunedGemmConfig, kNumConfigs, kNumMmaConfigs),
+              "grouped_gemm_table.h: a config outside the table, or a wgmma one in an mma bucket");
+static_assert(tuned_table_valid(kTunedSiluConfig, kNumSiluConfigs, kNumSiluMmaConfigs),
+              "grouped_gemm_table.h: a SiLU config outside the table, or a wgmma one in an mma bucket");
 
 // cuTensorMapEncodeTiled, taken from the driver through the runtime (no link against libcuda).
 using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
@@ -328,9 +328,7 @@ int plain_heuristic(bool wgmma, int64_t rows, int64_t E, int64_t N, int64_t num_
 }
 int silu_heuristic(bool wgmma, int64_t rows, int64_t E, int64_t I, int64_t num_blocks, int64_t block_size,
                    int num_sms) {
-  if (wgmma && block_size % SiluCfg6::BM == 0) return kSiluWgmma192;
-  if (wgmma && block_size >= 128) return kSiluWgmma128;
-  return choose_config(kSiluHeuristic, kSiluConfigBM, kSiluConfigBN, 0, rows, E, I, num_blocks, block_size, num_sms);
+  return kTunedSiluConfig[silu_bucket(wgmma, rows, E, I, num_blocks, block_size, num_sms)];
 }
 #else
 constexpr int kNumConfigs = 0;
@@ -368,19 +366,25 @@ cudaError_t zero_uncovered_rows(const uint8_t* covered, void* out, int64_t rows,
 
 int grouped_gemm_num_configs() { return kNumConfigs; }
 #if MOE_GG_HAS_MMA
-int grouped_gemm_num_buckets() { return kNumGemmBuckets; }
+int grouped_gemm_num_buckets(bool silu) { return silu ? kNumSiluBuckets : kNumGemmBuckets; }
 #else
-int grouped_gemm_num_buckets() { return 0; }
+int grouped_gemm_num_buckets(bool silu) {
+  (void)silu;
+  return 0;
+}
 #endif
 int grouped_gemm_silu_num_configs() { return kNumSiluConfigs; }
 
-int grouped_gemm_heuristic_bucket(int64_t rows, int64_t K, int64_t E, int64_t N, int64_t num_blocks, int64_t block_size,
-                                  int compute_capability, int num_sms) {
+int grouped_gemm_heuristic_bucket(bool silu, int64_t rows, int64_t K, int64_t E, int64_t N, int64_t num_blocks,
+                                  int64_t block_size, int compute_capability, int num_sms) {
 #if MOE_GG_HAS_MMA
   if (compute_capability < 80 || rows <= 0 || N <= 0 || num_blocks <= 0 || block_size <= 0 || K % 8 != 0) return -1;
-  return gemm_bucket(wgmma_available(compute_capability), rows, E, N, num_blocks, block_size, num_sms);
+  const bool wgmma = wgmma_available(compute_capability);
+  return silu ? silu_bucket(wgmma, rows, E, N, num_blocks, block_size, num_sms)
+              : gemm_bucket(wgmma, rows, E, N, num_blocks, block_size, num_sms);
 #else
-  (void)rows, (void)K, (void)E, (void)N, (void)num_blocks, (void)block_size, (void)compute_capability, (void)num_sms;
+  (void)silu, (void)rows, (void)K, (void)E, (void)N, (void)num_blocks, (void)block_size, (void)compute_capability,
+      (void)num_sms;
   return -1;
 #endif
 }

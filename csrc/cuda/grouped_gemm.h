@@ -21,13 +21,13 @@ int grouped_gemm_silu_num_configs();
 // code, empty shapes). Host arithmetic only, the same the launchers call.
 int grouped_gemm_heuristic_config(bool silu, int64_t rows, int64_t N, int64_t K, int64_t E, int64_t num_blocks,
                                   int64_t block_size, int compute_capability, int num_sms);
-// The bucket of grouped_gemm_table.h (a GemmBucket) whose config the plain GEMM's heuristic runs for these shapes,
-// or -1 where grouped_gemm_heuristic_config gives -1 or the unaligned config (K % 8 != 0). For the tuner, which
-// fills the table by bucket.
-int grouped_gemm_heuristic_bucket(int64_t rows, int64_t K, int64_t E, int64_t N, int64_t num_blocks, int64_t block_size,
-                                  int compute_capability, int num_sms);
-// Entries of grouped_gemm_table.h (buckets); 0 in a build without tensor-core code.
-int grouped_gemm_num_buckets();
+// The bucket of grouped_gemm_table.h (a GemmBucket; silu: a SiluBucket) whose config the op's heuristic runs for
+// these shapes (N is I for the SiLU-and-mul variant), or -1 where grouped_gemm_heuristic_config gives -1 or the
+// unaligned config (K % 8 != 0). For the tuner, which fills the tables by bucket.
+int grouped_gemm_heuristic_bucket(bool silu, int64_t rows, int64_t K, int64_t E, int64_t N, int64_t num_blocks,
+                                  int64_t block_size, int compute_capability, int num_sms);
+// Entries of grouped_gemm_table.h's table for the op (buckets); 0 in a build without tensor-core code.
+int grouped_gemm_num_buckets(bool silu);
 
 // a: [M, K]; w: [E, N, K] (a's dtype); sorted_ids: [num_blocks * block_size]; expert_ids:
 // [num_blocks]; num_post_padded: [1] (device, never read on the host); topk_weights: [M * topk]

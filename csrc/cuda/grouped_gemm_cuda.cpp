@@ -9,6 +9,7 @@
 //   MOE_EXT_GROUPED_GEMM_TABLE   comma-separated configs, one per bucket of csrc/cuda/grouped_gemm_table.h, that
 //                                moe_grouped_gemm's heuristic takes instead of the compiled table's (a table the
 //                                tuner emitted, timed and tested before it is compiled in); unset: the compiled one.
+//   MOE_EXT_GROUPED_GEMM_SILU_TABLE  the same for moe_grouped_gemm_silu's table (one config per SiluBucket).
 //   MOE_EXT_GROUPED_GEMM_ZERO    "memset" (zeroed output) or "flags" (covered-row flags and a zero
 //                                pass); unset: memset up to kZeroFillMaxBytes of output, flags above.
 #include <ATen/core/Tensor.h>
@@ -49,32 +50,35 @@ bool zero_fill_output(const char* op, int64_t out_bytes) {
 
 }  // namespace
 
-// moe_grouped_gemm's config by MOE_EXT_GROUPED_GEMM_TABLE for these shapes (as grouped_gemm_heuristic_config takes
-// them), or -1 when the variable is unset or the shapes have no bucket (the launcher's heuristic decides then).
-int table_override_config(int64_t rows, int64_t N, int64_t K, int64_t E, int64_t num_blocks, int64_t block_size,
-                          int compute_capability, int num_sms) {
-  constexpr const char* env = "MOE_EXT_GROUPED_GEMM_TABLE";
+// The config by MOE_EXT_GROUPED_GEMM_TABLE (silu: MOE_EXT_GROUPED_GEMM_SILU_TABLE) for these shapes (as
+// grouped_gemm_heuristic_config takes them; N is I for silu), or -1 when the variable is unset or the shapes have no
+// bucket (the launcher's heuristic decides then).
+int table_override_config(bool silu, int64_t rows, int64_t N, int64_t K, int64_t E, int64_t num_blocks,
+                          int64_t block_size, int compute_capability, int num_sms) {
+  const char* env = silu ? "MOE_EXT_GROUPED_GEMM_SILU_TABLE" : "MOE_EXT_GROUPED_GEMM_TABLE";
+  const char* op = silu ? "moe_grouped_gemm_silu" : "moe_grouped_gemm";
   const char* s = std::getenv(env);
   if (s == nullptr || *s == '\0') return -1;
-  const int buckets = cuda::grouped_gemm_num_buckets(), n = cuda::grouped_gemm_num_configs();
+  const int buckets = cuda::grouped_gemm_num_buckets(silu);
+  const int n = silu ? cuda::grouped_gemm_silu_num_configs() : cuda::grouped_gemm_num_configs();
   int table[64];
   int count = 0;
   const char* p = s;
   while (true) {
     char* end = nullptr;
     const long v = std::strtol(p, &end, 10);
-    MOE_CHECK_VALUE(end != p && v >= 0 && v < n && count < buckets, "moe_ext.moe_grouped_gemm: ", env, " must be ",
-                    buckets, " comma-separated configs in [0, ", n, "), got \"", s, "\"");
+    MOE_CHECK_VALUE(end != p && v >= 0 && v < n && count < buckets, "moe_ext.", op, ": ", env, " must be ", buckets,
+                    " comma-separated configs in [0, ", n, "), got \"", s, "\"");
     table[count++] = static_cast<int>(v);
     if (*end == '\0') break;
-    MOE_CHECK_VALUE(*end == ',', "moe_ext.moe_grouped_gemm: ", env, " must be ", buckets,
-                    " comma-separated configs, got \"", s, "\"");
+    MOE_CHECK_VALUE(*end == ',', "moe_ext.", op, ": ", env, " must be ", buckets, " comma-separated configs, got \"",
+                    s, "\"");
     p = end + 1;
   }
-  MOE_CHECK_VALUE(count == buckets, "moe_ext.moe_grouped_gemm: ", env, " must be ", buckets,
+  MOE_CHECK_VALUE(count == buckets, "moe_ext.", op, ": ", env, " must be ", buckets,
                   " comma-separated configs, got ", count);
   const int bucket =
-      cuda::grouped_gemm_heuristic_bucket(rows, K, E, N, num_blocks, block_size, compute_capability, num_sms);
+      cuda::grouped_gemm_heuristic_bucket(silu, rows, K, E, N, num_blocks, block_size, compute_capability, num_sms);
   return bucket < 0 ? -1 : table[bucket];
 }
 
@@ -121,7 +125,7 @@ at::Tensor moe_grouped_gemm_cuda(const at::Tensor& a, const at::Tensor& w, const
   const c10::cuda::CUDAGuard guard(a.device());
   const c10::DeviceIndex device = a.device().index();
   if (config < 0 && rows > 0 && N > 0 && num_blocks > 0)
-    config = table_override_config(rows, N, K, E, num_blocks, sorted_token_ids.numel() / num_blocks,
+    config = table_override_config(false, rows, N, K, E, num_blocks, sorted_token_ids.numel() / num_blocks,
                                    compute_capability(device), num_sms(device));
 
   at::Tensor covered;  // [rows] uint8, set for each row a valid block writes (flags path only)
@@ -132,8 +136,8 @@ at::Tensor moe_grouped_gemm_cuda(const at::Tensor& a, const at::Tensor& w, const
       to_dtype(a.scalar_type()), a.const_data_ptr(), w.const_data_ptr(), sorted_token_ids.const_data_ptr<int32_t>(),
       expert_ids.const_data_ptr<int32_t>(), num_tokens_post_padded.const_data_ptr<int32_t>(), tw, out.data_ptr(),
       covered.defined() ? covered.data_ptr<uint8_t>() : nullptr, M, topk, N, K, E, num_blocks,
-      num_blocks == 0 ? 0 : sorted_token_ids.numel() / num_blocks, config, compute_capability(a.device().index()),
-      num_sms(a.device().index()), c10::cuda::getCurrentCUDAStream()));
+      num_blocks == 0 ? 0 : sorted_token_ids.numel() / num_blocks, config, compute_capability(device), num_sms(device),
+      c10::cuda::getCurrentCUDAStream()));
   return out;
 }
 
@@ -150,15 +154,20 @@ at::Tensor moe_grouped_gemm_silu_cuda(const at::Tensor& a, const at::Tensor& w13
   const int64_t rows = M * topk;
   const int64_t num_blocks = expert_ids.numel();
   check_launch_limits(op, sorted_token_ids, I, kMaxSiluI, K);
-  const int config = config_override(op, "MOE_EXT_GROUPED_GEMM_SILU_CONFIG", cuda::grouped_gemm_silu_num_configs());
+  int config = config_override(op, "MOE_EXT_GROUPED_GEMM_SILU_CONFIG", cuda::grouped_gemm_silu_num_configs());
   const c10::cuda::CUDAGuard guard(a.device());
-  if (a.scalar_type() == at::kFloat || !has_tensor_cores(a.device().index())) {
+  const c10::DeviceIndex device = a.device().index();
+  if (a.scalar_type() == at::kFloat || !has_tensor_cores(device)) {
     // No fused kernel off the tensor-core path: compose the two ops. fp32 loses nothing by it; bf16
     // and fp16 before sm_80 round the [M * topk, 2I] intermediate as the unfused layer does.
     return silu_and_mul_cuda(
         moe_grouped_gemm_cuda(a, w13, sorted_token_ids, expert_ids, num_tokens_post_padded, topk, std::nullopt,
                               zero_unwritten));
   }
+
+  if (config < 0 && rows > 0 && I > 0 && num_blocks > 0)
+    config = table_override_config(true, rows, I, K, E, num_blocks, sorted_token_ids.numel() / num_blocks,
+                                   compute_capability(device), num_sms(device));
 
   at::Tensor covered;  // [rows] uint8, set for each row a valid block writes (flags path only)
   auto out = alloc_output(op, a, rows, I, zero_unwritten, covered);
@@ -167,8 +176,7 @@ at::Tensor moe_grouped_gemm_silu_cuda(const at::Tensor& a, const at::Tensor& w13
       to_dtype(a.scalar_type()), a.const_data_ptr(), w13.const_data_ptr(), sorted_token_ids.const_data_ptr<int32_t>(),
       expert_ids.const_data_ptr<int32_t>(), num_tokens_post_padded.const_data_ptr<int32_t>(), out.data_ptr(),
       covered.defined() ? covered.data_ptr<uint8_t>() : nullptr, M, topk, I, K, E, num_blocks,
-      num_blocks == 0 ? 0 : sorted_token_ids.numel() / num_blocks, config, compute_capability(a.device().index()),
-      num_sms(a.device().index()),
+      num_blocks == 0 ? 0 : sorted_token_ids.numel() / num_blocks, config, compute_capability(device), num_sms(device),
       c10::cuda::getCurrentCUDAStream()));
   return out;
 }
