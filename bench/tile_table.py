@@ -214,7 +214,8 @@ def emit_table(sources: list[str], current: str, bucket_of, root: Path = ROOT) -
             mma_below = table.first_wgmma_config if i < FIRST_HOPPER_BUCKET else None
             choice = pick(shapes, mma_below, configs[i]) if shapes else None
             if choice is None:
-                choice = configs[i], "kept (no timed shape)" if not shapes else "kept (no config timed on all its shapes)"
+                why = "no config timed on all its shapes" if shapes else "no timed shape"
+                choice = configs[i], f"kept ({why})"
             chosen.append(choice[0])
             notes.append(choice[1])
         parts.append("\n" + section(table, chosen, notes, mine))

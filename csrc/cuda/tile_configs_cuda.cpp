@@ -39,8 +39,6 @@ void check_tile_query(const char* fn, int64_t rows, int64_t N, int64_t K, int64_
                   compute_capability, ", ", num_sms);
 }
 
-}  // namespace
-
 // Whether op names the SiLU-and-mul variant; fn: the query's name for the message naming the argument.
 bool silu_op(const char* fn, c10::string_view op) {
   const bool silu = op == "moe_grouped_gemm_silu";
@@ -48,6 +46,8 @@ bool silu_op(const char* fn, c10::string_view op) {
                   ": op must be moe_grouped_gemm or moe_grouped_gemm_silu, got \"", std::string(op), "\"");
   return silu;
 }
+
+}  // namespace
 
 int64_t grouped_gemm_tile_config(c10::string_view op, int64_t rows, int64_t N, int64_t K, int64_t num_experts,
                                  int64_t num_blocks, int64_t block_size, int64_t compute_capability, int64_t num_sms) {
