@@ -80,7 +80,6 @@ SILU = Table("moe_grouped_gemm_silu", "SiluBucket", "kSilu", "kTunedSiluConfig",
     ("Hopper192", "Hopper, block_size a multiple of 192"),
 ))
 TABLES = (GEMM, SILU)
-BUCKETS = GEMM.buckets  # the plain GEMM's, as before the SiLU table joined the header
 
 PREAMBLE = """\
 // The grouped GEMMs' tile config for each bucket of their heuristics (gemm_bucket and silu_bucket in

@@ -12,6 +12,13 @@ HAS_CUDA = torch.cuda.is_available()
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU"))]
 
+# First index of the Hopper wgmma configs in each grouped-GEMM launcher table (csrc/cuda/grouped_gemm.cu:
+# kNumMmaConfigs, kNumSiluMmaConfigs): the configs before it (mma.sync) agree bit for bit among themselves, the
+# wgmma ones among themselves; across the two families only within the reference's tolerance (the tensor cores'
+# k16 sums need not round alike). Off Hopper the wgmma indices run mma.sync fallbacks.
+FIRST_WGMMA_CONFIG = 12
+FIRST_WGMMA_SILU_CONFIG = 4
+
 
 def require_kernel(op: str, device: str) -> None:
     """Skip when op has no kernel on device (a CUDA kernel not yet written, or a CPU-only build)."""

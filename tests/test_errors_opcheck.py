@@ -8,7 +8,7 @@ import torch
 import moe_ext
 from moe_ext import reference as ref
 
-from conftest import DEVICES, HAS_CUDA, require_kernel
+from conftest import DEVICES, FIRST_WGMMA_CONFIG, FIRST_WGMMA_SILU_CONFIG, HAS_CUDA, require_kernel
 
 ERRORS = (RuntimeError, ValueError, TypeError)
 
@@ -283,7 +283,7 @@ def test_grouped_gemm_tile_config():
         assert _tile_config(op, 4, 2, 8, 4096, 14336, 16, cc=75, sms=40) == -1  # no tensor-core table before sm_80
     assert _tile_config(g, 3, 2, 8, 77, 111, 16) == 1  # K % 8 != 0: the unaligned instance
     assert _tile_config(s, 3, 2, 8, 77, 111, 16) == 0
-    first_wgmma = {g: 12, s: 4}  # the launchers' mma.sync configs come first
+    first_wgmma = {g: FIRST_WGMMA_CONFIG, s: FIRST_WGMMA_SILU_CONFIG}  # the launchers' mma.sync configs come first
     for op in (g, s):
         assert 0 <= _tile_config(op, 1024, 8, 128, 768, 2048, 128, cc=80, sms=108) < first_wgmma[op]
     if _tile_config(s, 4096, 8, 256, 2048, 7168, 192) < first_wgmma[s]:

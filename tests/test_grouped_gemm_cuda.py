@@ -20,20 +20,14 @@ import torch
 import moe_ext
 from moe_ext import reference as ref
 
-from conftest import (HAS_CUDA, capture_graph, check_silu_gemm, covered_rows, nbytes, poison_allocator, rel_l2,
-                      require_kernel, routed_pairs)
+from conftest import (FIRST_WGMMA_CONFIG, FIRST_WGMMA_SILU_CONFIG, HAS_CUDA, capture_graph, check_silu_gemm,
+                      covered_rows, nbytes, poison_allocator, rel_l2, require_kernel, routed_pairs)
 
 pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
 
 CONFIG_ENV = "MOE_EXT_GROUPED_GEMM_CONFIG"
 SILU_CONFIG_ENV = "MOE_EXT_GROUPED_GEMM_SILU_CONFIG"
 ZERO_ENV = "MOE_EXT_GROUPED_GEMM_ZERO"
-# First index of the Hopper wgmma configs in each launcher table (csrc/cuda/grouped_gemm.cu): the
-# configs before it (mma.sync) agree bit for bit among themselves, the wgmma ones among themselves;
-# across the two families only within the reference's tolerance (the tensor cores' k16 sums need not
-# round alike). Off Hopper the wgmma indices run mma.sync fallbacks.
-FIRST_WGMMA_CONFIG = 12
-FIRST_WGMMA_SILU_CONFIG = 4
 
 SHAPES = [
     # T, topk, E, N, K

@@ -17,11 +17,17 @@ import pytest
 
 import moe_ext
 
-from conftest import require_kernel
+from conftest import FIRST_WGMMA_CONFIG, FIRST_WGMMA_SILU_CONFIG, require_kernel
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 import tile_table  # noqa: E402
+
+
+def test_emitter_knows_the_launchers_families():
+    """The emitter keeps wgmma configs out of the mma buckets by the launchers' first wgmma index."""
+    assert tile_table.GEMM.first_wgmma_config == FIRST_WGMMA_CONFIG
+    assert tile_table.SILU.first_wgmma_config == FIRST_WGMMA_SILU_CONFIG
 
 
 @pytest.fixture(autouse=True)

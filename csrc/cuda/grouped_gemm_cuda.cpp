@@ -107,6 +107,19 @@ at::Tensor alloc_output(const char* op, const at::Tensor& a, int64_t rows, int64
 // Whether a device has mma.sync bf16/fp16 tensor cores (sm_80+).
 bool has_tensor_cores(c10::DeviceIndex device) { return compute_capability(device) >= 80; }
 
+// The config a launch forces (N is I for silu): MOE_EXT_GROUPED_GEMM[_SILU]_CONFIG, else the entry of
+// MOE_EXT_GROUPED_GEMM[_SILU]_TABLE's table for the shapes; -1 leaves the choice to the launcher's heuristic.
+int forced_config(bool silu, int64_t rows, int64_t N, int64_t K, int64_t E, const at::Tensor& sorted_token_ids,
+                  int64_t num_blocks, c10::DeviceIndex device) {
+  const int config = silu ? config_override("moe_grouped_gemm_silu", "MOE_EXT_GROUPED_GEMM_SILU_CONFIG",
+                                            cuda::grouped_gemm_silu_num_configs())
+                          : config_override("moe_grouped_gemm", "MOE_EXT_GROUPED_GEMM_CONFIG",
+                                            cuda::grouped_gemm_num_configs());
+  if (config >= 0 || rows == 0 || N == 0 || num_blocks == 0) return config;
+  return table_override_config(silu, rows, N, K, E, num_blocks, sorted_token_ids.numel() / num_blocks,
+                               compute_capability(device), num_sms(device));
+}
+
 }  // namespace
 
 // a: [M, K]; w: [E, N, K]; sorted_token_ids: [num_blocks * block_size] int32; expert_ids:
@@ -121,12 +134,9 @@ at::Tensor moe_grouped_gemm_cuda(const at::Tensor& a, const at::Tensor& w, const
   const int64_t rows = M * topk;
   const int64_t num_blocks = expert_ids.numel();
   check_launch_limits(op, sorted_token_ids, N, kMaxN, K);
-  int config = config_override(op, "MOE_EXT_GROUPED_GEMM_CONFIG", cuda::grouped_gemm_num_configs());
   const c10::cuda::CUDAGuard guard(a.device());
   const c10::DeviceIndex device = a.device().index();
-  if (config < 0 && rows > 0 && N > 0 && num_blocks > 0)
-    config = table_override_config(false, rows, N, K, E, num_blocks, sorted_token_ids.numel() / num_blocks,
-                                   compute_capability(device), num_sms(device));
+  const int config = forced_config(false, rows, N, K, E, sorted_token_ids, num_blocks, device);
 
   at::Tensor covered;  // [rows] uint8, set for each row a valid block writes (flags path only)
   auto out = alloc_output(op, a, rows, N, zero_unwritten, covered);
@@ -154,7 +164,6 @@ at::Tensor moe_grouped_gemm_silu_cuda(const at::Tensor& a, const at::Tensor& w13
   const int64_t rows = M * topk;
   const int64_t num_blocks = expert_ids.numel();
   check_launch_limits(op, sorted_token_ids, I, kMaxSiluI, K);
-  int config = config_override(op, "MOE_EXT_GROUPED_GEMM_SILU_CONFIG", cuda::grouped_gemm_silu_num_configs());
   const c10::cuda::CUDAGuard guard(a.device());
   const c10::DeviceIndex device = a.device().index();
   if (a.scalar_type() == at::kFloat || !has_tensor_cores(device)) {
@@ -165,9 +174,7 @@ at::Tensor moe_grouped_gemm_silu_cuda(const at::Tensor& a, const at::Tensor& w13
                               zero_unwritten));
   }
 
-  if (config < 0 && rows > 0 && I > 0 && num_blocks > 0)
-    config = table_override_config(true, rows, I, K, E, num_blocks, sorted_token_ids.numel() / num_blocks,
-                                   compute_capability(device), num_sms(device));
+  const int config = forced_config(true, rows, I, K, E, sorted_token_ids, num_blocks, device);
 
   at::Tensor covered;  // [rows] uint8, set for each row a valid block writes (flags path only)
   auto out = alloc_output(op, a, rows, I, zero_unwritten, covered);
