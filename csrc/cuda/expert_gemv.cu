@@ -18,7 +18,9 @@ using SiluCfg0 = SiluConfig<2, 4>;
 using SiluCfg1 = SiluConfig<1, 4>;
 using SiluCfg2 = SiluConfig<4, 2>;
 using SiluCfg3 = SiluConfig<2, 2>;
-constexpr int kNumSiluConfigs = 4;
+// Config 3 with no minimum CTAs in its launch bounds: ptxas's own register target, 48 against 72.
+using SiluCfg4 = SiluConfig<2, 2, 0>;
+constexpr int kNumSiluConfigs = 5;
 
 using CombineCfg0 = CombineConfig<1, 4, 2>;
 using CombineCfg1 = CombineConfig<2, 2, 2>;
@@ -32,23 +34,39 @@ using CombineCfg5 = CombineConfig<1, 2, 2>;
 // 57.3, Qwen3 (topk 8) 26.2 -> 27.1. Splits of configs 2 (<1, 4, 1, 2>) and 5 (<1, 2, 2, 2>) were slower
 // or equal everywhere (GPT-OSS T=1 84.6 and 59.8 us) and are not kept.
 using CombineCfg6 = CombineConfig<1, 1, 4, 2>;
-constexpr int kNumCombineConfigs = 7;
+// Config 2 held to 128 registers, four CTAs a multiprocessor (135 registers gave three): Qwen3's grid
+// at one token (512 CTAs) then runs in one wave. Session 27, H200, the layer at T=1: 25.2 -> 24.1 us.
+using CombineCfg7 = CombineConfig<1, 8, 1, 1, 4>;
+// Configs 5, 1 and 3 with no minimum CTAs in their launch bounds: 58 / 72 / 88 registers against 80 / 113 /
+// 127 (more CTAs a multiprocessor, the same loads in flight a warp).
+using CombineCfg8 = CombineConfig<1, 2, 2, 1, 0>;
+using CombineCfg9 = CombineConfig<2, 2, 2, 1, 0>;
+using CombineCfg10 = CombineConfig<2, 4, 1, 1, 0>;
+constexpr int kNumCombineConfigs = 11;
 
 // Defaults from the H100 tuning at T = 1..8 of the four model shapes, checked on an H200 at T = 1, 4
-// (session 8: results/h200-tune-expert-gemv-prefetch2.md, where config 5 below ran as config 8).
+// (session 8: results/h200-tune-expert-gemv-prefetch2.md, where config 5 below ran as config 8), then
+// re-decided on the H200 by the layer itself (session 27: results/h200-s27-*.md, graph replay, each
+// config forced in turn; bench/NOTES.md).
 // SiLU: config 3 fastest or within 1% everywhere on both (H100 GPT-OSS T=1: 47 us, config 0 57).
 // Combine: on the H200 config 5 (two experts a pass, two vectors in flight: half config 4's loads in
 // registers, so more CTAs a multiprocessor) beat config 4, the H100's pick, by 4-22% (DeepSeek-V3
 // T=1 56.5 against 72.8 us, GPT-OSS T=1 20.4 against 24.7, Mixtral T=4 218 against 261: 74-101% of
-// read bandwidth); rows under 32 lanes x 4 vectors leave lanes idle, and there eight experts a pass
-// with one vector each (config 2) won where topk >= 8 for one token (Qwen3, K = 768, T=1: 12.4 us,
-// config 5 13.5); at T=4 config 5 led there too (33.6 against 35.7).
+// read bandwidth). Rows under 32 lanes x 4 vectors leave lanes idle: there, at topk >= 8, eight experts
+// a pass with one vector each (config 7, config 2 within four CTAs a multiprocessor) for one token and
+// two columns a warp over four experts (config 3) for more (Qwen3, K = 768, layer: T=1 24.1 us against
+// config 2's 25.2; T = 2 / 4 40.6 / 65.3 against config 5's 44.6 / 69.3). One token over long rows: two
+// columns over two experts (config 1) at topk >= 8 (DeepSeek-V3 T=1: 167.6 against 172.6), the split
+// (config 6) at topk <= 2.
 constexpr int kDefaultSiluConfig = 3;
 constexpr int kShortRowVectors = kWarpSize * 4;  // "rows under 32 lanes x 4 vectors" above
+constexpr int kManySlots = CombineCfg2::kSlots;   // "topk >= 8" above
 int default_combine_config(int64_t M, int64_t K, int64_t topk, int elem_bytes) {
   const int64_t vectors = K * elem_bytes / kVecBytes;
+  if (vectors < kShortRowVectors && topk >= kManySlots) return M == 1 ? 7 : 3;
+  if (M == 1 && topk >= kManySlots) return 1;
   if (M == 1 && vectors >= kShortRowVectors && topk <= 2) return 6;  // one token, two long rows a column
-  return M == 1 && vectors < kShortRowVectors && topk >= CombineCfg2::kSlots ? 2 : 5;
+  return 5;
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % kVecBytes == 0; }
@@ -99,7 +117,7 @@ cudaError_t moe_gemv_silu(DType dtype, const void* a, const void* w13, const int
   const bool vec = vectorized(dtype, a, w13, K);
   return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
-    return dispatch_config<SiluCfg0, SiluCfg1, SiluCfg2, SiluCfg3>(
+    return dispatch_config<SiluCfg0, SiluCfg1, SiluCfg2, SiluCfg3, SiluCfg4>(
         config < 0 ? kDefaultSiluConfig : config,
         [&](auto c) { return launch_silu<T, decltype(c)>(p, slots, vec, pdl, stream); });
   });
@@ -118,7 +136,8 @@ cudaError_t moe_gemv_combine(DType dtype, const void* h, const void* w2, const i
   const bool vec = vectorized(dtype, h, w2, K);
   return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
-    return dispatch_config<CombineCfg0, CombineCfg1, CombineCfg2, CombineCfg3, CombineCfg4, CombineCfg5, CombineCfg6>(
+    return dispatch_config<CombineCfg0, CombineCfg1, CombineCfg2, CombineCfg3, CombineCfg4, CombineCfg5, CombineCfg6,
+                           CombineCfg7, CombineCfg8, CombineCfg9, CombineCfg10>(
         config < 0 ? default_combine_config(M, K, topk, sizeof(T)) : config,
         [&](auto c) { return launch_combine<T, decltype(c)>(p, M, vec, pdl, stream); });
   });

@@ -57,30 +57,27 @@ MOE_DEVICE MOE_FORCEINLINE void accumulate(const T* const (&rows)[kR], const T* 
                                            int K, float (&acc)[kR]) {
   static_assert(kR % kX == 0, "each x serves the same number of rows");
   constexpr int kRowsPerX = kR / kX;
-  using Pack = std::conditional_t<kVec, Vec<T>, T>;
+  // Vectors stay raw 16-byte words from the load to the products, and a load under a condition is a
+  // predicated load into zeroed registers: as a Vec<T> of 16-bit elements, the compiler selected element
+  // by element, unpacking each vector into eight registers (GPT-OSS's combine tile held 139 of them).
+  using Pack = std::conditional_t<kVec, uint4, T>;
   constexpr int kW = kVec ? Vec<T>::kSize : 1;
   const auto load = [](const T* q, bool stream) -> Pack {
     if constexpr (kVec) {
       // Weight rows are read once: evict-first, so they do not push out of L1 the activation vectors
       // every warp of the CTA re-reads.
-      return stream ? load_vec<true>(q) : load_vec(q);
+      return stream ? load16_stream(q) : *reinterpret_cast<const uint4*>(q);
     } else {
       return *q;
     }
   };
   const auto elem = [](const Pack& v, int i) -> float {
     if constexpr (kVec) {
-      return to_float(v.v[i]);
+      return to_float(reinterpret_cast<const Vec<T>&>(v).v[i]);
     } else {
       return to_float(v);
     }
   };
-  Pack zero;
-  if constexpr (kVec) {
-    *reinterpret_cast<uint4*>(&zero) = make_uint4(0, 0, 0, 0);
-  } else {
-    zero = from_float<T>(0.0f);
-  }
   const int steps = K / kW;
   for (int s0 = lane_id(); s0 < steps; s0 += kWarpSize * kU) {
     Pack xv[kU][kX];
@@ -90,9 +87,15 @@ MOE_DEVICE MOE_FORCEINLINE void accumulate(const T* const (&rows)[kR], const T* 
       const int s = s0 + u * kWarpSize;
       const bool in = s < steps;
 #pragma unroll
-      for (int x = 0; x < kX; ++x) xv[u][x] = in ? load(xs[x] + s * kW, false) : zero;
+      for (int x = 0; x < kX; ++x) {
+        xv[u][x] = Pack{};
+        if (in) xv[u][x] = load(xs[x] + s * kW, false);
+      }
 #pragma unroll
-      for (int r = 0; r < kR; ++r) wv[u][r] = in && on[r] ? load(rows[r] + s * kW, true) : zero;
+      for (int r = 0; r < kR; ++r) {
+        wv[u][r] = Pack{};
+        if (in && on[r]) wv[u][r] = load(rows[r] + s * kW, true);
+      }
     }
 #pragma unroll
     for (int u = 0; u < kU; ++u)
@@ -112,23 +115,24 @@ MOE_DEVICE MOE_FORCEINLINE float warp_sum(float v) {
 // Largest weight row the combine kernel asks L2 to prefetch in one bulk request.
 constexpr int64_t kMaxPrefetchRowBytes = int64_t{1} << 20;
 
-// Silu tile: kRows output columns per warp, kU vectors per row in flight.
-template <int kRowsT, int kUT>
+// Silu tile: kRows output columns per warp, kU vectors per row in flight; kMinBlocksT as in CombineConfig.
+template <int kRowsT, int kUT, int kMinBlocksT = 1>
 struct SiluConfig {
-  static constexpr int kRows = kRowsT, kU = kUT, kCols = kWarps * kRowsT;
+  static constexpr int kRows = kRowsT, kU = kUT, kCols = kWarps * kRowsT, kMinBlocks = kMinBlocksT;
 };
 
 // Combine tile: kRows output columns per warp, kSlots of the token's experts at a time; kSplit warps
 // per column group, each taking a share of the token's passes over its experts (more warps in flight
-// for grids under a wave; see moe_gemv_combine_kernel).
-template <int kRowsT, int kSlotsT, int kUT, int kSplitT = 1>
+// for grids under a wave; see moe_gemv_combine_kernel); kMinBlocksT CTAs a multiprocessor the registers
+// must allow, the launch bounds' second value. ptxas allocates differently with 1 (up to 255 registers a
+// thread) and with 0, i.e. none given (its own default; e.g. 48 against 72 registers for SiLU config 3).
+// A split grid has twice the CTAs, which fit one wave only at 64 registers a thread (8 x 128 threads).
+template <int kRowsT, int kSlotsT, int kUT, int kSplitT = 1, int kMinBlocksT = (kSplitT > 1 ? 8 : 1)>
 struct CombineConfig {
   static_assert(kWarps % kSplitT == 0, "the split divides the CTA's warps");
   static constexpr int kRows = kRowsT, kSlots = kSlotsT, kU = kUT, kSplit = kSplitT;
   static constexpr int kCols = kWarps / kSplitT * kRowsT;
-  // CTAs a multiprocessor the registers must allow: a split grid has twice the CTAs, which fit one
-  // wave only at 64 registers a thread (8 x 128 threads).
-  static constexpr int kMinBlocks = kSplitT > 1 ? 8 : 1;
+  static constexpr int kMinBlocks = kMinBlocksT;
 };
 // Largest topk a split config takes (its shared hand-off holds this many slots); the launcher runs the
 // unsplit tile above it.
@@ -136,7 +140,7 @@ constexpr int kMaxSplitTopk = 32;
 
 // grid (M * topk, ceil(N / Cfg::kCols)).
 template <typename T, typename Cfg, bool kVec>
-__global__ void __launch_bounds__(kThreads) moe_gemv_silu_kernel(Params p) {
+__global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks) moe_gemv_silu_kernel(Params p) {
   constexpr int kRows = Cfg::kRows;
   const int slot = blockIdx.x;
   const int lane = lane_id();
