@@ -18,9 +18,7 @@ using SiluCfg0 = SiluConfig<2, 4>;
 using SiluCfg1 = SiluConfig<1, 4>;
 using SiluCfg2 = SiluConfig<4, 2>;
 using SiluCfg3 = SiluConfig<2, 2>;
-// Config 3 with no minimum CTAs in its launch bounds: ptxas's own register target, 48 against 72.
-using SiluCfg4 = SiluConfig<2, 2, 0>;
-constexpr int kNumSiluConfigs = 5;
+constexpr int kNumSiluConfigs = 4;
 
 using CombineCfg0 = CombineConfig<1, 4, 2>;
 using CombineCfg1 = CombineConfig<2, 2, 2>;
@@ -37,12 +35,7 @@ using CombineCfg6 = CombineConfig<1, 1, 4, 2>;
 // Config 2 held to 128 registers, four CTAs a multiprocessor (135 registers gave three): Qwen3's grid
 // at one token (512 CTAs) then runs in one wave. Session 27, H200, the layer at T=1: 25.2 -> 24.1 us.
 using CombineCfg7 = CombineConfig<1, 8, 1, 1, 4>;
-// Configs 5, 1 and 3 with no minimum CTAs in their launch bounds: 58 / 72 / 88 registers against 80 / 113 /
-// 127 (more CTAs a multiprocessor, the same loads in flight a warp).
-using CombineCfg8 = CombineConfig<1, 2, 2, 1, 0>;
-using CombineCfg9 = CombineConfig<2, 2, 2, 1, 0>;
-using CombineCfg10 = CombineConfig<2, 4, 1, 1, 0>;
-constexpr int kNumCombineConfigs = 11;
+constexpr int kNumCombineConfigs = 8;
 
 // Defaults from the H100 tuning at T = 1..8 of the four model shapes, checked on an H200 at T = 1, 4
 // (session 8: results/h200-tune-expert-gemv-prefetch2.md, where config 5 below ran as config 8), then
@@ -117,7 +110,7 @@ cudaError_t moe_gemv_silu(DType dtype, const void* a, const void* w13, const int
   const bool vec = vectorized(dtype, a, w13, K);
   return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
-    return dispatch_config<SiluCfg0, SiluCfg1, SiluCfg2, SiluCfg3, SiluCfg4>(
+    return dispatch_config<SiluCfg0, SiluCfg1, SiluCfg2, SiluCfg3>(
         config < 0 ? kDefaultSiluConfig : config,
         [&](auto c) { return launch_silu<T, decltype(c)>(p, slots, vec, pdl, stream); });
   });
@@ -137,7 +130,7 @@ cudaError_t moe_gemv_combine(DType dtype, const void* h, const void* w2, const i
   return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     return dispatch_config<CombineCfg0, CombineCfg1, CombineCfg2, CombineCfg3, CombineCfg4, CombineCfg5, CombineCfg6,
-                           CombineCfg7, CombineCfg8, CombineCfg9, CombineCfg10>(
+                           CombineCfg7>(
         config < 0 ? default_combine_config(M, K, topk, sizeof(T)) : config,
         [&](auto c) { return launch_combine<T, decltype(c)>(p, M, vec, pdl, stream); });
   });

@@ -115,18 +115,19 @@ MOE_DEVICE MOE_FORCEINLINE float warp_sum(float v) {
 // Largest weight row the combine kernel asks L2 to prefetch in one bulk request.
 constexpr int64_t kMaxPrefetchRowBytes = int64_t{1} << 20;
 
-// Silu tile: kRows output columns per warp, kU vectors per row in flight; kMinBlocksT as in CombineConfig.
-template <int kRowsT, int kUT, int kMinBlocksT = 1>
+// Silu tile: kRows output columns per warp, kU vectors per row in flight.
+template <int kRowsT, int kUT>
 struct SiluConfig {
-  static constexpr int kRows = kRowsT, kU = kUT, kCols = kWarps * kRowsT, kMinBlocks = kMinBlocksT;
+  static constexpr int kRows = kRowsT, kU = kUT, kCols = kWarps * kRowsT;
 };
 
 // Combine tile: kRows output columns per warp, kSlots of the token's experts at a time; kSplit warps
 // per column group, each taking a share of the token's passes over its experts (more warps in flight
 // for grids under a wave; see moe_gemv_combine_kernel); kMinBlocksT CTAs a multiprocessor the registers
-// must allow, the launch bounds' second value. ptxas allocates differently with 1 (up to 255 registers a
-// thread) and with 0, i.e. none given (its own default; e.g. 48 against 72 registers for SiLU config 3).
-// A split grid has twice the CTAs, which fit one wave only at 64 registers a thread (8 x 128 threads).
+// must allow, the launch bounds' second value. Keep it >= 1: with none given (0) ptxas aims at fewer
+// registers (SiLU config 3: 48 against 72, combine config 5: 58 against 80) and those tiles made the layer
+// 3-22% slower (session 27, H200; not profiled). A split grid has twice the CTAs, which fit one wave only
+// at 64 registers a thread (8 x 128 threads).
 template <int kRowsT, int kSlotsT, int kUT, int kSplitT = 1, int kMinBlocksT = (kSplitT > 1 ? 8 : 1)>
 struct CombineConfig {
   static_assert(kWarps % kSplitT == 0, "the split divides the CTA's warps");
@@ -138,9 +139,9 @@ struct CombineConfig {
 // unsplit tile above it.
 constexpr int kMaxSplitTopk = 32;
 
-// grid (M * topk, ceil(N / Cfg::kCols)).
+// grid (M * topk, ceil(N / Cfg::kCols)). Launch bounds with one CTA a multiprocessor, as CombineConfig explains.
 template <typename T, typename Cfg, bool kVec>
-__global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks) moe_gemv_silu_kernel(Params p) {
+__global__ void __launch_bounds__(kThreads, 1) moe_gemv_silu_kernel(Params p) {
   constexpr int kRows = Cfg::kRows;
   const int slot = blockIdx.x;
   const int lane = lane_id();
