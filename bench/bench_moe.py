@@ -26,6 +26,12 @@ Floor per (model, T), from the routing of the benchmark's own inputs:
 Ceilings are measured in the same run: copy bandwidth (read + write), read bandwidth (sum over a
 2 GiB buffer) and the bf16 matmul rate (8192^3).
 
+Variants of the moe_ext path: --env NAME=v1,v2 (repeatable) adds a path moe_ext[NAME=v] per value, the
+moe_ext path run with that environment variable set while it is called and captured (the adapters read
+MOE_EXT_* overrides such as MOE_EXT_GEMV_COMBINE_CONFIG on every call), on the same inputs as the others:
+a tile or path choice A/B'd in one run. Inputs (hidden states, logits) are drawn from a seed of (model,
+T), so runs with other --models / --tokens lists route the same tokens the same way.
+
 Timing: CUDA-graph replay per call at T <= 16 for every path that captures (moe_ext must; the
 reference loops read expert ids on the host and cannot), else the median of CUDA events; slow paths
 run until about 1 s is spent, 3 runs at least. Calls rotate over up to 4 copies of the weights (as
@@ -34,6 +40,7 @@ against fused_moe_ref in fp32 on the same inputs.
 
     python bench/bench_moe.py [--models ...] [--tokens 1 4 16 128 1024 4096] [--paths ...] [--iters 100]
                               [--compile-timeout 120] [--stem moe]
+    python bench/bench_moe.py --paths moe_ext --env MOE_EXT_GEMV_COMBINE_CONFIG=1,3 --tokens 1 2 4
     python bench/bench_moe.py --smoke          # tiny shapes, a few runs; on the CPU without a GPU
     python bench/plot_moe.py bench/results/<device>-moe.json [more JSON of a split run]
 """
@@ -45,10 +52,12 @@ import dataclasses
 import gc
 import itertools
 import math
+import os
 import signal
 import statistics
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -277,6 +286,39 @@ def run_path(run, x, sets, logits, want, device: str, iters: int, first_call_tim
     return dict(us=us, timing=how, err=err, first_call_s=first_s)
 
 
+def env_variants(specs: list[str]) -> dict[str, tuple[str, str]]:
+    """--env NAME=v1,v2 specs -> {path label: (NAME, value)}, labels moe_ext[NAME=v] in spec order."""
+    out = {}
+    for spec in specs:
+        name, sep, values = spec.partition("=")
+        if not sep or not name or not values:
+            raise SystemExit(f"--env wants NAME=v1[,v2...], got {spec!r}")
+        for v in values.split(","):
+            out[f"moe_ext[{name}={v}]"] = (name, v)
+    return out
+
+
+def with_env(name: str, value: str, fn):
+    """fn with os.environ[name] = value around every call (the variable's previous state restored)."""
+    def call(*args):
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return fn(*args)
+        finally:
+            if old is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = old
+    return call
+
+
+def input_seed(model: str, T: int) -> int:
+    """The seed of one row's hidden states and logits (T = -1: the model's correction bias): the same row
+    draws the same inputs in every run."""
+    return zlib.crc32(f"{model}:{T}".encode())
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
@@ -287,7 +329,11 @@ def main():
                    help="seconds allowed for compile_ref's first call; past it, larger T of that model are skipped")
     p.add_argument("--smoke", action="store_true", help="tiny shapes and few runs: checks the script, not the kernels")
     p.add_argument("--stem", default="moe", help="results/<device>-<stem>.json/.md (to split a run over several calls)")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=v1,v2",
+                   help="add a moe_ext path per value, run with the environment variable set (repeatable)")
     args = p.parse_args()
+    variants = env_variants(args.env)
+    args.paths = [*args.paths, *variants]
     tokens = args.tokens or ([1, 4, 64] if args.smoke else [1, 4, 16, 128, 1024, 4096])
     iters = args.iters or (3 if args.smoke else 100)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -307,6 +353,8 @@ def main():
 
     rows, notes, weight_sets = [], {}, {}
     total, done = len(args.models) * len(tokens) * len(args.paths), 0
+    ours = ("moe_ext", "moe_ext_grouped", "moe_ext_unfused", "moe_ext_fused_silu", "moe_ext_bs128", *FORCED_BLOCK,
+            *variants)
     for name in args.models:
         cfg = smoke_config(MODELS[name]) if args.smoke else MODELS[name]
         E, k, H = cfg.num_experts, cfg.topk, cfg.hidden_size
@@ -316,7 +364,8 @@ def main():
             torch.cuda.empty_cache()
         sets = make_weight_sets(cfg, device, dtype)
         weight_sets[name] = len(sets)
-        bias = (torch.randn(E, device=device) * 0.1) if cfg.correction_bias else None
+        bias_gen = torch.Generator(device=device).manual_seed(input_seed(name, -1))
+        bias = (torch.randn(E, device=device, generator=bias_gen) * 0.1) if cfg.correction_bias else None
         routing = dict(cfg.routing, correction_bias=bias)
         compiled = torch.compile(ref.fused_moe_ref, dynamic=False)
 
@@ -337,11 +386,13 @@ def main():
             "compile_ref": lambda x, w13, w2, lg: compiled(x, w13, w2, lg, k, compute_dtype=dtype, **routing),
             "grouped_mm": lambda x, w13, w2, lg: grouped_mm_moe(x, w13, w2, lg, k, **routing),
         }
-        ours = ("moe_ext", "moe_ext_grouped", "moe_ext_unfused", "moe_ext_fused_silu", "moe_ext_bs128", *FORCED_BLOCK)
+        runners.update({path: with_env(env, v, runners["moe_ext"]) for path, (env, v) in variants.items()})
         skip = {p: f"skipped: no {device} kernel for {', '.join(missing)}" for p in ours if missing}
         for T in tokens:
-            x = torch.randn(T, H, dtype=dtype, device=device)
-            logits = torch.randn(T, E, dtype=torch.float32, device=device)  # fp32, as moe_ext.MoE's router gives
+            gen = torch.Generator(device=device).manual_seed(input_seed(name, T))
+            x = torch.randn(T, H, dtype=dtype, device=device, generator=gen)
+            # fp32, as moe_ext.MoE's router gives
+            logits = torch.randn(T, E, dtype=torch.float32, device=device, generator=gen)
             row = dict(model=name, T=T, E=E, topk=k, H=H, I=cfg.intermediate_size, weight_sets=len(sets),
                        **floor_of(cfg, x, logits, routing, ceil))
             row["l2_may_hold_weights"] = bool(l2 and len(sets) * row["weight_bytes"] < 2 * l2)
@@ -409,8 +460,10 @@ def main():
               "fits once, but its hit experts (>= 8 x 88 MB) exceed L2; rows with l2_may_hold_weights=true are "
               "those where the rotated hit weights are under twice L2",
         weight_sets=weight_sets,
-        inputs="hidden ~ N(0,1) bf16, router logits ~ N(0,1) fp32, w13 ~ N(0,1/H), w2 ~ N(0,1/I) bf16, "
-               "DeepSeek correction bias ~ N(0, 0.1) fp32; routing args from moe_ext.models",
+        inputs="hidden ~ N(0,1) bf16, router logits ~ N(0,1) fp32 (both from a seed of (model, T): the same in "
+               "every run), w13 ~ N(0,1/H), w2 ~ N(0,1/I) bf16, DeepSeek correction bias ~ N(0, 0.1) fp32 (seeded "
+               "per model); routing args from moe_ext.models",
+        env_variants={path: f"moe_ext with {env}={v}" for path, (env, v) in variants.items()},
         error="relative L2 vs moe_ext.reference.fused_moe_ref in fp32 on weight set 0",
         compile_ref=f"torch.compile(fused_moe_ref, dynamic=False), recompiled per T (first call limited to "
                     f"{args.compile_timeout} s, its time in compile_ref_first_call_s): the routing compiles to one "
