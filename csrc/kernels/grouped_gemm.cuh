@@ -40,6 +40,14 @@
 #define MOE_GG_HAS_MMA 0
 #endif
 
+// The tensor-core tiles' launch bounds' second value (minimum CTAs a multiprocessor). 0 = none given, the
+// default and what every table entry was tuned with. ptxas allocates registers differently with 1 (the
+// decode GEMVs, session 27: given none, they took fewer registers and made the layer 3-22% slower); a
+// build with NVCC_APPEND_FLAGS=-DMOE_EXT_GEMM_MIN_BLOCKS=1 is that A/B for these tiles (bench/NOTES.md).
+#ifndef MOE_EXT_GEMM_MIN_BLOCKS
+#define MOE_EXT_GEMM_MIN_BLOCKS 0
+#endif
+
 namespace moe_ext {
 
 struct GroupedGemmParams {
@@ -230,7 +238,7 @@ MOE_DEVICE MOE_FORCEINLINE void load_chunk(T* dst, const T* row, int k, int K, c
 #if MOE_GG_HAS_MMA
 // Tensor-core grouped GEMM; Cfg is a gg::MmaConfig, T bf16 or fp16. Dynamic smem: Cfg::smem_bytes<T>().
 template <typename T, typename Cfg, bool kAligned>
-__global__ void __launch_bounds__(Cfg::kThreads) grouped_gemm_mma_kernel(const GroupedGemmParams p) {
+__global__ void __launch_bounds__(Cfg::kThreads, MOE_EXT_GEMM_MIN_BLOCKS) grouped_gemm_mma_kernel(const GroupedGemmParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, LDS = Cfg::LDS, STAGES = Cfg::STAGES;
   constexpr int NT = Cfg::kThreads, CPR = Cfg::kChunksPerRow;

@@ -213,7 +213,7 @@ MOE_DEVICE MOE_FORCEINLINE void wgmma_m64k16(float (&d)[kN / 2], uint64_t desc_a
 // order above). Dynamic smem: Cfg::kSmemBytes. tmap: w as a 4-D tensor map (Cfg::kTma only, unused
 // otherwise), box {64, BN, 1, 1}, 128-byte swizzle.
 template <typename T, typename Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads)
+__global__ void __launch_bounds__(Cfg::kThreads, MOE_EXT_GEMM_MIN_BLOCKS)
     grouped_gemm_wgmma_kernel(const GroupedGemmParams p, const __grid_constant__ CUtensorMap tmap) {
 #if MOE_GG_WGMMA_DEVICE
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, STAGES = Cfg::STAGES;
