@@ -190,7 +190,7 @@ static_assert(Cfg16::BM == 64 && Cfg16::BN == 256 && Cfg17::BM == 192 && Cfg18::
 // tile: session 26's tuner, bench/results/h200-tune-silu-table-s26b-hopper.md); smaller blocks take the mma rows on
 // Hopper too.
 constexpr int kSiluRowSplitConfig[5] = {1, 2, 2, 3, 3};
-static_assert(kSiluMma16Many == kMma16Many && kSiluMmaLargeFew == kMmaLargeFew,
+static_assert(int{kSiluMma16Many} == int{kMma16Many} && int{kSiluMmaLargeFew} == int{kMmaLargeFew},
               "grouped_gemm_table.h: SiluBucket's mma buckets are GemmBucket's");
 
 SiluBucket silu_bucket(bool wgmma, int64_t rows, int64_t E, int64_t I, int64_t num_blocks, int64_t block_size,
@@ -366,7 +366,7 @@ cudaError_t zero_uncovered_rows(const uint8_t* covered, void* out, int64_t rows,
 
 int grouped_gemm_num_configs() { return kNumConfigs; }
 #if MOE_GG_HAS_MMA
-int grouped_gemm_num_buckets(bool silu) { return silu ? kNumSiluBuckets : kNumGemmBuckets; }
+int grouped_gemm_num_buckets(bool silu) { return silu ? int{kNumSiluBuckets} : int{kNumGemmBuckets}; }
 #else
 int grouped_gemm_num_buckets(bool silu) {
   (void)silu;
@@ -380,8 +380,8 @@ int grouped_gemm_heuristic_bucket(bool silu, int64_t rows, int64_t K, int64_t E,
 #if MOE_GG_HAS_MMA
   if (compute_capability < 80 || rows <= 0 || N <= 0 || num_blocks <= 0 || block_size <= 0 || K % 8 != 0) return -1;
   const bool wgmma = wgmma_available(compute_capability);
-  return silu ? silu_bucket(wgmma, rows, E, N, num_blocks, block_size, num_sms)
-              : gemm_bucket(wgmma, rows, E, N, num_blocks, block_size, num_sms);
+  return silu ? int{silu_bucket(wgmma, rows, E, N, num_blocks, block_size, num_sms)}
+              : int{gemm_bucket(wgmma, rows, E, N, num_blocks, block_size, num_sms)};
 #else
   (void)silu, (void)rows, (void)K, (void)E, (void)N, (void)num_blocks, (void)block_size, (void)compute_capability,
       (void)num_sms;
