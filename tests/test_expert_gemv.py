@@ -236,3 +236,24 @@ def test_gemv_cuda_graph_and_determinism():
         weights.copy_(new_weights)
         graph.replay()
         assert torch.equal(out, run())
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
+@pytest.mark.parametrize("E, topk, K", [(64, 8, 256), (16, 2, 1024)])
+def test_gemv_combine_right_behind_the_router(E, topk, K):
+    """The combine reads topk_ids before its programmatic-launch wait (to ask L2 for the weight rows), and the
+    router triggers its dependents at its start at decode sizes: launched right behind the router that writes
+    the ids, into memory the allocator hands back from the previous call (old ids in it), the combine must still
+    use the final ids. Each call's rows differ from the last, so stale ids would show."""
+    require_kernel("moe_gemv_combine", "cuda")
+    require_kernel("topk_gating", "cuda")
+    M, N = 2, 96
+    w2 = torch.randn(E, N, K, device="cuda", dtype=torch.bfloat16) / K**0.5
+    h = torch.randn(M * topk, K, device="cuda", dtype=torch.bfloat16)
+    g = torch.Generator(device="cuda").manual_seed(E + K)
+    for _ in range(20):
+        logits = torch.randn(M, E, device="cuda", generator=g)
+        weights, ids = moe_ext.topk_gating(logits, topk, renormalize=True)
+        out = moe_ext.moe_gemv_combine(h, w2, ids, weights)
+        want = ref.moe_gemv_combine_ref(h.cpu(), w2.cpu(), ids.cpu(), weights.cpu())
+        assert_close(out, want, torch.bfloat16)
