@@ -26,10 +26,10 @@ Floor per (model, T), from the routing of the benchmark's own inputs:
 Ceilings are measured in the same run: copy bandwidth (read + write), read bandwidth (sum over a
 2 GiB buffer) and the bf16 matmul rate (8192^3).
 
-Variants of the moe_ext path: --env NAME=v1,v2 (repeatable) adds a path moe_ext[NAME=v] per value, the
-moe_ext path run with that environment variable set while it is called and captured (the adapters read
-MOE_EXT_* overrides such as MOE_EXT_GEMV_COMBINE_CONFIG on every call), on the same inputs as the others:
-a tile or path choice A/B'd in one run. Inputs (hidden states, logits) are drawn from a seed of (model,
+Variants of the moe_ext path: --variants NAME:ENV=V,ENV=V ... (bench_routing's form) adds a path moe_ext[NAME] per
+variant, the moe_ext path run with those environment variables set while it is called and captured (the adapters
+read MOE_EXT_* overrides such as MOE_EXT_GEMV_COMBINE_CONFIG on every call), on the same inputs as the others: a
+tile or path choice A/B'd in one run. Inputs (hidden states, logits) are drawn from a seed of (model,
 T), so runs with other --models / --tokens lists route the same tokens the same way.
 
 Timing: CUDA-graph replay per call at T <= 16 for every path that captures (moe_ext must; the
@@ -40,7 +40,8 @@ against fused_moe_ref in fp32 on the same inputs.
 
     python bench/bench_moe.py [--models ...] [--tokens 1 4 16 128 1024 4096] [--paths ...] [--iters 100]
                               [--compile-timeout 120] [--stem moe]
-    python bench/bench_moe.py --paths moe_ext --env MOE_EXT_GEMV_COMBINE_CONFIG=1,3 --tokens 1 2 4
+    python bench/bench_moe.py --paths moe_ext --variants c1:MOE_EXT_GEMV_COMBINE_CONFIG=1 \
+        c3:MOE_EXT_GEMV_COMBINE_CONFIG=3
     python bench/bench_moe.py --smoke          # tiny shapes, a few runs; on the CPU without a GPU
     python bench/plot_moe.py bench/results/<device>-moe.json [more JSON of a split run]
 """
@@ -52,7 +53,6 @@ import dataclasses
 import gc
 import itertools
 import math
-import os
 import signal
 import statistics
 import sys
@@ -66,7 +66,8 @@ import torch.nn.functional as F
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # moe_ext from this checkout when not installed
 
 import moe_ext  # noqa: E402
-from common import copy_bandwidth, markdown_table, time_events, time_graph, write_results  # noqa: E402
+from common import (copy_bandwidth, environment, markdown_table, parse_variant, time_events, time_graph,  # noqa: E402
+                    write_results)
 from moe_ext import reference as ref  # noqa: E402
 from moe_ext.models import MODELS  # noqa: E402
 
@@ -286,30 +287,11 @@ def run_path(run, x, sets, logits, want, device: str, iters: int, first_call_tim
     return dict(us=us, timing=how, err=err, first_call_s=first_s)
 
 
-def env_variants(specs: list[str]) -> dict[str, tuple[str, str]]:
-    """--env NAME=v1,v2 specs -> {path label: (NAME, value)}, labels moe_ext[NAME=v] in spec order."""
-    out = {}
-    for spec in specs:
-        name, sep, values = spec.partition("=")
-        if not sep or not name or not values:
-            raise SystemExit(f"--env wants NAME=v1[,v2...], got {spec!r}")
-        for v in values.split(","):
-            out[f"moe_ext[{name}={v}]"] = (name, v)
-    return out
-
-
-def with_env(name: str, value: str, fn):
-    """fn with os.environ[name] = value around every call (the variable's previous state restored)."""
+def with_environment(env: dict, fn):
+    """fn with the variables of env set around every call (common.environment)."""
     def call(*args):
-        old = os.environ.get(name)
-        os.environ[name] = value
-        try:
+        with environment(env):
             return fn(*args)
-        finally:
-            if old is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = old
     return call
 
 
@@ -329,10 +311,10 @@ def main():
                    help="seconds allowed for compile_ref's first call; past it, larger T of that model are skipped")
     p.add_argument("--smoke", action="store_true", help="tiny shapes and few runs: checks the script, not the kernels")
     p.add_argument("--stem", default="moe", help="results/<device>-<stem>.json/.md (to split a run over several calls)")
-    p.add_argument("--env", action="append", default=[], metavar="NAME=v1,v2",
-                   help="add a moe_ext path per value, run with the environment variable set (repeatable)")
+    p.add_argument("--variants", nargs="+", default=[], metavar="NAME:ENV=V,ENV=V",
+                   help="add a moe_ext path per variant, run with those environment variables set")
     args = p.parse_args()
-    variants = env_variants(args.env)
+    variants = {f"moe_ext[{name}]": env for name, env in map(parse_variant, args.variants)}
     args.paths = [*args.paths, *variants]
     tokens = args.tokens or ([1, 4, 64] if args.smoke else [1, 4, 16, 128, 1024, 4096])
     iters = args.iters or (3 if args.smoke else 100)
@@ -386,7 +368,7 @@ def main():
             "compile_ref": lambda x, w13, w2, lg: compiled(x, w13, w2, lg, k, compute_dtype=dtype, **routing),
             "grouped_mm": lambda x, w13, w2, lg: grouped_mm_moe(x, w13, w2, lg, k, **routing),
         }
-        runners.update({path: with_env(env, v, runners["moe_ext"]) for path, (env, v) in variants.items()})
+        runners.update({path: with_environment(env, runners["moe_ext"]) for path, env in variants.items()})
         skip = {p: f"skipped: no {device} kernel for {', '.join(missing)}" for p in ours if missing}
         for T in tokens:
             gen = torch.Generator(device=device).manual_seed(input_seed(name, T))
@@ -463,7 +445,7 @@ def main():
         inputs="hidden ~ N(0,1) bf16, router logits ~ N(0,1) fp32 (both from a seed of (model, T): the same in "
                "every run), w13 ~ N(0,1/H), w2 ~ N(0,1/I) bf16, DeepSeek correction bias ~ N(0, 0.1) fp32 (seeded "
                "per model); routing args from moe_ext.models",
-        env_variants={path: f"moe_ext with {env}={v}" for path, (env, v) in variants.items()},
+        variants={path: f"moe_ext with {env}" for path, env in variants.items()},
         error="relative L2 vs moe_ext.reference.fused_moe_ref in fp32 on weight set 0",
         compile_ref=f"torch.compile(fused_moe_ref, dynamic=False), recompiled per T (first call limited to "
                     f"{args.compile_timeout} s, its time in compile_ref_first_call_s): the routing compiles to one "

@@ -3,8 +3,8 @@
 bench/tune_grouped_gemm.py times the launchers' configs on the model layers' GEMMs and writes
 results/<device>-<stem>.json (with --silu, moe_grouped_gemm_silu's); `python bench/tune_grouped_gemm.py --emit-table
 <json>...` then calls emit_table here. The header holds one table per op (TABLES below): moe_grouped_gemm's by
-GemmBucket, moe_grouped_gemm_silu's by SiluBucket. Each results file fills its op's table (its meta's "silu"); a
-table no file is given for is copied as it is. Each timed shape goes to its bucket of the heuristic by the
+MmaBucket (shared) then GemmBucket, moe_grouped_gemm_silu's by MmaBucket then SiluBucket. Each results file fills
+its op's table (its meta's "silu"); a table no file is given for is copied as it is. Each timed shape goes to its bucket of the heuristic by the
 launcher's own code (moe_ext.ops.grouped_gemm_tile_bucket, host arithmetic: no GPU needed), and each bucket gets the
 config with the least total time over its shapes, among the configs timed on all of them; the mma buckets, which
 also serve GPUs without the Hopper tiles, take mma.sync configs only. The config the current header gives the
@@ -31,17 +31,17 @@ HEADER = ROOT / "csrc" / "cuda" / "grouped_gemm_table.h"
 MARGIN = 0.02  # a bucket's config is replaced only by one with a total time more than this fraction less
 GENERIC_CC = 80  # the compute capability a --generic-blocks run's shapes are bucketed for
 
-MMA_BUCKETS = [  # (suffix, what falls in it): the first ten buckets of both tables, in this order
-    ("Mma16Many", "mma.sync tiles, block_size <= 16, a reference tile's grid >= 2 CTAs an SM"),
-    ("Mma16Few", "mma.sync tiles, block_size <= 16, a smaller grid"),
-    ("Mma32Many", "mma.sync tiles, block_size <= 32, >= 2 CTAs a multiprocessor"),
-    ("Mma32Few", "mma.sync tiles, block_size <= 32, a smaller grid"),
-    ("Mma64Many", "mma.sync tiles, block_size <= 64, >= 2 CTAs a multiprocessor"),
-    ("Mma64Few", "mma.sync tiles, block_size <= 64, a smaller grid"),
-    ("Mma128Many", "mma.sync tiles, block_size <= 128, >= 2 CTAs a multiprocessor"),
-    ("Mma128Few", "mma.sync tiles, block_size <= 128, a smaller grid"),
-    ("MmaLargeMany", "mma.sync tiles, block_size > 128, >= 2 CTAs a multiprocessor"),
-    ("MmaLargeFew", "mma.sync tiles, block_size > 128, a smaller grid"),
+MMA_BUCKETS = [  # (name, what falls in it): the first ten buckets of both tables, in this order (enum MmaBucket)
+    ("kMma16Many", "mma.sync tiles, block_size <= 16, a reference tile's grid >= 2 CTAs an SM"),
+    ("kMma16Few", "mma.sync tiles, block_size <= 16, a smaller grid"),
+    ("kMma32Many", "mma.sync tiles, block_size <= 32, >= 2 CTAs a multiprocessor"),
+    ("kMma32Few", "mma.sync tiles, block_size <= 32, a smaller grid"),
+    ("kMma64Many", "mma.sync tiles, block_size <= 64, >= 2 CTAs a multiprocessor"),
+    ("kMma64Few", "mma.sync tiles, block_size <= 64, a smaller grid"),
+    ("kMma128Many", "mma.sync tiles, block_size <= 128, >= 2 CTAs a multiprocessor"),
+    ("kMma128Few", "mma.sync tiles, block_size <= 128, a smaller grid"),
+    ("kMmaLargeMany", "mma.sync tiles, block_size > 128, >= 2 CTAs a multiprocessor"),
+    ("kMmaLargeFew", "mma.sync tiles, block_size > 128, a smaller grid"),
 ]
 FIRST_HOPPER_BUCKET = len(MMA_BUCKETS)
 
@@ -49,15 +49,15 @@ FIRST_HOPPER_BUCKET = len(MMA_BUCKETS)
 @dataclass(frozen=True)
 class Table:
     op: str  # the op whose heuristic reads the table
-    enum: str  # its bucket enum
-    prefix: str  # its enumerators' prefix
+    enum: str  # its bucket enum (the Hopper buckets, after MmaBucket's)
+    prefix: str  # its Hopper enumerators' prefix
     array: str  # the table's name
     first_wgmma_config: int  # the launcher's count of mma.sync configs (kNumMmaConfigs, kNumSiluMmaConfigs)
     hopper: tuple  # (suffix, what falls in it) for the buckets after the mma ones
 
     @property
     def buckets(self) -> list[tuple[str, str]]:
-        return [(self.prefix + name, what) for name, what in MMA_BUCKETS + list(self.hopper)]
+        return MMA_BUCKETS + [(self.prefix + name, what) for name, what in self.hopper]
 
     @property
     def count(self) -> str:
@@ -65,7 +65,7 @@ class Table:
 
 
 GEMM = Table("moe_grouped_gemm", "GemmBucket", "k", "kTunedGemmConfig", 12, (
-    ("HopperDecode", "Hopper, block_size < 64, rows <= 16 E, the 64 x 128 tile's grid >= 2 CTAs a multiprocessor"),
+    ("HopperDecode", "Hopper, block_size < 64, rows <= 16 E, the 64 x 128 tile's grid >= 2 CTAs an SM"),
     ("HopperNarrow", "Hopper, block_size >= 64 (not a multiple of 192), rows <= 16 E"),
     ("Hopper64Many", "Hopper, 64 <= block_size < 128, rows > 16 E, the 64 x 256 tile's grid >= 2 CTAs an SM"),
     ("Hopper64Few", "Hopper, 64 <= block_size < 128, rows > 16 E, a smaller grid"),
@@ -73,8 +73,8 @@ GEMM = Table("moe_grouped_gemm", "GemmBucket", "k", "kTunedGemmConfig", 12, (
     ("Hopper192", "Hopper, block_size a multiple of 192"),
 ))
 SILU = Table("moe_grouped_gemm_silu", "SiluBucket", "kSilu", "kTunedSiluConfig", 4, (
-    ("Hopper64Many", "Hopper, 32 < block_size <= 64, kSiluMma64Many's shapes"),
-    ("Hopper64Few", "Hopper, 32 < block_size <= 64, kSiluMma64Few's shapes"),
+    ("Hopper64Many", "Hopper, 32 < block_size <= 64, kMma64Many's shapes"),
+    ("Hopper64Few", "Hopper, 32 < block_size <= 64, kMma64Few's shapes"),
     ("HopperNarrow", "Hopper, block_size >= 128 (not a multiple of 192), rows <= 16 E"),
     ("Hopper128", "Hopper, block_size >= 128 (not a multiple of 192), rows > 16 E"),
     ("Hopper192", "Hopper, block_size a multiple of 192"),
@@ -92,7 +92,14 @@ PREAMBLE = """\
 #pragma once
 
 namespace moe_ext::cuda {
+
+// Both tables' first buckets: the mma.sync tiles' (mma_bucket), by block size, then many or few by whether a
+// reference tile's grid fills the GPU; each table's own buckets follow.
+enum MmaBucket : int {
 """
+_MMA_WIDTH = max(len(name) for name, _ in MMA_BUCKETS) + 1
+PREAMBLE += "".join(f"  {name + ',':<{_MMA_WIDTH}}  // {what}\n" for name, what in MMA_BUCKETS)
+PREAMBLE += "  kNumMmaBuckets\n};\n"
 EPILOGUE = "\n}  // namespace moe_ext::cuda\n"
 
 
@@ -184,8 +191,10 @@ def section(table: Table, configs: list[int], notes: list[str], sources: list[st
     if sources:
         lines.append(src_line + "\n")
     lines.append(f"enum {table.enum} : int {{\n")
-    width = max(len(name) for name, _ in table.buckets) + 1
-    lines += [f"  {name + ',':<{width}}  // {what}\n" for name, what in table.buckets]
+    own = table.buckets[FIRST_HOPPER_BUCKET:]
+    width = max(len(name) for name, _ in own) + 1
+    lines.append(f"  {own[0][0]} = kNumMmaBuckets,  // {own[0][1]}\n")  # numbered on from MmaBucket
+    lines += [f"  {name + ',':<{width}}  // {what}\n" for name, what in own[1:]]
     lines.append(f"  {table.count}\n}};\n\nconstexpr int {table.array}[{table.count}] = {{\n")
     for (name, _), cfg, note in zip(table.buckets, configs, notes):
         lines.append(f"    {str(cfg) + ',':<4} // {name}: {note}\n")

@@ -13,7 +13,8 @@ call reads plus activations in and out, over the measured read bandwidth for % o
 Each op alone, back to back with itself: in the layer the combine starts under the SiLU GEMV's tail (programmatic
 dependent launch) and the two share the multiprocessors, and the best config can differ (session 27: GPT-OSS's SiLU
 GEMV, config 3 best alone, config 1 in the layer). Decide defaults on the layer: `bench_moe.py --paths moe_ext
---env MOE_EXT_GEMV_COMBINE_CONFIG=0,1,...` times each config in it on the same inputs.
+--variants c0:MOE_EXT_GEMV_COMBINE_CONFIG=0 c1:MOE_EXT_GEMV_COMBINE_CONFIG=1 ...` times each config in it on the
+same inputs.
 
 Writes results/<device>-<stem>.{json,md} (stem: tune-expert-gemv unless --stem).
 """

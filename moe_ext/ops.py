@@ -340,8 +340,8 @@ def grouped_gemm_tile_config(op: str, rows: int, N: int, K: int, num_experts: in
 
 def grouped_gemm_tile_bucket(op: str, rows: int, N: int, K: int, num_experts: int, num_blocks: int,
                              block_size: int, compute_capability: int, num_sms: int) -> int:
-    """The bucket of csrc/cuda/grouped_gemm_table.h (its GemmBucket order for "moe_grouped_gemm", SiluBucket for
-    "moe_grouped_gemm_silu") whose tuned config op's heuristic takes for these shapes (arguments as
+    """The bucket of csrc/cuda/grouped_gemm_table.h (MmaBucket then GemmBucket for "moe_grouped_gemm", MmaBucket then
+    SiluBucket for "moe_grouped_gemm_silu") whose tuned config op's heuristic takes for these shapes (arguments as
     grouped_gemm_tile_config's), or -1 where the heuristic gives -1 or the unaligned config (K % 8 != 0). For
     bench/tile_table.py, which fills the tables by bucket from the tuner's timings. CUDA builds only; needs no
     GPU."""

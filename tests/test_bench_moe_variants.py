@@ -1,4 +1,5 @@
-"""bench_moe.py's --env variants and per-row input seeds (host-side helpers; no GPU needed)."""
+"""bench_moe.py's moe_ext variants (--variants, through bench/common.py's parse_variant and environment) and
+per-row input seeds (host-side helpers; no GPU needed)."""
 
 from __future__ import annotations
 
@@ -10,37 +11,31 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import bench_moe  # noqa: E402
+from common import parse_variant  # noqa: E402
 
 
-def test_env_variants_labels_in_spec_order():
-    got = bench_moe.env_variants(["MOE_EXT_GEMV_COMBINE_CONFIG=1,3", "MOE_EXT_PDL=0"])
-    assert list(got) == ["moe_ext[MOE_EXT_GEMV_COMBINE_CONFIG=1]", "moe_ext[MOE_EXT_GEMV_COMBINE_CONFIG=3]",
-                         "moe_ext[MOE_EXT_PDL=0]"]
-    assert got["moe_ext[MOE_EXT_GEMV_COMBINE_CONFIG=3]"] == ("MOE_EXT_GEMV_COMBINE_CONFIG", "3")
+def test_variant_spec():
+    assert parse_variant("c3:MOE_EXT_GEMV_COMBINE_CONFIG=3,MOE_EXT_PDL=0") == (
+        "c3", {"MOE_EXT_GEMV_COMBINE_CONFIG": "3", "MOE_EXT_PDL": "0"})
+    assert parse_variant("default") == ("default", {})
 
 
-@pytest.mark.parametrize("spec", ["NOVALUE", "=1", "NAME="])
-def test_env_variants_rejects_malformed(spec):
-    with pytest.raises(SystemExit, match="--env wants NAME=v1"):
-        bench_moe.env_variants([spec])
-
-
-def test_with_env_sets_during_call_and_restores(monkeypatch):
+def test_with_environment_sets_during_call_and_restores(monkeypatch):
     name = "MOE_EXT_BENCH_TEST_VAR"
     seen = []
     fn = lambda *args: seen.append((os.environ.get(name), args)) or "out"  # noqa: E731
     monkeypatch.delenv(name, raising=False)
-    assert bench_moe.with_env(name, "7", fn)(1, 2) == "out"
+    assert bench_moe.with_environment({name: "7"}, fn)(1, 2) == "out"
     assert seen == [("7", (1, 2))] and name not in os.environ
     monkeypatch.setenv(name, "old")
-    bench_moe.with_env(name, "8", fn)()
+    bench_moe.with_environment({name: "8"}, fn)()
     assert seen[-1][0] == "8" and os.environ[name] == "old"
 
     def boom():
         raise RuntimeError("kernel failed")
 
     with pytest.raises(RuntimeError):
-        bench_moe.with_env(name, "9", boom)()
+        bench_moe.with_environment({name: "9"}, boom)()
     assert os.environ[name] == "old"
 
 

@@ -113,14 +113,14 @@ def test_silu_buckets_of_model_gemms():
     """Where the model layers' first GEMMs fall in silu_bucket (N is I)."""
     silu = tile_table.SILU
     # Off Hopper: the mma rows, split by the SiLU tiles' own reference configs.
-    assert bucket(1, 8, 128, 768, 2048, 16, cc=80, sms=108, table=silu) == "kSiluMma16Few"
-    assert bucket(1024, 8, 256, 2048, 7168, 32, cc=80, sms=108, table=silu) == "kSiluMma32Many"
-    assert bucket(4096, 8, 128, 768, 2048, 128, cc=80, sms=108, table=silu) == "kSiluMma128Many"
+    assert bucket(1, 8, 128, 768, 2048, 16, cc=80, sms=108, table=silu) == "kMma16Few"
+    assert bucket(1024, 8, 256, 2048, 7168, 32, cc=80, sms=108, table=silu) == "kMma32Many"
+    assert bucket(4096, 8, 128, 768, 2048, 128, cc=80, sms=108, table=silu) == "kMma128Many"
     if bucket(4096, 8, 256, 2048, 7168, 192, table=silu) != "kSiluHopper192":
         pytest.skip("a build without sm_90a code: no Hopper tiles")
     # Hopper: the 64-row mma row as buckets of its own, smaller blocks the mma rows; 128-row blocks split by narrow.
     assert bucket(4, 2, 8, 14336, 4096, 64, table=silu) == "kSiluHopper64Many"  # Mixtral T=4 (64-row blocks)
-    assert bucket(1, 8, 128, 768, 2048, 16, table=silu) == "kSiluMma16Few"  # Qwen3 T=1
+    assert bucket(1, 8, 128, 768, 2048, 16, table=silu) == "kMma16Few"  # Qwen3 T=1
     assert bucket(128, 8, 128, 768, 2048, 128, table=silu) == "kSiluHopperNarrow"  # Qwen3 T=128: 8 rows an expert
     assert bucket(1024, 8, 256, 2048, 7168, 128, table=silu) == "kSiluHopper128"  # DeepSeek-V3 T=1024
 

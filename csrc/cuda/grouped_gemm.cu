@@ -145,35 +145,33 @@ bool wgmma_available(int cc) {
 constexpr int64_t kNarrowRowsPerExpert = 16;
 constexpr int kMmaRowMaxBlock[] = {16, 32, 64, 128};  // then larger: kMmaLargeMany / kMmaLargeFew
 constexpr int kMmaRowSplitConfig[5] = {11, 8, 3, 9, 6};  // session 24's "many" configs, whose tiles split the rows
-static_assert(kMmaLargeMany == kMma16Many + 2 * 4 && kMmaLargeFew == kMmaLargeMany + 1 && kMma16Few == kMma16Many + 1,
+static_assert(kMmaLargeMany == kMma16Many + 2 * 4 && kMmaLargeFew == kMmaLargeMany + 1 && kMma16Few == kMma16Many + 1 &&
+                  kNumMmaBuckets == kMmaLargeFew + 1,
               "grouped_gemm_table.h: the mma buckets come in (many, few) pairs by kMmaRowMaxBlock");
 
-// The mma.sync bucket (an index shared by GemmBucket and SiluBucket, whose mma buckets come first in the same
-// order): the row by block size, many or few by the CTA count of the row's reference tile split[row] (BM, BN:
-// the op's tile shapes).
+// Both ops' mma.sync bucket (MmaBucket): the row by block size, many or few by the CTA count of the row's reference
+// tile split[row] (BM, BN: the op's tile shapes).
 template <size_t kConfigs>
-int mma_bucket(const int (&split)[5], const int (&bm)[kConfigs], const int (&bn)[kConfigs], int64_t rows, int64_t E,
-               int64_t N, int64_t num_blocks, int64_t block_size, int num_sms) {
+MmaBucket mma_bucket(const int (&split)[5], const int (&bm)[kConfigs], const int (&bn)[kConfigs], int64_t rows,
+                     int64_t E, int64_t N, int64_t num_blocks, int64_t block_size, int num_sms) {
   int row = 0;
   while (row < 4 && block_size > kMmaRowMaxBlock[row]) ++row;
   const int ref = split[row];
   const int64_t ctas = estimated_ctas(bm[ref], bn[ref], rows, E, N, num_blocks, block_size);
-  return kMma16Many + 2 * row + (ctas >= 2 * num_sms ? 0 : 1);
-}
-GemmBucket mma_gemm_bucket(int64_t rows, int64_t E, int64_t N, int64_t num_blocks, int64_t block_size, int num_sms) {
-  return static_cast<GemmBucket>(
-      mma_bucket(kMmaRowSplitConfig, kConfigBM, kConfigBN, rows, E, N, num_blocks, block_size, num_sms));
+  return static_cast<MmaBucket>(kMma16Many + 2 * row + (ctas >= 2 * num_sms ? 0 : 1));
 }
 
-// wgmma: the Hopper tiles may run (a cc 9.0 device, a build with sm_90a code).
-GemmBucket gemm_bucket(bool wgmma, int64_t rows, int64_t E, int64_t N, int64_t num_blocks, int64_t block_size,
-                       int num_sms) {
-  if (!wgmma) return mma_gemm_bucket(rows, E, N, num_blocks, block_size, num_sms);
+// A MmaBucket or a GemmBucket. wgmma: the Hopper tiles may run (a cc 9.0 device, a build with sm_90a code).
+int gemm_bucket(bool wgmma, int64_t rows, int64_t E, int64_t N, int64_t num_blocks, int64_t block_size, int num_sms) {
+  const auto mma = [&] {
+    return mma_bucket(kMmaRowSplitConfig, kConfigBM, kConfigBN, rows, E, N, num_blocks, block_size, num_sms);
+  };
+  if (!wgmma) return mma();
   if (block_size % Cfg17::BM == 0) return kHopper192;
   const bool narrow = rows <= kNarrowRowsPerExpert * E;
   if (block_size < 64) {
     const int64_t ctas = estimated_ctas(Cfg18::BM, Cfg18::BN, rows, E, N, num_blocks, block_size);
-    return narrow && ctas >= 2 * num_sms ? kHopperDecode : mma_gemm_bucket(rows, E, N, num_blocks, block_size, num_sms);
+    return narrow && ctas >= 2 * num_sms ? int{kHopperDecode} : int{mma()};
   }
   if (narrow) return kHopperNarrow;
   if (block_size >= 128) return kHopper128;
@@ -190,18 +188,16 @@ static_assert(Cfg16::BM == 64 && Cfg16::BN == 256 && Cfg17::BM == 192 && Cfg18::
 // tile: session 26's tuner, bench/results/h200-tune-silu-table-s26b-hopper.md); smaller blocks take the mma rows on
 // Hopper too.
 constexpr int kSiluRowSplitConfig[5] = {1, 2, 2, 3, 3};
-static_assert(int{kSiluMma16Many} == int{kMma16Many} && int{kSiluMmaLargeFew} == int{kMmaLargeFew},
-              "grouped_gemm_table.h: SiluBucket's mma buckets are GemmBucket's");
 
-SiluBucket silu_bucket(bool wgmma, int64_t rows, int64_t E, int64_t I, int64_t num_blocks, int64_t block_size,
-                       int num_sms) {
+// A MmaBucket or a SiluBucket.
+int silu_bucket(bool wgmma, int64_t rows, int64_t E, int64_t I, int64_t num_blocks, int64_t block_size, int num_sms) {
   if (wgmma && block_size % SiluCfg6::BM == 0) return kSiluHopper192;
   if (wgmma && block_size >= SiluCfg5::BM)
     return rows <= kNarrowRowsPerExpert * E ? kSiluHopperNarrow : kSiluHopper128;
-  const auto mma = static_cast<SiluBucket>(
-      mma_bucket(kSiluRowSplitConfig, kSiluConfigBM, kSiluConfigBN, rows, E, I, num_blocks, block_size, num_sms));
-  if (wgmma && mma == kSiluMma64Many) return kSiluHopper64Many;
-  if (wgmma && mma == kSiluMma64Few) return kSiluHopper64Few;
+  const MmaBucket mma =
+      mma_bucket(kSiluRowSplitConfig, kSiluConfigBM, kSiluConfigBN, rows, E, I, num_blocks, block_size, num_sms);
+  if (wgmma && mma == kMma64Many) return kSiluHopper64Many;
+  if (wgmma && mma == kMma64Few) return kSiluHopper64Few;
   return mma;
 }
 static_assert(SiluCfg5::BM == 128 && SiluCfg6::BM == 192, "silu_bucket's tile shapes");
@@ -212,7 +208,7 @@ template <size_t kBuckets>
 constexpr bool tuned_table_valid(const int (&table)[kBuckets], int num_configs, int num_mma_configs) {
   for (size_t b = 0; b < kBuckets; ++b) {
     const int cfg = table[b];
-    if (cfg < 0 || cfg >= num_configs || (b <= kMmaLargeFew && cfg >= num_mma_configs)) return false;
+    if (cfg < 0 || cfg >= num_configs || (b < kNumMmaBuckets && cfg >= num_mma_configs)) return false;
   }
   return true;
 }
@@ -380,8 +376,8 @@ int grouped_gemm_heuristic_bucket(bool silu, int64_t rows, int64_t K, int64_t E,
 #if MOE_GG_HAS_MMA
   if (compute_capability < 80 || rows <= 0 || N <= 0 || num_blocks <= 0 || block_size <= 0 || K % 8 != 0) return -1;
   const bool wgmma = wgmma_available(compute_capability);
-  return silu ? int{silu_bucket(wgmma, rows, E, N, num_blocks, block_size, num_sms)}
-              : int{gemm_bucket(wgmma, rows, E, N, num_blocks, block_size, num_sms)};
+  return silu ? silu_bucket(wgmma, rows, E, N, num_blocks, block_size, num_sms)
+              : gemm_bucket(wgmma, rows, E, N, num_blocks, block_size, num_sms);
 #else
   (void)silu, (void)rows, (void)K, (void)E, (void)N, (void)num_blocks, (void)block_size, (void)compute_capability,
       (void)num_sms;

@@ -21,9 +21,9 @@ int grouped_gemm_silu_num_configs();
 // code, empty shapes). Host arithmetic only, the same the launchers call.
 int grouped_gemm_heuristic_config(bool silu, int64_t rows, int64_t N, int64_t K, int64_t E, int64_t num_blocks,
                                   int64_t block_size, int compute_capability, int num_sms);
-// The bucket of grouped_gemm_table.h (a GemmBucket; silu: a SiluBucket) whose config the op's heuristic runs for
-// these shapes (N is I for the SiLU-and-mul variant), or -1 where grouped_gemm_heuristic_config gives -1 or the
-// unaligned config (K % 8 != 0). For the tuner, which fills the tables by bucket.
+// The bucket of grouped_gemm_table.h (a MmaBucket, else a GemmBucket; silu: a SiluBucket) whose config the op's
+// heuristic runs for these shapes (N is I for the SiLU-and-mul variant), or -1 where grouped_gemm_heuristic_config
+// gives -1 or the unaligned config (K % 8 != 0). For the tuner, which fills the tables by bucket.
 int grouped_gemm_heuristic_bucket(bool silu, int64_t rows, int64_t K, int64_t E, int64_t N, int64_t num_blocks,
                                   int64_t block_size, int compute_capability, int num_sms);
 // Entries of grouped_gemm_table.h's table for the op (buckets); 0 in a build without tensor-core code.

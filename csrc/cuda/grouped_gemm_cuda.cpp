@@ -9,7 +9,7 @@
 //   MOE_EXT_GROUPED_GEMM_TABLE   comma-separated configs, one per bucket of csrc/cuda/grouped_gemm_table.h, that
 //                                moe_grouped_gemm's heuristic takes instead of the compiled table's (a table the
 //                                tuner emitted, timed and tested before it is compiled in); unset: the compiled one.
-//   MOE_EXT_GROUPED_GEMM_SILU_TABLE  the same for moe_grouped_gemm_silu's table (one config per SiluBucket).
+//   MOE_EXT_GROUPED_GEMM_SILU_TABLE  the same for moe_grouped_gemm_silu's table (one config per bucket).
 //   MOE_EXT_GROUPED_GEMM_ZERO    "memset" (zeroed output) or "flags" (covered-row flags and a zero
 //                                pass); unset: memset up to kZeroFillMaxBytes of output, flags above.
 #include <ATen/core/Tensor.h>

@@ -9,10 +9,9 @@
 
 namespace moe_ext::cuda {
 
-// moe_grouped_gemm: bucket by gemm_bucket, config an index into its launcher's config table
-// sources: bench/results/h200-tune-table-s25b-hopper.json bench/results/h200-tune-table-s25b-generic.json
-// sources: bench/results/h200-tune-table-s26b-b64.json
-enum GemmBucket : int {
+// Both tables' first buckets: the mma.sync tiles' (mma_bucket), by block size, then many or few by whether a
+// reference tile's grid fills the GPU; each table's own buckets follow.
+enum MmaBucket : int {
   kMma16Many,     // mma.sync tiles, block_size <= 16, a reference tile's grid >= 2 CTAs an SM
   kMma16Few,      // mma.sync tiles, block_size <= 16, a smaller grid
   kMma32Many,     // mma.sync tiles, block_size <= 32, >= 2 CTAs a multiprocessor
@@ -23,7 +22,14 @@ enum GemmBucket : int {
   kMma128Few,     // mma.sync tiles, block_size <= 128, a smaller grid
   kMmaLargeMany,  // mma.sync tiles, block_size > 128, >= 2 CTAs a multiprocessor
   kMmaLargeFew,   // mma.sync tiles, block_size > 128, a smaller grid
-  kHopperDecode,  // Hopper, block_size < 64, rows <= 16 E, the 64 x 128 tile's grid >= 2 CTAs a multiprocessor
+  kNumMmaBuckets
+};
+
+// moe_grouped_gemm: bucket by gemm_bucket, config an index into its launcher's config table
+// sources: bench/results/h200-tune-table-s25b-hopper.json bench/results/h200-tune-table-s25b-generic.json
+// sources: bench/results/h200-tune-table-s26b-b64.json
+enum GemmBucket : int {
+  kHopperDecode = kNumMmaBuckets,  // Hopper, block_size < 64, rows <= 16 E, the 64 x 128 tile's grid >= 2 CTAs an SM
   kHopperNarrow,  // Hopper, block_size >= 64 (not a multiple of 192), rows <= 16 E
   kHopper64Many,  // Hopper, 64 <= block_size < 128, rows > 16 E, the 64 x 256 tile's grid >= 2 CTAs an SM
   kHopper64Few,   // Hopper, 64 <= block_size < 128, rows > 16 E, a smaller grid
@@ -54,18 +60,8 @@ constexpr int kTunedGemmConfig[kNumGemmBuckets] = {
 // moe_grouped_gemm_silu: bucket by silu_bucket, config an index into its launcher's config table
 // sources: bench/results/h200-tune-silu-table-s26b-hopper.json bench/results/h200-tune-silu-table-s26b-generic.json
 enum SiluBucket : int {
-  kSiluMma16Many,     // mma.sync tiles, block_size <= 16, a reference tile's grid >= 2 CTAs an SM
-  kSiluMma16Few,      // mma.sync tiles, block_size <= 16, a smaller grid
-  kSiluMma32Many,     // mma.sync tiles, block_size <= 32, >= 2 CTAs a multiprocessor
-  kSiluMma32Few,      // mma.sync tiles, block_size <= 32, a smaller grid
-  kSiluMma64Many,     // mma.sync tiles, block_size <= 64, >= 2 CTAs a multiprocessor
-  kSiluMma64Few,      // mma.sync tiles, block_size <= 64, a smaller grid
-  kSiluMma128Many,    // mma.sync tiles, block_size <= 128, >= 2 CTAs a multiprocessor
-  kSiluMma128Few,     // mma.sync tiles, block_size <= 128, a smaller grid
-  kSiluMmaLargeMany,  // mma.sync tiles, block_size > 128, >= 2 CTAs a multiprocessor
-  kSiluMmaLargeFew,   // mma.sync tiles, block_size > 128, a smaller grid
-  kSiluHopper64Many,  // Hopper, 32 < block_size <= 64, kSiluMma64Many's shapes
-  kSiluHopper64Few,   // Hopper, 32 < block_size <= 64, kSiluMma64Few's shapes
+  kSiluHopper64Many = kNumMmaBuckets,  // Hopper, 32 < block_size <= 64, kMma64Many's shapes
+  kSiluHopper64Few,   // Hopper, 32 < block_size <= 64, kMma64Few's shapes
   kSiluHopperNarrow,  // Hopper, block_size >= 128 (not a multiple of 192), rows <= 16 E
   kSiluHopper128,     // Hopper, block_size >= 128 (not a multiple of 192), rows > 16 E
   kSiluHopper192,     // Hopper, block_size a multiple of 192
@@ -73,16 +69,16 @@ enum SiluBucket : int {
 };
 
 constexpr int kTunedSiluConfig[kNumSiluBuckets] = {
-    1,   // kSiluMma16Many: 27 shapes, 17721.2 us (next: config 0, 17910.2 us)
-    1,   // kSiluMma16Few: 2 shapes, 45.0 us (next: config 0, 46.0 us)
-    2,   // kSiluMma32Many: 3 shapes, 8263.6 us (next: config 0, 9773.5 us)
-    0,   // kSiluMma32Few: kept (no timed shape)
-    2,   // kSiluMma64Many: 2 shapes, 1102.7 us (next: config 3, 1699.6 us)
-    0,   // kSiluMma64Few: kept (no timed shape)
-    3,   // kSiluMma128Many: 5 shapes, 22423.5 us (next: config 2, 25007.1 us)
-    2,   // kSiluMma128Few: kept (no timed shape)
-    3,   // kSiluMmaLargeMany: kept (no timed shape)
-    2,   // kSiluMmaLargeFew: kept (no timed shape)
+    1,   // kMma16Many: 27 shapes, 17721.2 us (next: config 0, 17910.2 us)
+    1,   // kMma16Few: 2 shapes, 45.0 us (next: config 0, 46.0 us)
+    2,   // kMma32Many: 3 shapes, 8263.6 us (next: config 0, 9773.5 us)
+    0,   // kMma32Few: kept (no timed shape)
+    2,   // kMma64Many: 2 shapes, 1102.7 us (next: config 3, 1699.6 us)
+    0,   // kMma64Few: kept (no timed shape)
+    3,   // kMma128Many: 5 shapes, 22423.5 us (next: config 2, 25007.1 us)
+    2,   // kMma128Few: kept (no timed shape)
+    3,   // kMmaLargeMany: kept (no timed shape)
+    2,   // kMmaLargeFew: kept (no timed shape)
     1,   // kSiluHopper64Many: 6 shapes, 6480.8 us (next: config 0, 6735.2 us)
     0,   // kSiluHopper64Few: kept (no timed shape)
     5,   // kSiluHopperNarrow: 5 shapes, 4742.4 us (next: config 6, 4842.6 us)
